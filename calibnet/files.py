@@ -1,0 +1,65 @@
+"""Writing results so that an interrupted or failed run never leaves a half-written file behind:
+everything is written under a temporary name in the same folder, then renamed into place."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same file ending, so writers that infer the format
+    from it still work); it is renamed onto ``path`` when the block succeeds and removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=f"-{path.name}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final_dir: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``final_dir``, on error it is removed.
+
+    With ``overwrite=False`` an existing ``final_dir`` is left untouched and ``FileExistsError`` raised
+    before anything is written.
+    """
+    final_dir = Path(final_dir)
+    if final_dir.exists() and not overwrite:
+        raise FileExistsError(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".partial", dir=final_dir.parent))
+    try:
+        yield tmp_dir
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
