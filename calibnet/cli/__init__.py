@@ -1,0 +1,1 @@
+"""Console scripts: each module parses arguments, calls one library function and prints."""

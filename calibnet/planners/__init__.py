@@ -1,0 +1,1 @@
+"""Experiment planning: the CalibPlanner (nnU-Net ExperimentPlanner subclass) and the domain splits."""

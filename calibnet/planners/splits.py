@@ -1,0 +1,159 @@
+"""Domain-shift splits (DESIGN §5), written to ``calib_splits.json`` next to nnU-Net's plans.
+
+Two families:
+
+- ``loco`` (leave one center out): one fold per center, centers in sorted order; the held-out
+  center's cases are the test set, the other centers give train and val.
+- ``scanner``: one fold per source vendor, vendors by descending case count (fold 0 = largest);
+  the source vendor gives train and val, every case of the other known vendors is the test set.
+
+Val is the in-domain held-out set (≈ ``val_fraction`` of each source center, seeded); it picks
+checkpoints and is the "source" side of the domain generalisation gap. When ``domains.csv`` has a
+``patient`` column, all cases of one patient land on the same side of every split.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from calibnet.domains import UNKNOWN_VENDOR
+from calibnet.errors import CalibnetError
+from calibnet.files import atomic_write_json
+
+CALIB_SPLITS_FILENAME = "calib_splits.json"
+SPLIT_FAMILIES = ("loco", "scanner")
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_SPLIT_SEED = 12345
+
+
+def _groups(cases: pd.DataFrame) -> pd.Series:
+    """The unit that must not be split: the patient when known, else the case."""
+    if "patient" in cases.columns:
+        return cases["patient"].where(cases["patient"] != "", cases["case_id"])
+    return cases["case_id"]
+
+
+def split_source_cases(source: pd.DataFrame, val_fraction: float, rng: np.random.Generator) -> tuple[list, list]:
+    """Train/val split of the source-domain cases, stratified by center and grouped by patient.
+
+    Each center with at least two groups contributes ``round(val_fraction × groups)`` groups to val,
+    at least one and never all of them.
+    """
+    groups = _groups(source)
+    val_groups = set()
+    for _, center_cases in source.groupby("center", sort=True):
+        center_groups = sorted(set(groups[center_cases.index]))
+        if len(center_groups) < 2:
+            continue
+        n_val = min(max(1, int(round(val_fraction * len(center_groups)))), len(center_groups) - 1)
+        val_groups.update(rng.permutation(center_groups)[:n_val].tolist())
+    if not val_groups and groups.nunique() >= 2:
+        # every source center has a single group: take one group from the whole source domain
+        val_groups.add(rng.permutation(sorted(set(groups)))[0])
+    in_val = groups.isin(val_groups)
+    return sorted(source.loc[~in_val, "case_id"]), sorted(source.loc[in_val, "case_id"])
+
+
+def build_loco_folds(domains: pd.DataFrame, seed: int = DEFAULT_SPLIT_SEED,
+                     val_fraction: float = DEFAULT_VAL_FRACTION) -> list[dict]:
+    """One fold per center (sorted): that center is the test set."""
+    centers = sorted(domains["center"].unique())
+    if len(centers) < 2:
+        raise CalibnetError(
+            f"leave-one-center-out needs at least 2 centers, but every case is from center "
+            f"{centers[0] if centers else '(none)'}; check the 'center' column of domains.csv.")
+    folds = []
+    for fold, center in enumerate(centers):
+        held_out = domains["center"] == center
+        train, val = split_source_cases(domains[~held_out], val_fraction, np.random.default_rng([seed, 0, fold]))
+        folds.append({"fold": fold, "held_out": {"center": center}, "train": train, "val": val,
+                      "test": sorted(domains.loc[held_out, "case_id"])})
+    return folds
+
+
+def vendor_order(domains: pd.DataFrame) -> list[str]:
+    """Known vendors by descending number of cases, ties by name."""
+    counts = domains.loc[domains["vendor"] != UNKNOWN_VENDOR, "vendor"].value_counts()
+    return sorted(counts.index, key=lambda v: (-counts[v], v))
+
+
+def build_scanner_folds(domains: pd.DataFrame, seed: int = DEFAULT_SPLIT_SEED,
+                        val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[list[dict], str | None]:
+    """One fold per known vendor, largest first. Returns ``(folds, reason)``; with fewer than two known
+    vendors the folds are empty and ``reason`` says why."""
+    vendors = vendor_order(domains)
+    if len(vendors) < 2:
+        found = vendors[0] if vendors else "none known"
+        return [], (f"the scanner split needs at least 2 known vendors, found {found}; "
+                    f"fill the 'vendor' column of domains.csv to enable it")
+    known = domains[domains["vendor"] != UNKNOWN_VENDOR]
+    folds = []
+    for fold, vendor in enumerate(vendors):
+        is_source = known["vendor"] == vendor
+        train, val = split_source_cases(known[is_source], val_fraction, np.random.default_rng([seed, 1, fold]))
+        folds.append({"fold": fold, "source": {"vendor": vendor},
+                      "targets": [v for v in vendors if v != vendor],
+                      "train": train, "val": val, "test": sorted(known.loc[~is_source, "case_id"])})
+    return folds, None
+
+
+def build_calib_splits(domains: pd.DataFrame, seed: int = DEFAULT_SPLIT_SEED,
+                       val_fraction: float = DEFAULT_VAL_FRACTION) -> dict:
+    """Both split families as the content of ``calib_splits.json``."""
+    if not 0 < val_fraction < 1:
+        raise CalibnetError(f"--val-fraction must be between 0 and 1, not {val_fraction}.")
+    scanner_folds, scanner_skipped = build_scanner_folds(domains, seed, val_fraction)
+    splits = {
+        "loco": {"folds": build_loco_folds(domains, seed, val_fraction)},
+        "scanner": {"folds": scanner_folds},
+        "seed": seed,
+        "val_fraction": val_fraction,
+    }
+    if scanner_skipped:
+        splits["scanner"]["skipped"] = scanner_skipped
+    return splits
+
+
+def nnunet_splits_from_loco(splits: dict) -> list[dict]:
+    """nnU-Net's ``splits_final.json`` content: the loco folds' train/val, so plain nnU-Net tooling works."""
+    return [{"train": f["train"], "val": f["val"]} for f in splits["loco"]["folds"]]
+
+
+def write_calib_splits(splits: dict, preprocessed_dataset_folder: os.PathLike) -> None:
+    """Write ``calib_splits.json`` and ``splits_final.json`` atomically."""
+    folder = Path(preprocessed_dataset_folder)
+    atomic_write_json(folder / CALIB_SPLITS_FILENAME, splits)
+    atomic_write_json(folder / "splits_final.json", nnunet_splits_from_loco(splits))
+
+
+def describe_fold(family: str, fold: dict) -> str:
+    """E.g. ``fold 0 holds out center C1`` or ``fold 1 trains on vendor GE``."""
+    if family == "loco":
+        return f"fold {fold['fold']} holds out center {fold['held_out']['center']}"
+    return f"fold {fold['fold']} trains on vendor {fold['source']['vendor']}"
+
+
+def get_fold(splits: dict, family: str, fold: int, where: os.PathLike = CALIB_SPLITS_FILENAME) -> dict:
+    """The fold entry, or a :class:`CalibnetError` listing the valid folds — never a silent fallback."""
+    if family not in SPLIT_FAMILIES:
+        raise CalibnetError(f"unknown split {family!r}; choose {' or '.join(SPLIT_FAMILIES)}.")
+    folds = splits.get(family, {}).get("folds", [])
+    if not folds:
+        reason = splits.get(family, {}).get("skipped", "it has no folds")
+        raise CalibnetError(f"{where}: the {family} split is not available: {reason}.")
+    if not isinstance(fold, (int, np.integer)) or not 0 <= fold < len(folds):
+        valid = "; ".join(describe_fold(family, f) for f in folds)
+        raise CalibnetError(f"{where}: fold {fold!r} does not exist in the {family} split. Valid folds: {valid}.")
+    return folds[fold]
+
+
+def load_calib_splits(preprocessed_dataset_folder: os.PathLike) -> dict:
+    """Read ``calib_splits.json``; a missing file says which command writes it."""
+    import json
+    path = Path(preprocessed_dataset_folder) / CALIB_SPLITS_FILENAME
+    if not path.is_file():
+        raise CalibnetError(f"{path} is missing; run calib_plan_and_preprocess for this dataset first.")
+    return json.loads(path.read_text())
