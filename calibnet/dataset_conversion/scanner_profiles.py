@@ -4,8 +4,8 @@ thickness and intensity scale. These are the sources of domain shift in the synt
 A vendor sets the character of its images (tissue contrast curve, typical bias-field strength, noise
 level, slice thickness of its protocol, stored intensity range); each center jitters its vendor's
 settings a little (site protocol, coil, calibration). Artefacts use TorchIO transforms with explicit,
-seeded parameters (``BiasField``, ``RandomAnisotropy`` with a fixed axis and factor); Rician noise is
-the magnitude of complex Gaussian noise, which TorchIO does not provide.
+seeded parameters (``BiasField``, ``Resample`` onto the vendor's thick-slice grid and back); Rician
+noise is the magnitude of complex Gaussian noise, which TorchIO does not provide.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torchio as tio
 from scipy import ndimage
-
 from calibnet.dataset_conversion.mni_anatomy import TISSUES, BenchmarkGrid, smooth_random_field
 
 CHANNELS = ("T1", "T1c", "T2", "FLAIR")
@@ -133,31 +132,45 @@ def synthesize_contrast(channel: str, tissue: dict, label: np.ndarray, label_tis
     return np.power(np.clip(image, 0, None), center.vendor.gamma, dtype=np.float32)
 
 
+def _rician(data: torch.Tensor, sigma: float, rng: np.random.Generator) -> torch.Tensor:
+    """Magnitude of the signal plus complex Gaussian noise of std ``sigma`` per component."""
+    real = data.numpy() + sigma * rng.standard_normal(data.shape)
+    imaginary = sigma * rng.standard_normal(data.shape)
+    return torch.from_numpy(np.sqrt(real ** 2 + imaginary ** 2).astype(np.float32))
+
+
 def simulate_acquisition(images: list, brain: np.ndarray, grid: BenchmarkGrid, center: CenterProfile,
                          rng: np.random.Generator) -> list:
-    """Apply the center's scanner to noise-free channel images (x, y, z): bias field, thick slices
-    resampled back to the grid, Rician noise, intensity scale and offset, and skull stripping."""
+    """Apply the center's scanner to noise-free channel images (x, y, z).
+
+    Bias field (TorchIO ``BiasField``); acquisition on the vendor's slice grid (TorchIO ``Resample`` with
+    anti-aliasing, i.e. thick slices with a smooth slice profile); Rician noise added at that acquisition
+    resolution; reconstruction back onto the benchmark grid (``Resample`` to the grid); intensity scale
+    and offset; skull stripping.
+    """
     vendor = center.vendor
     coefficients = rng.uniform(-1, 1, _N_BIAS_COEFFICIENTS) * vendor.bias_strength * center.bias_factor
-    transforms = [tio.BiasField(coefficients=coefficients.tolist(), order=BIAS_FIELD_ORDER)]
-    if vendor.slice_thickness_factor > 1:
-        factor = vendor.slice_thickness_factor
-        transforms.append(tio.RandomAnisotropy(axes=(vendor.slice_axis,), downsampling=(factor, factor),
-                                               image_interpolation="linear"))
-    acquire = tio.Compose(transforms)
+    bias_field = tio.BiasField(coefficients=coefficients.tolist(), order=BIAS_FIELD_ORDER)
     affine = np.diag([grid.spacing_mm] * 3 + [1.0])
+    thick = vendor.slice_thickness_factor > 1
+    if thick:
+        acquisition_spacing = [grid.spacing_mm] * 3
+        acquisition_spacing[vendor.slice_axis] *= vendor.slice_thickness_factor
+        to_slices = tio.Resample(tuple(acquisition_spacing), image_interpolation="linear", antialias=True)
+        to_grid = tio.Resample("grid", image_interpolation="linear")
+        grid_image = tio.ScalarImage(tensor=torch.zeros((1, *grid.shape)), affine=affine)
     sigma = vendor.noise_sigma * center.noise_factor
     scale = vendor.intensity_scale * center.scale_factor
     acquired = []
     for image in images:
-        if vendor.slice_thickness_factor > 1:
-            # the slice profile averages signal across the thick slice before it is sampled
-            width = vendor.slice_thickness_factor
-            image = ndimage.uniform_filter1d(image, size=max(2, int(round(width))), axis=vendor.slice_axis)
-        subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(image[None].copy()), affine=affine))
-        data = acquire(subject)["image"].data[0].numpy()
-        noisy = np.sqrt((data + sigma * rng.standard_normal(data.shape)) ** 2
-                        + (sigma * rng.standard_normal(data.shape)) ** 2)
-        stored = (noisy * scale + center.offset_fraction * scale) * brain
+        subject = bias_field(tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(image[None].copy()),
+                                                               affine=affine)))
+        if thick:
+            subject = to_slices(subject)
+        subject["image"].set_data(_rician(subject["image"].data, sigma, rng))
+        if thick:
+            subject = to_grid(tio.Subject(image=subject["image"], grid=grid_image))
+        data = subject["image"].data[0].numpy()
+        stored = (data * scale + center.offset_fraction * scale) * brain
         acquired.append(stored.astype(np.float32))
     return acquired

@@ -165,8 +165,8 @@ else "one glioma-like tumour: edema (1) ⊃ core, the core split into necrosis (
 ## Acquisition per center
 Each vendor has its own contrast curve (signal ** gamma) and tissue gains, bias-field strength (TorchIO
 `BiasField`, order {scanner_profiles.BIAS_FIELD_ORDER}, coefficients uniform in ± the value below), Rician noise,
-slice thickness (slice-profile averaging then TorchIO `RandomAnisotropy` with a fixed axis and factor,
-resampled back to the grid) and stored intensity range; each center jitters these (scale, offset, noise,
+slice thickness (TorchIO `Resample` with anti-aliasing onto the vendor's thick-slice grid, where the
+noise is added, then `Resample` back to the benchmark grid) and stored intensity range; each center jitters these (scale, offset, noise,
 bias ×0.8–1.25, tissue signal ±5 %). Images are skull-stripped (zero outside the brain).
 
 {profiles.to_markdown(index=False)}

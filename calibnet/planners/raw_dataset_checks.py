@@ -76,36 +76,49 @@ def list_cases(folder: Path, dataset_json: dict) -> dict:
     return cases
 
 
-def _geometry(image: sitk.Image) -> tuple:
-    return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+def _read_geometry(path: Path) -> tuple:
+    """(size, spacing, origin, direction, components) from the header alone."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return (reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(),
+            reader.GetNumberOfComponents())
+
+
+def count_nan_voxels(path: Path) -> int:
+    """NaN voxels stored in the file. SimpleITK's NIfTI reader turns NaN into 0 silently, so NIfTI files
+    are read with nibabel, which returns the stored values."""
+    if path.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    else:
+        data = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+    return int(np.isnan(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
 
 
 def check_case(case_id: str, images: list, label: Path) -> str | None:
     """None when the case is sound, else a one-line description of what is wrong with it."""
     try:
-        label_image = sitk.ReadImage(str(label))
-    except RuntimeError:
+        reference = _read_geometry(label)
+        if count_nan_voxels(label):
+            return f"case {case_id}: label {label} contains NaN voxels."
+    except (RuntimeError, OSError, ValueError):
         return f"case {case_id}: {label} cannot be read as an image."
-    label_array = sitk.GetArrayViewFromImage(label_image)
-    if np.issubdtype(label_array.dtype, np.floating) and np.isnan(label_array).any():
-        return f"case {case_id}: label {label} contains NaN voxels."
-    reference = _geometry(label_image)
     for path in images:
         try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError:
+            geometry = _read_geometry(path)
+            n_nan = count_nan_voxels(path)
+        except (RuntimeError, OSError, ValueError):
             return f"case {case_id}: {path} cannot be read as an image."
-        geometry = _geometry(image)
         if geometry[0] != reference[0]:
             return (f"case {case_id}: image {path.name} has size {geometry[0]} but label has {reference[0]}; "
                     f"image and label must share one geometry.")
-        for name, a, b in zip(("spacing", "origin", "direction"), geometry[1:], reference[1:]):
+        for name, a, b in zip(("spacing", "origin", "direction"), geometry[1:4], reference[1:4]):
             if not np.allclose(a, b, atol=_GEOMETRY_TOLERANCE):
                 return (f"case {case_id}: image {path.name} has {name} {tuple(round(x, 4) for x in a)} but label "
                         f"has {tuple(round(x, 4) for x in b)}; resample one onto the other.")
-        if image.GetNumberOfComponentsPerPixel() != 1:
+        if geometry[4] != 1:
             return f"case {case_id}: {path.name} has several components per voxel; save one channel per file."
-        n_nan = int(np.isnan(sitk.GetArrayViewFromImage(image)).sum())
         if n_nan:
             return f"case {case_id}: image {path.name} contains {n_nan} NaN voxel(s); replace them before planning."
     return None
