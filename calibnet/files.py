@@ -11,6 +11,13 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _default_mode(base: int) -> int:
+    """``base`` less the process umask: what a plain open()/mkdir() would have given (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same file ending, so writers that infer the format
@@ -21,6 +28,7 @@ def atomic_path(path: os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -56,6 +64,7 @@ def atomic_output_dir(final_dir: os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    os.chmod(tmp_dir, _default_mode(0o777))
     old = None
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")

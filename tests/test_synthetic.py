@@ -106,3 +106,32 @@ def test_vendor_intensity_statistics_differ_inside_the_brain(tiny_dataset):
     sharpness = table.groupby("vendor")["z_vs_x_sharpness"].median()
     assert sharpness["GE"] < sharpness["Siemens"] < sharpness["Philips"]
     assert stats.kruskal(*[g["z_vs_x_sharpness"].values for _, g in table.groupby("vendor")]).pvalue < 0.05
+
+
+def test_convert_refuses_an_existing_dataset_and_a_failed_run_leaves_nothing(tmp_path, monkeypatch):
+    import os
+
+    from calibnet.cli import convert
+    from calibnet.dataset_conversion import synthetic
+    from conftest import run_cli
+
+    os.environ["CALIBNET_DATA"] = str(tmp_path)
+    args = ["synthetic", "-d", 520, "--shape", 16, "--centers", 2, "--cases-per-center", 1, "-np", 1, "--no-preview"]
+    run_cli(convert.main, args)
+    again = run_cli(convert.main, args, expect_ok=False)
+    assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
+
+    calls = []
+
+    def failing_case(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return original(*a, **k)
+
+    original = synthetic.generate_case
+    monkeypatch.setattr(synthetic, "generate_case", failing_case)
+    with pytest.raises(RuntimeError):
+        run_cli(convert.main, ["synthetic", "-d", 521, "--shape", 16, "--centers", 2, "--cases-per-center", 1,
+                               "-np", 1, "--no-preview"])
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Dataset520_SynthBrain"]
