@@ -22,6 +22,14 @@ def _preprocessed(raw_copy: Path) -> Path:
     return Path(os.environ["CALIBNET_DATA"]) / "preprocessed" / raw_copy.name
 
 
+def _set_column_everywhere(raw_copy: Path, column: int, value: str) -> None:
+    lines = (raw_copy / "domains.csv").read_text().splitlines()
+    rows = [line.split(",") for line in lines[1:]]
+    for row in rows:
+        row[column] = value
+    (raw_copy / "domains.csv").write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
+
+
 def _assert_rejected(raw_copy, *fragments):
     result = _plan()
     assert result.exit_code == 1
@@ -78,11 +86,7 @@ def test_nan_voxels(raw_copy):
 
 
 def test_single_center_cannot_be_split_by_center(raw_copy):
-    lines = (raw_copy / "domains.csv").read_text().splitlines()
-    rows = [line.split(",") for line in lines[1:]]
-    for row in rows:
-        row[1] = "C1"
-    (raw_copy / "domains.csv").write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
+    _set_column_everywhere(raw_copy, 1, "C1")
     _assert_rejected(raw_copy, "leave-one-center-out needs at least 2 centers")
 
 
@@ -106,11 +110,7 @@ def test_unknown_dataset_id_lists_available_ones(raw_copy):
 
 
 def test_single_vendor_skips_scanner_split_with_a_warning(raw_copy):
-    lines = (raw_copy / "domains.csv").read_text().splitlines()
-    rows = [line.split(",") for line in lines[1:]]
-    for row in rows:
-        row[2] = "GE"
-    (raw_copy / "domains.csv").write_text("\n".join([lines[0]] + [",".join(r) for r in rows]) + "\n")
+    _set_column_everywhere(raw_copy, 2, "GE")
     result = _plan(True, "--plan-only")
     assert "warning: scanner split skipped: the scanner split needs at least 2 known vendors, found GE" \
         in result.output

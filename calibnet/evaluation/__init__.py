@@ -1,0 +1,1 @@
+"""Metrics, calibration, failure detection and tables; reads prediction files, never imports trainers."""

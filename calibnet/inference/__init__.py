@@ -1,0 +1,1 @@
+"""Prediction of validation/test cases with probabilities (filled in by the training and inference issues)."""
