@@ -29,9 +29,7 @@ class DataRoots:
 
     def describe(self) -> str:
         """One line per root, saying where it comes from."""
-        lines = []
-        for var, name in _ROOT_SUBFOLDERS.items():
-            lines.append(f"  {name:<13}{getattr(self, name)}  (from {self.origin[name]})")
+        lines = [f"  {name:<13}{getattr(self, name)}  (from {self.origin[name]})" for name in _ROOT_SUBFOLDERS.values()]
         return "data roots:\n" + "\n".join(lines)
 
 

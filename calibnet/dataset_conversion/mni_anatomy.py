@@ -44,7 +44,8 @@ def _template_dir() -> Path:
     try:
         import nilearn
     except ImportError:  # pragma: no cover - nilearn is a dependency
-        raise CalibnetError("nilearn is not installed; it ships the MNI template the synthetic benchmark needs.")
+        raise CalibnetError("nilearn is not installed; it ships the MNI template the synthetic benchmark needs.") \
+            from None
     return Path(nilearn.__file__).parent / "datasets" / "data"
 
 

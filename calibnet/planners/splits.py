@@ -13,6 +13,7 @@ checkpoints and is the "source" side of the domain generalisation gap. When ``do
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -152,7 +153,6 @@ def get_fold(splits: dict, family: str, fold: int, where: os.PathLike = CALIB_SP
 
 def load_calib_splits(preprocessed_dataset_folder: os.PathLike) -> dict:
     """Read ``calib_splits.json``; a missing file says which command writes it."""
-    import json
     path = Path(preprocessed_dataset_folder) / CALIB_SPLITS_FILENAME
     if not path.is_file():
         raise CalibnetError(f"{path} is missing; run calib_plan_and_preprocess for this dataset first.")
