@@ -56,5 +56,35 @@ def synthetic(dataset_id, name, seed, n_centers, cases_per_center, shape, channe
     click.echo(f"next: calib_plan_and_preprocess -d {dataset_id}")
 
 
+@main.command("corrupt")
+@click.option("-d", "--dataset-id", type=int, required=True, help="Source dataset id.")
+@click.option("--to", "target_id", type=int, required=True, help="Id of the corrupted copy to write.")
+@click.option("--artifacts", default="motion,ghosting,bias,spike,noise", show_default=True,
+              help="Comma-separated TorchIO artifacts: motion, ghosting, bias, spike, noise.")
+@click.option("--severity", default="3", show_default=True, help="Severities 1 (mild) to 5 (severe), comma-separated.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--clean/--no-clean", default=True, show_default=True, help="Also keep an unchanged copy of each case.")
+@click.option("--name", default=None, help="Dataset name of the copy (default: the source's name + 'C').")
+@click.option("--overwrite", is_flag=True, help="Replace an existing dataset of the same id and name.")
+@user_errors
+def corrupt(dataset_id, target_id, artifacts, severity, seed, clean, name, overwrite):
+    """ATLAS-C style corrupted copies of a dataset: one copy of every case per artifact and severity,
+    labels unchanged, the artifact in domains.csv's 'condition' column."""
+    from calibnet.dataset_conversion.corrupt import convert_corrupt
+    from calibnet.planners.plan_and_preprocess import find_raw_dataset
+
+    roots = data_roots()
+    source = find_raw_dataset(roots.raw, dataset_id)
+    severities = parse_int_tuple(severity, len(severity.split(",")), "--severity")
+    folder = convert_corrupt(source, roots.raw, target_id, [a.strip() for a in artifacts.split(",") if a.strip()],
+                             list(severities), seed=seed, include_clean=clean, name=name, overwrite=overwrite)
+    import pandas as pd
+    domains = pd.read_csv(folder / "domains.csv")
+    click.echo(f"wrote {len(domains)} cases to {folder}")
+    counts = domains.groupby(["condition", "severity"]).size().rename("cases").reset_index()
+    click.echo(counts.to_markdown(index=False))
+    click.echo(f"next: calib_plan_and_preprocess -d {target_id}")
+
+
 if __name__ == "__main__":
     main()
