@@ -2,17 +2,31 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import click
 
 from calibnet.cli.common import data_roots, parse_int_tuple, user_errors
 
 
+def _list_converters(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from calibnet.dataset_conversion.registry import GENERATED, PUBLIC_CONVERTERS
+    for name, text in GENERATED.items():
+        click.echo(f"{name:<12} {text}")
+    for converter in PUBLIC_CONVERTERS.values():
+        click.echo(f"{converter.name:<12} {converter.title}\n{'':<13}expects: {converter.layout}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--list", "list_", is_flag=True, expose_value=False, is_eager=True, callback=_list_converters,
+              help="Show every converter with the layout it expects.")
 def main():
     """Convert a dataset to nnU-Net raw format plus domains.csv (center, vendor per case).
 
-    Datasets land in $nnUNet_raw (default $CALIBNET_DATA/raw).
+    Datasets land in $nnUNet_raw (default $CALIBNET_DATA/raw). The input folder is only read.
     """
 
 
@@ -84,6 +98,47 @@ def corrupt(dataset_id, target_id, artifacts, severity, seed, clean, name, overw
     counts = domains.groupby(["condition", "severity"]).size().rename("cases").reset_index()
     click.echo(counts.to_markdown(index=False))
     click.echo(f"next: calib_plan_and_preprocess -d {target_id}")
+
+
+def _public_command(name: str, extra_options=()):
+    """The click command of one public-dataset converter: -i INPUT_DIR -d ID plus its own options."""
+    from calibnet.dataset_conversion.registry import PUBLIC_CONVERTERS
+    converter = PUBLIC_CONVERTERS[name]
+
+    @user_errors
+    def command(input_dir, dataset_id, name_, overwrite, **options):
+        from calibnet.dataset_conversion.registry import convert_public
+        roots = data_roots()
+        summary = convert_public(converter.name, input_dir, roots.raw, dataset_id, name_, overwrite, **options)
+        click.echo(f"wrote {summary.n_cases} cases to {summary.folder}")
+        click.echo(summary.counts.to_markdown(index=False))
+        for note in summary.notes:
+            click.echo(f"note: {note}")
+        click.echo(f"next: calib_plan_and_preprocess -d {dataset_id}")
+
+    params = [
+        click.Option(["-i", "--input-dir"], type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+                     help="The folder the publisher's archive unpacks to (or its parent)."),
+        click.Option(["-d", "--dataset-id"], type=int, required=True, help="nnU-Net dataset id to write."),
+        click.Option(["--name", "name_"], default=None,
+                     help=f"Dataset name (default {converter.default_dataset_name})."),
+        click.Option(["--overwrite"], is_flag=True, help="Replace an existing dataset of the same id and name."),
+        *extra_options,
+    ]
+    main.add_command(click.Command(name, callback=command, params=params,
+                                   help=f"{converter.title}.\n\nExpects: {converter.layout}"))
+
+
+_public_command("brats", [
+    click.Option(["--year"], type=click.Choice(["2021", "2023", "2024"]), default="2023", show_default=True,
+                 callback=lambda _c, _p, v: int(v), help="BraTS release: file names and label values differ."),
+    click.Option(["--centers", "centers_csv"], type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="FeTS partitioning_1.csv (Partition_ID,Subject_ID) or a case,center CSV."),
+    click.Option(["--vendors", "vendors_csv"], type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="case,vendor CSV; without it the vendor is 'unknown' and the scanner split is skipped."),
+])
+for _name in ("atlas2", "mnms", "mnms2", "prostate_ms", "ibsr18"):
+    _public_command(_name)
 
 
 if __name__ == "__main__":
