@@ -183,3 +183,20 @@ def test_list_shows_every_converter():
     for name in ("synthetic", "corrupt", "brats", "atlas2", "mnms", "mnms2", "prostate_ms", "ibsr18"):
         assert f"\n{name}" in "\n" + output
     assert "partitioning_1.csv" in output
+
+
+def test_brats_generic_centers_and_vendors_csv(workspace):
+    root = workspace / "downloads" / "BraTS2023"
+    mocks.make_brats(root, 2023, np.random.default_rng(0))
+    centers = workspace / "downloads" / "sites.csv"
+    centers.write_text("case,center\nBraTS-GLI-00001-000,Penn\nBraTS-GLI-00002-000,Penn\n00003,UCSF\n00004,UCSF\n"
+                       "BraTS-GLI-00005-000,TCGA\n")
+    vendors = workspace / "downloads" / "vendors.csv"
+    vendors.write_text("case,vendor\nBraTS-GLI-00001-000,SIEMENS\n00002,GE MEDICAL SYSTEMS\n")
+    _, domains, output = _convert(workspace, "brats", root, 713, "--centers", centers, "--vendors", vendors)
+    assert domains["center"].to_dict() == {
+        "BraTS-GLI-00001-000": "Penn", "BraTS-GLI-00002-000": "Penn", "BraTS-GLI-00002-001": "Penn",
+        "BraTS-GLI-00003-000": "UCSF", "BraTS-GLI-00004-000": "UCSF", "BraTS-GLI-00005-000": "TCGA"}
+    assert domains.loc["BraTS-GLI-00002-001", "vendor"] == "GE"  # matched on the patient number
+    assert domains.loc["BraTS-GLI-00003-000", "vendor"] == "unknown"
+    assert "left out" not in output
