@@ -9,6 +9,7 @@ the same artifact parameters, as one acquisition would.
 from __future__ import annotations
 
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,6 @@ def artifact_transform(artifact: str, severity: int, robust_max: float) -> tio.T
     raise CalibnetError(f"unknown artifact {artifact!r}; choose from {', '.join(ARTIFACTS)}.")
 
 
-
 @dataclass(frozen=True)
 class CorruptionJob:
     case_id: str
@@ -58,7 +58,7 @@ class CorruptionJob:
     severity: int
     images: tuple
     label: Path
-    seed: tuple
+    seed: tuple  # (seed, case id checksum, artifact, severity): the same copy whatever else is requested
 
 
 def _corrupt_case(job: CorruptionJob, folder: Path, file_ending: str) -> None:
@@ -106,14 +106,16 @@ def convert_corrupt(source_folder: Path, raw_root: Path, target_id: int, artifac
     conditions = ([("clean", 0)] if include_clean else []) + [(a, s) for a in artifacts for s in severities]
     jobs, rows = [], []
     by_case = domains.set_index("case_id")
-    for case_number, case_id in enumerate(sorted(cases)):
+    for case_id in sorted(cases):
         source_row = by_case.loc[case_id].to_dict()
         # all copies of a case stay on one side of every split
         patient = source_row.get("patient") or case_id
-        for condition_number, (artifact, severity) in enumerate(conditions):
+        for artifact, severity in conditions:
             new_id = f"{case_id}_{'clean' if artifact == 'clean' else f'{artifact}{severity}'}"
             jobs.append(CorruptionJob(case_id, new_id, artifact, severity, tuple(cases[case_id]["images"]),
-                                      cases[case_id]["label"], (seed, case_number, condition_number)))
+                                      cases[case_id]["label"],
+                                      (seed, zlib.crc32(case_id.encode()), (*ARTIFACTS, "clean").index(artifact),
+                                       severity)))
             rows.append({"case_id": new_id, **source_row, "patient": patient, "condition": artifact,
                          "severity": severity, "source_case": case_id})
     with atomic_output_dir(final, overwrite=overwrite) as folder:
