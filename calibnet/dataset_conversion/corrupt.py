@@ -35,13 +35,13 @@ def artifact_transform(artifact: str, severity: int, robust_max: float) -> tio.T
     case's non-zero voxels) scales the additive noise to the image's intensity range."""
     s = severity / 5
     if artifact == "motion":
-        return tio.RandomMotion(degrees=(2 * severity, 2 * severity), translation=(2 * severity, 2 * severity),
+        return tio.RandomMotion(degrees=(severity, severity), translation=(severity, severity),
                                 num_transforms=1 + severity // 2)
     if artifact == "ghosting":
         return tio.RandomGhosting(num_ghosts=(2 + severity, 2 + severity), axes=(0, 1, 2),
                                   intensity=(0.3 + 0.5 * s, 0.3 + 0.5 * s))
     if artifact == "bias":
-        return tio.RandomBiasField(coefficients=(0.2 * severity, 0.2 * severity))
+        return tio.RandomBiasField(coefficients=(0.15 * severity, 0.15 * severity))
     if artifact == "spike":
         return tio.RandomSpike(num_spikes=(1, severity), intensity=(0.2 + 0.3 * s, 0.2 + 0.3 * s))
     if artifact == "noise":
