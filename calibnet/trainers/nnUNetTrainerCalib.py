@@ -1,9 +1,20 @@
 """The base of every calibnet trainer: nnU-Net training on one fold of ``calib_splits.json``."""
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from calibnet.errors import CalibnetError
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
+
+
+class NonFiniteLossError(CalibnetError):
+    """A loss term became NaN or infinite during training."""
 
 
 class nnUNetTrainerCalib(nnUNetTrainer):
@@ -11,10 +22,26 @@ class nnUNetTrainerCalib(nnUNetTrainer):
 
     nnU-Net silently trains on a random 80:20 split when the fold index is beyond its split file; here
     an unknown fold is an error that lists the valid folds. The fold's test cases (the shifted domain)
-    are never handed to training or checkpoint selection.
+    are never handed to training or checkpoint selection. A non-finite loss stops training with a
+    message naming the epoch, the step and the term.
     """
 
     split_family = "loco"  # which family of calib_splits.json the fold index refers to
+    requires_prompts = False  # whether the network takes prompt heat maps as extra input channels
+
+    def use_run_folder(self, folder: os.PathLike) -> None:
+        """Write checkpoints and logs to ``folder`` (one per split, fold and seed) instead of fold_X."""
+        default, old_log = Path(self.output_folder), Path(self.log_file)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.output_folder = str(folder)
+        self.log_file = str(folder / old_log.name)
+        self.logger.output_folder = str(folder)
+        if default != folder:
+            if old_log.is_file():  # nnU-Net's __init__ already logged a line there
+                shutil.move(old_log, self.log_file)
+            if default.is_dir() and not any(default.iterdir()):
+                default.rmdir()
 
     def do_split(self):
         splits = load_calib_splits(self.preprocessed_dataset_folder_base)
@@ -23,4 +50,31 @@ class nnUNetTrainerCalib(nnUNetTrainer):
         self.print_to_log_file(f"calibnet {self.split_family} split, {describe_fold(self.split_family, fold)}: "
                                f"{len(fold['train'])} train, {len(fold['val'])} val, "
                                f"{len(fold['test'])} test cases (test never used in training)")
+        self.print_to_log_file(f"train cases: {', '.join(fold['train'])}")
+        self.print_to_log_file(f"val cases: {', '.join(fold['val'])}")
         return fold["train"], fold["val"]
+
+    def on_train_epoch_start(self):
+        self.step_in_epoch = 0
+        super().on_train_epoch_start()
+
+    def train_step(self, batch: dict) -> dict:
+        self.step_in_epoch = getattr(self, "step_in_epoch", 0) + 1
+        outputs = self.calib_train_step(batch)
+        if not np.all(np.isfinite(outputs["loss"])):
+            self.raise_non_finite("total loss")
+        return outputs
+
+    def calib_train_step(self, batch: dict) -> dict:
+        """One optimisation step; subclasses that change the objective override this."""
+        return nnUNetTrainer.train_step(self, batch)
+
+    def raise_non_finite(self, term: str) -> None:
+        raise NonFiniteLossError(
+            f"training stopped: the {term} is not finite at epoch {self.current_epoch}, step {self.step_in_epoch} "
+            f"({self.output_folder}); lower the learning rate or the loss weights, or check the data.")
+
+    def check_finite(self, terms: dict) -> None:
+        for name, value in terms.items():
+            if not torch.isfinite(value).all():
+                self.raise_non_finite(f"{name} term")

@@ -1,0 +1,51 @@
+"""calib_predict: segment new images with a trained calibnet model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from calibnet.cli.common import data_roots, user_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-d", "--dataset-id", type=int, required=True, help="Dataset the model was trained on.")
+@click.option("-m", "--method", required=True, help="Method alias (calib_train --list).")
+@click.option("-f", "--fold", type=int, required=True)
+@click.option("-c", "--configuration", default="3d_fullres", show_default=True)
+@click.option("--split", type=click.Choice(["loco", "scanner"]), default="loco", show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the training run to use.")
+@click.option("-i", "--input-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Images named CASE_0000.nii.gz, CASE_0001.nii.gz, ... (one file per channel).")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--save-probabilities/--no-save-probabilities", default=True, show_default=True,
+              help="Write CASE.npz with the softmax probabilities (float16).")
+@click.option("--disable-tta", is_flag=True, help="No mirroring test-time augmentation.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--prompts-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of CASE.nii.gz labels to derive point prompts from (guided_nnunet).")
+@user_errors
+def main(dataset_id, method, fold, configuration, split, seed, input_dir, output_dir, save_probabilities, disable_tta,
+         device, prompts_from):
+    """Predict every case in INPUT_DIR with the model trained by calib_train DATASET CONFIGURATION METHOD FOLD;
+    writes segmentations, probabilities and confidence.json to OUTPUT_DIR."""
+    from calibnet.inference.predict import folder_case_inputs, load_model, predict_cases
+    from calibnet.trainers.methods import get_method
+    from calibnet.trainers.training_run import RunSpec, default_device, find_preprocessed_dataset, run_folder
+
+    roots = data_roots()
+    spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
+    dataset_name = find_preprocessed_dataset(roots.preprocessed, dataset_id).name
+    folder = run_folder(roots.results, dataset_name, get_method(method).class_name, spec)
+    model = load_model(folder, device or default_device(), use_mirroring=not disable_tta)
+    cases = folder_case_inputs(input_dir, model.dataset_json, prompts_from)
+    confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed)
+    click.echo(f"predicted {len(cases)} case(s) with {method} ({folder}) into {output_dir}")
+    for case_id, scores in confidences.items():
+        click.echo(f"  {case_id}: mean max-probability over predicted foreground "
+                   f"{scores['mean_max_probability_foreground']:.3f}, foreground entropy "
+                   f"{scores['entropy_foreground']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""calib_train: train one method on one fold of a domain split, then predict its val and test cases."""
+from __future__ import annotations
+
+import click
+
+from calibnet.cli.common import data_roots, user_errors
+
+
+def _list_methods(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from calibnet.trainers.methods import METHODS
+    for method in METHODS.values():
+        click.echo(f"{method.alias:<14} {method.summary}")
+    ctx.exit()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("dataset_id", type=int)
+@click.argument("configuration")
+@click.argument("method")
+@click.argument("fold", type=int)
+@click.option("--split", type=click.Choice(["loco", "scanner"]), default="loco", show_default=True,
+              help="Split family of calib_splits.json that FOLD indexes.")
+@click.option("--seed", type=int, default=42, show_default=True, help="42, 2024 and 3407 are the paper's seeds.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (nnU-Net default 1000).")
+@click.option("--iters-per-epoch", type=click.IntRange(1), default=None,
+              help="Training iterations per epoch (nnU-Net default 250; validation uses a fifth of it).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--num-workers", type=click.IntRange(0), default=None,
+              help="Data-augmentation worker processes (nnU-Net's nnUNet_n_proc_DA; 0 = main process).")
+@click.option("--continue", "continue_training", is_flag=True, help="Resume from the run's latest checkpoint.")
+@click.option("--predict-only", is_flag=True, help="Only (re)predict the val and test cases of a trained run.")
+@click.option("--disable-tta", is_flag=True, help="Predict without mirroring test-time augmentation.")
+@click.option("--lambda-fip", type=float, default=None, help="Weight of FIP (calunet, unet_fip; default 0.3).")
+@click.option("--lambda-cmp", type=float, default=None, help="Weight of CMP (calunet, unet_cmp; default 0.5).")
+@click.option("--cmp-tau", type=float, default=None, help="CMP threshold τ on the voxel CE (default ln 2).")
+@click.option("--cmp-gamma", type=float, default=None, help="CMP steepness γ (default 0.1).")
+@click.option("--focal-gamma", type=float, default=None, help="Focal loss γ (focal; default 2).")
+@click.option("--dicepp-gamma", type=float, default=None, help="Dice++ γ (dicepp; default 2).")
+@click.option("--list", "list_", is_flag=True, expose_value=False, is_eager=True, callback=_list_methods,
+              help="Show every method with one line and exit.")
+@user_errors
+def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per_epoch, device, num_workers,
+         continue_training,
+         predict_only, disable_tta, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma):
+    """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
+    loop, then predict the fold's val (source) and test (target) cases with probabilities."""
+    from calibnet.inference.predict import predict_run_splits
+    from calibnet.trainers.training_run import RunSpec, default_device, prepare_trainer, train
+
+    roots = data_roots()
+    spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
+    device = device or default_device()
+    if predict_only:
+        _, _, _, _, folder = prepare_trainer(spec, roots.preprocessed, roots.results, device)
+    else:
+        folder = train(spec, roots.preprocessed, roots.results, epochs, iters_per_epoch, device, continue_training,
+                       {"lambda_fip": lambda_fip, "lambda_cmp": lambda_cmp, "cmp_tau": cmp_tau,
+                        "cmp_gamma": cmp_gamma, "focal_gamma": focal_gamma, "dicepp_gamma": dicepp_gamma},
+                       num_workers)
+        click.echo(f"trained {method}: {folder}")
+    written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, use_mirroring=not disable_tta)
+    for role, predictions in written.items():
+        click.echo(f"  {role} predictions: {predictions}")
+
+
+if __name__ == "__main__":
+    main()

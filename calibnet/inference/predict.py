@@ -1,0 +1,224 @@
+"""Prediction with a trained calibnet model, through nnU-Net's own preprocessing, sliding-window predictor
+and export, case by case: segmentation (.nii.gz), softmax probabilities (.npz, key ``probabilities``,
+float16, (C, z, y, x) at the original geometry) and ``confidence.json``.
+
+Each case's files are written in a temporary folder and moved into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calibnet.errors import CalibnetError
+from calibnet.files import atomic_write_json
+
+CONFIDENCE_FILENAME = "confidence.json"
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    case_id: str
+    images: tuple  # one file per channel
+    label: Path | None = None  # ground truth, needed only for prompt-guided models
+
+
+@dataclass
+class LoadedModel:
+    predictor: object  # nnUNetPredictor
+    trainer_class: type
+    plans_manager: object
+    configuration_manager: object
+    dataset_json: dict
+    checkpoint: Path
+
+
+def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True,
+               checkpoint_name: str | None = None) -> LoadedModel:
+    """Rebuild the trained network of ``run_folder`` (architecture from its trainer class) and wrap it in
+    nnU-Net's predictor."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from calibnet.trainers.methods import method_of_trainer
+    from calibnet.trainers.training_run import read_run
+
+    run_folder = Path(run_folder)
+    record = read_run(run_folder)
+    names = (checkpoint_name,) if checkpoint_name else CHECKPOINTS
+    checkpoint_path = next((run_folder / n for n in names if (run_folder / n).is_file()), None)
+    if checkpoint_path is None:
+        raise CalibnetError(f"no {' or '.join(names)} in {run_folder}; train the model first.")
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CalibnetError(f"{checkpoint_path} cannot be read as a checkpoint ({type(e).__name__}).") from None
+    trainer_class = method_of_trainer(checkpoint.get("trainer_name", record["trainer"])).trainer_class()
+    plans = json.loads((run_folder.parent / "plans.json").read_text())
+    dataset_json = json.loads((run_folder.parent / "dataset.json").read_text())
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(record["spec"]["configuration"])
+    label_manager = plans_manager.get_label_manager(dataset_json)
+    network = trainer_class.build_network_architecture(
+        plans_manager, configuration_manager,
+        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    try:
+        network.load_state_dict(checkpoint["network_weights"])
+    except (RuntimeError, KeyError) as e:
+        raise CalibnetError(f"{checkpoint_path} does not fit the {trainer_class.__name__} architecture of this "
+                            f"dataset's plans ({str(e).splitlines()[0]}).") from None
+    device = torch.device(device)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=device.type == "cuda", device=device,
+                                allow_tqdm=False)
+    predictor.manual_initialization(network, plans_manager, configuration_manager, [checkpoint["network_weights"]],
+                                    dataset_json, trainer_class.__name__,
+                                    checkpoint.get("inference_allowed_mirroring_axes"))
+    return LoadedModel(predictor, trainer_class, plans_manager, configuration_manager, dataset_json, checkpoint_path)
+
+
+def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
+    """Image-level confidence scores of one prediction.
+
+    ``mean_max_probability_foreground``: mean of max_c p_c over the predicted foreground (over all voxels
+    when nothing is predicted); ``entropy_foreground``: mean entropy over the predicted foreground,
+    normalised to [0, 1] by log(C) (binary entropy of the first region for region datasets).
+    """
+    p = probabilities.astype(np.float32)
+    if regions:
+        first = p[0]
+        foreground = first > 0.5
+        confidence = np.maximum(first, 1 - first)
+        clipped = np.clip(first, 1e-7, 1 - 1e-7)
+        entropy = -(clipped * np.log(clipped) + (1 - clipped) * np.log(1 - clipped)) / np.log(2)
+    else:
+        foreground = p.argmax(0) > 0
+        confidence = p.max(0)
+        entropy = -(p * np.log(np.clip(p, 1e-7, 1))).sum(0) / np.log(p.shape[0])
+    n_foreground = int(foreground.sum())
+    where = foreground if n_foreground else np.ones_like(foreground)
+    return {"mean_max_probability_foreground": float(confidence[where].mean()),
+            "entropy_foreground": float(entropy[where].mean()),
+            "predicted_foreground_voxels": n_foreground}
+
+
+def _prompt_rng(seed: int, case_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
+
+
+def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_probabilities: bool = True,
+                  prompt_seed: int = 0, progress: bool = True, description: str = "predicting") -> dict:
+    """Predict ``cases`` into ``output_folder``; returns and writes the per-case confidence scores."""
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    from calibnet.trainers.nnUNetTrainerGuided import prompt_channels
+
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    preprocessor = model.configuration_manager.preprocessor_class(verbose=False)
+    regions = model.plans_manager.get_label_manager(model.dataset_json).has_regions
+    ending = model.dataset_json["file_ending"]
+    confidence_path = output_folder / CONFIDENCE_FILENAME
+    confidences = json.loads(confidence_path.read_text()) if confidence_path.is_file() else {}
+    for case in tqdm(cases, desc=description, unit="case", disable=not progress):
+        needs_label = model.trainer_class.requires_prompts
+        if needs_label and case.label is None:
+            raise CalibnetError(f"case {case.case_id}: {model.trainer_class.__name__} needs point prompts; give a "
+                                f"label to derive them from (calib_predict --prompts-from DIR).")
+        data, seg, properties = preprocessor.run_case([str(p) for p in case.images],
+                                                      str(case.label) if needs_label else None,
+                                                      model.plans_manager, model.configuration_manager,
+                                                      model.dataset_json)
+        data = torch.from_numpy(data).float()
+        if needs_label:
+            heatmaps = prompt_channels(seg[0] > 0, _prompt_rng(prompt_seed, case.case_id))
+            data = torch.cat([data, heatmaps], 0)
+        logits = model.predictor.predict_logits_from_preprocessed_data(data).cpu()
+        with tempfile.TemporaryDirectory(prefix=".partial-", dir=output_folder) as tmp:
+            truncated = str(Path(tmp) / case.case_id)
+            export_prediction_from_logits(logits, properties, model.configuration_manager, model.plans_manager,
+                                          model.dataset_json, truncated, save_probabilities=True)
+            probabilities = np.load(truncated + ".npz")["probabilities"]
+            confidences[case.case_id] = case_confidence(probabilities, regions)
+            if save_probabilities:
+                np.savez_compressed(truncated + ".npz", probabilities=probabilities.astype(np.float16))
+                shutil.move(truncated + ".npz", output_folder / f"{case.case_id}.npz")
+            shutil.move(truncated + ending, output_folder / f"{case.case_id}{ending}")
+        atomic_write_json(confidence_path, confidences)
+    return confidences
+
+
+def raw_case_inputs(raw_dataset_folder: Path, case_ids: list, dataset_json: dict) -> list:
+    """CaseInput for training cases of a raw dataset (images from imagesTr, labels from labelsTr)."""
+    ending = dataset_json["file_ending"]
+    n_channels = len(dataset_json["channel_names"])
+    cases = []
+    for case_id in case_ids:
+        images = tuple(raw_dataset_folder / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(n_channels))
+        missing = [p for p in images if not p.is_file()]
+        if missing:
+            raise CalibnetError(f"{missing[0]} is missing; the raw dataset no longer matches calib_splits.json.")
+        cases.append(CaseInput(case_id, images, raw_dataset_folder / "labelsTr" / f"{case_id}{ending}"))
+    return cases
+
+
+def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path, device: str = "cpu",
+                       use_mirroring: bool = True, progress: bool = True) -> dict:
+    """Predict the val (source) and test (target) cases of a run's fold into ``predictions/{val,test}``.
+
+    Returns {"val": folder, "test": folder}.
+    """
+    from calibnet.planners.splits import get_fold, load_calib_splits
+    from calibnet.trainers.training_run import read_run
+
+    run_folder = Path(run_folder)
+    record = read_run(run_folder)
+    spec = record["spec"]
+    dataset_name = record["dataset_name"]
+    fold = get_fold(load_calib_splits(Path(preprocessed_root) / dataset_name), spec["split"], spec["fold"])
+    model = load_model(run_folder, device, use_mirroring)
+    written = {}
+    for role in ("val", "test"):
+        cases = raw_case_inputs(Path(raw_root) / dataset_name, fold[role], model.dataset_json)
+        folder = run_folder / "predictions" / role
+        if folder.exists():
+            shutil.rmtree(folder)  # a re-prediction replaces the old one entirely
+        predict_cases(model, cases, folder, prompt_seed=spec["seed"], progress=progress,
+                      description=f"predicting {role} ({len(cases)} cases)")
+        written[role] = folder
+    return written
+
+
+def folder_case_inputs(input_folder: Path, dataset_json: dict, prompts_folder: Path | None = None) -> list:
+    """CaseInput for every CASE_XXXX image set in ``input_folder`` (nnU-Net naming); labels from
+    ``prompts_folder/CASE<ending>`` when given."""
+    ending = dataset_json["file_ending"]
+    n_channels = len(dataset_json["channel_names"])
+    input_folder = Path(input_folder)
+    case_ids = sorted({p.name[:-len(ending) - 5] for p in input_folder.glob(f"*_[0-9][0-9][0-9][0-9]{ending}")})
+    if not case_ids:
+        raise CalibnetError(f"{input_folder} holds no images named CASE_0000{ending}.")
+    cases = []
+    for case_id in case_ids:
+        images = tuple(input_folder / f"{case_id}_{c:04d}{ending}" for c in range(n_channels))
+        missing = [p for p in images if not p.is_file()]
+        if missing:
+            raise CalibnetError(f"case {case_id}: {missing[0]} is missing; the model takes {n_channels} channel(s) "
+                                f"({', '.join(dataset_json['channel_names'].values())}).")
+        label = None
+        if prompts_folder is not None:
+            label = Path(prompts_folder) / f"{case_id}{ending}"
+            if not label.is_file():
+                raise CalibnetError(f"case {case_id}: {label} is missing (--prompts-from needs one label per case).")
+        cases.append(CaseInput(case_id, images, label))
+    return cases

@@ -1,0 +1,50 @@
+"""Method aliases (what users type) -> trainer classes, with one line each for ``calib_train --list``."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from calibnet.errors import CalibnetError
+
+
+@dataclass(frozen=True)
+class Method:
+    alias: str
+    module: str  # under calibnet.trainers
+    class_name: str
+    summary: str
+    loss_options: tuple = ()  # trainer attributes that calib_train's loss flags may set
+
+    def trainer_class(self):
+        return getattr(importlib.import_module(f"calibnet.trainers.{self.module}"), self.class_name)
+
+
+METHODS = {m.alias: m for m in (
+    Method("nnunet", "nnUNetTrainerCalib", "nnUNetTrainerCalib", "plain nnU-Net (Dice + CE), the baseline"),
+    Method("calunet", "nnUNetTrainerCalUNet", "nnUNetTrainerCalUNet",
+           "nnU-Net + 0.3·FIP on the encoder skips + 0.5·CMP on the final softmax",
+           ("lambda_fip", "lambda_cmp", "cmp_tau", "cmp_gamma")),
+    Method("unet_fip", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetFIP", "ablation: nnU-Net + 0.3·FIP",
+           ("lambda_fip",)),
+    Method("unet_cmp", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetCMP", "ablation: nnU-Net + 0.5·CMP",
+           ("lambda_cmp", "cmp_tau", "cmp_gamma")),
+    Method("focal", "nnUNetTrainerCalibrationLosses", "nnUNetTrainerFocal",
+           "nnU-Net with Dice + focal loss (γ = 2), a calibration baseline", ("focal_gamma",)),
+    Method("dicepp", "nnUNetTrainerCalibrationLosses", "nnUNetTrainerDicePP",
+           "nnU-Net trained with the Dice++ loss (γ = 2, Yeung et al. 2023)", ("dicepp_gamma",)),
+    Method("guided_nnunet", "nnUNetTrainerGuided", "nnUNetTrainerGuided",
+           "nnU-Net given the SAM point prompts as Gaussian heat-map channels"),
+)}
+
+
+def get_method(alias: str) -> Method:
+    if alias not in METHODS:
+        raise CalibnetError(f"unknown method {alias!r}; choose from {', '.join(METHODS)} (calib_train --list).")
+    return METHODS[alias]
+
+
+def method_of_trainer(class_name: str) -> Method:
+    for method in METHODS.values():
+        if method.class_name == class_name:
+            return method
+    raise CalibnetError(f"checkpoint was written by trainer {class_name}, which calibnet does not know.")

@@ -1,0 +1,187 @@
+"""calib_train as a library call: one method trained on one fold of one split family with one seed,
+through nnU-Net's own training loop.
+
+Each run has its own folder under nnU-Net's results tree:
+``$nnUNet_results/DatasetXXX/<Trainer>__CalibPlans__<configuration>/<split>_fold<F>_seed<S>/``
+holding nnU-Net's checkpoints, log and progress plot plus ``calibnet_run.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibnet.errors import CalibnetError
+from calibnet.files import atomic_write_json
+from calibnet.planners.calib_planner import CALIB_PLANS_NAME
+from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
+from calibnet.trainers.methods import get_method
+
+RUN_FILENAME = "calibnet_run.json"
+DEFAULT_SEED = 42
+
+
+@dataclass
+class RunSpec:
+    """Which model: dataset, configuration, method, split family, fold and seed."""
+    dataset_id: int
+    configuration: str
+    method: str
+    fold: int
+    split: str = "loco"
+    seed: int = DEFAULT_SEED
+
+
+@dataclass
+class RunRecord:
+    """What calibnet_run.json holds."""
+    spec: dict
+    dataset_name: str
+    trainer: str
+    fold_description: str
+    epochs: int
+    iterations_per_epoch: int
+    device: str
+    loss_options: dict = field(default_factory=dict)
+
+
+def register_external_trainers() -> None:
+    """Let nnU-Net find calibnet's trainers by class name (used when it loads a trainer by name)."""
+    package_parent = str(Path(__file__).resolve().parents[2])
+    current = os.environ.get("nnUNet_extTrainer", "")
+    if package_parent not in current.split(os.pathsep):
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join(p for p in (current, package_parent) if p)
+
+
+def find_preprocessed_dataset(preprocessed_root: Path, dataset_id: int) -> Path:
+    matches = sorted(p for p in Path(preprocessed_root).glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir())
+    if len(matches) != 1 or not (matches[0] / f"{CALIB_PLANS_NAME}.json").is_file():
+        raise CalibnetError(f"no {CALIB_PLANS_NAME}.json for dataset {dataset_id} in {preprocessed_root}; run "
+                            f"calib_plan_and_preprocess -d {dataset_id} first.")
+    return matches[0]
+
+
+def run_folder(results_root: Path, dataset_name: str, trainer_name: str, spec: RunSpec) -> Path:
+    return (Path(results_root) / dataset_name / f"{trainer_name}__{CALIB_PLANS_NAME}__{spec.configuration}"
+            / f"{spec.split}_fold{spec.fold}_seed{spec.seed}")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _set_loss_options(trainer, method, loss_options: dict) -> dict:
+    applied = {}
+    for name, value in loss_options.items():
+        if value is None:
+            continue
+        if name not in method.loss_options:
+            raise CalibnetError(f"--{name.replace('_', '-')} does not apply to method {method.alias}; it takes "
+                                f"{', '.join('--' + o.replace('_', '-') for o in method.loss_options) or 'no loss flags'}.")
+        value = float(value)
+        if not np.isfinite(value) or value < 0 or (value == 0 and name.endswith("gamma") and name != "focal_gamma"):
+            raise CalibnetError(f"--{name.replace('_', '-')} {value} is out of range: give a finite value "
+                                f"{'> 0' if name.endswith('gamma') and name != 'focal_gamma' else '>= 0'}.")
+        setattr(trainer, name, value)
+    for name in method.loss_options:
+        applied[name] = float(getattr(trainer, name))
+    return applied
+
+
+def _stop_dataloaders(trainer) -> None:
+    for name in ("dataloader_train", "dataloader_val"):
+        loader = getattr(trainer, name, None)
+        if loader is not None and hasattr(loader, "_finish"):
+            loader._finish()
+
+
+def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, device: str | None = None,
+                    continue_training: bool = False):
+    """Build the nnU-Net trainer of ``spec`` (checks split, fold, plans and configuration first)."""
+    method = get_method(spec.method)
+    dataset_folder = find_preprocessed_dataset(preprocessed_root, spec.dataset_id)
+    plans = json.loads((dataset_folder / f"{CALIB_PLANS_NAME}.json").read_text())
+    if spec.configuration not in plans["configurations"]:
+        raise CalibnetError(f"configuration {spec.configuration} is not in {dataset_folder / (CALIB_PLANS_NAME + '.json')}; "
+                            f"available: {', '.join(plans['configurations'])}.")
+    data_identifier = plans["configurations"][spec.configuration].get("data_identifier",
+                                                                     f"{CALIB_PLANS_NAME}_{spec.configuration}")
+    if not (dataset_folder / data_identifier).is_dir():
+        raise CalibnetError(f"{dataset_folder / data_identifier} is missing: preprocess it with "
+                            f"calib_plan_and_preprocess -d {spec.dataset_id} -c {spec.configuration}.")
+    fold = get_fold(load_calib_splits(dataset_folder), spec.split, spec.fold,
+                    where=dataset_folder / "calib_splits.json")
+    device = device or default_device()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CalibnetError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+    register_external_trainers()
+    seed_everything(spec.seed)
+    plans["continue_training"] = continue_training
+    dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
+    trainer = method.trainer_class()(plans, spec.configuration, spec.fold, dataset_json, device=torch.device(device))
+    trainer.split_family = spec.split
+    folder = run_folder(results_root, dataset_folder.name, trainer.__class__.__name__, spec)
+    trainer.use_run_folder(folder)
+    return trainer, method, dataset_folder.name, describe_fold(spec.split, fold), folder
+
+
+def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: int | None = None,
+          iterations_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
+          loss_options: dict | None = None, num_workers: int | None = None) -> Path:
+    """Train ``spec.method`` and return its run folder (checkpoints, logs, calibnet_run.json).
+
+    ``num_workers`` sets nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main
+    process) for this training only.
+    """
+    trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
+                                                                        continue_training)
+    applied = _set_loss_options(trainer, method, loss_options or {})
+    if epochs is not None:
+        trainer.num_epochs = int(epochs)
+    if iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = int(iterations_per_epoch)
+        trainer.num_val_iterations_per_epoch = max(1, int(iterations_per_epoch) // 5)
+    if continue_training:
+        checkpoint = next((folder / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                           if (folder / n).is_file()), None)
+        if checkpoint is None:
+            raise CalibnetError(f"--continue: no checkpoint in {folder} to continue from; train without --continue.")
+        trainer.load_checkpoint(str(checkpoint))
+    record = RunRecord(spec=asdict(spec), dataset_name=dataset_name, trainer=trainer.__class__.__name__,
+                       fold_description=fold_text, epochs=trainer.num_epochs,
+                       iterations_per_epoch=trainer.num_iterations_per_epoch, device=str(trainer.device),
+                       loss_options=applied)
+    trainer.print_to_log_file(f"calibnet run: method {spec.method}, {spec.split} {fold_text}, seed {spec.seed}, "
+                              f"loss options {applied}")
+    previous_workers = os.environ.get("nnUNet_n_proc_DA")
+    if num_workers is not None:
+        os.environ["nnUNet_n_proc_DA"] = str(num_workers)
+    try:
+        trainer.run_training()
+    finally:
+        _stop_dataloaders(trainer)
+        if num_workers is not None:
+            if previous_workers is None:
+                os.environ.pop("nnUNet_n_proc_DA", None)
+            else:
+                os.environ["nnUNet_n_proc_DA"] = previous_workers
+    atomic_write_json(folder / RUN_FILENAME, asdict(record))
+    return folder
+
+
+def read_run(folder: Path) -> dict:
+    path = Path(folder) / RUN_FILENAME
+    if not path.is_file():
+        raise CalibnetError(f"{path} is missing: {folder} holds no finished calibnet training; run calib_train first.")
+    return json.loads(path.read_text())

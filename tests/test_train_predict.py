@@ -1,0 +1,162 @@
+"""calib_train and calib_predict end to end on the tiny dataset (32³, 1 epoch of 2 iterations, CPU)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from calibnet.cli import predict as predict_cli
+from calibnet.cli import train as train_cli
+from calibnet.trainers.methods import METHODS
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+SHORT = ["--epochs", 1, "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta", "--num-workers", 0]
+
+
+def _results(tiny_dataset, trainer, split="loco", fold=0, seed=42):
+    return (tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / f"{trainer}__CalibPlans__3d_fullres"
+            / f"{split}_fold{fold}_seed{seed}")
+
+
+def _fold(tiny_dataset, split, fold):
+    return json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())[split]["folds"][fold]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset):
+    """Every method trained on loco fold 1 (holds out C2); returns {alias: (output, run folder)}."""
+    tiny_dataset.activate()
+    runs = {}
+    for alias, method in METHODS.items():
+        output = run_cli(train_cli.main, [511, "3d_fullres", alias, 1, *SHORT]).output
+        runs[alias] = (output, _results(tiny_dataset, method.class_name, fold=1))
+    return runs
+
+
+@pytest.mark.parametrize("alias", list(METHODS))
+def test_each_method_trains_and_predicts_exactly_the_folds_val_and_test_cases(tiny_dataset, trained, alias):
+    output, folder = trained[alias]
+    assert (folder / "checkpoint_final.pth").is_file()
+    record = json.loads((folder / "calibnet_run.json").read_text())
+    assert record["spec"]["method"] == alias and record["fold_description"] == "fold 1 holds out center C2"
+    fold = _fold(tiny_dataset, "loco", 1)
+    for role in ("val", "test"):
+        predictions = folder / "predictions" / role
+        assert f"{role} predictions: {predictions}" in output
+        assert sorted(p.name[:-7] for p in predictions.glob("*.nii.gz")) == sorted(fold[role])
+        confidence = json.loads((predictions / "confidence.json").read_text())
+        assert sorted(confidence) == sorted(fold[role])
+        for case_id in fold[role]:
+            probabilities = np.load(predictions / f"{case_id}.npz")["probabilities"]
+            image = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_dataset.raw / "imagesTr" / f"{case_id}_0000.nii.gz")))
+            assert probabilities.dtype == np.float16 and probabilities.shape == (2, *image.shape)
+            np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1.0, atol=2e-3)
+            segmentation = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case_id}.nii.gz")))
+            # the segmentation is the argmax of the float32 probabilities; float16 rounding may only flip ties
+            p32 = probabilities.astype(np.float32)
+            decided = np.abs(p32[1] - p32[0]) > 1e-2
+            assert np.array_equal(segmentation[decided], p32.argmax(0)[decided])
+            scores = confidence[case_id]
+            assert 0.5 <= scores["mean_max_probability_foreground"] <= 1
+            assert 0 <= scores["entropy_foreground"] <= 1
+    assert not list(folder.parent.glob("fold_*")), "nnU-Net's default fold folder was left behind"
+
+
+def test_loss_options_are_recorded_and_checked(tiny_dataset, trained):
+    record = json.loads((trained["calunet"][1] / "calibnet_run.json").read_text())
+    assert record["loss_options"] == pytest.approx({"lambda_fip": 0.3, "lambda_cmp": 0.5, "cmp_tau": np.log(2),
+                                                    "cmp_gamma": 0.1})
+    tiny_dataset.activate()
+    result = run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 0, "--lambda-fip", 1], expect_ok=False)
+    assert result.exit_code == 1 and "--lambda-fip does not apply to method nnunet" in result.output
+    result = run_cli(train_cli.main, [511, "3d_fullres", "calunet", 0, "--cmp-gamma", 0], expect_ok=False)
+    assert result.exit_code == 1 and "--cmp-gamma 0.0 is out of range" in result.output
+
+
+def test_scanner_split_trains_on_one_vendor_and_continue_resumes(tiny_dataset):
+    tiny_dataset.activate()
+    run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--split", "scanner", *SHORT])
+    folder = _results(tiny_dataset, "nnUNetTrainerCalib", "scanner", 1)
+    log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    listed = log.split("train cases: ")[1].splitlines()[0].strip().split(", ")
+    domains = {line.split(",")[0]: line.split(",")[2] for line in (tiny_dataset.raw / "domains.csv").read_text().splitlines()[1:]}
+    assert listed and {domains[c] for c in listed} == {"GE"}
+    assert sorted(p.name[:-7] for p in (folder / "predictions" / "test").glob("*.nii.gz")) == \
+        sorted(c for c, v in domains.items() if v != "GE")
+    run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--split", "scanner", "--continue", "--epochs", 2,
+                             "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta", "--num-workers", 0])
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["current_epoch"] == 2
+    log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    assert "Epoch 1" in log
+
+
+def test_predict_only_redoes_the_predictions(tiny_dataset, trained):
+    tiny_dataset.activate()
+    folder = trained["nnunet"][1]
+    stale = folder / "predictions" / "test" / "stale.nii.gz"
+    stale.write_text("x")
+    run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--predict-only", "--device", "cpu", "--disable-tta"])
+    assert not stale.exists() and (folder / "predictions" / "test" / "confidence.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([511, "3d_fullres", "nnunet", 4], "fold 4 does not exist in the loco split. Valid folds: fold 0 holds out center C1"),
+    ([511, "3d_fullres", "nnunet", 3, "--split", "scanner"], "fold 3 does not exist in the scanner split"),
+    ([511, "3d_fullres", "sam9", 0], "unknown method 'sam9'; choose from nnunet, calunet"),
+    ([599, "3d_fullres", "nnunet", 0], "no CalibPlans.json for dataset 599"),
+    ([511, "3d_lowres", "nnunet", 0], "configuration 3d_lowres is not in"),
+])
+def test_bad_requests_give_one_clear_message(tiny_dataset, args, message):
+    tiny_dataset.activate()
+    result = run_cli(train_cli.main, args, expect_ok=False)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_non_finite_loss_names_the_step_and_the_term(tiny_dataset):
+    from calibnet.paths import setup_data_roots
+    from calibnet.trainers.nnUNetTrainerCalib import NonFiniteLossError
+    from calibnet.trainers.training_run import RunSpec, prepare_trainer
+
+    tiny_dataset.activate()
+    roots = setup_data_roots()
+    trainer, *_ = prepare_trainer(RunSpec(511, "3d_fullres", "calunet", 0, seed=5), roots.preprocessed,
+                                  roots.results, "cpu")
+    trainer.initialize()
+    patch = trainer.configuration_manager.patch_size
+    data = torch.full((2, 2, *patch), float("nan"))
+    target = [torch.zeros((2, 1, *[int(round(p * s)) for p, s in zip(patch, scale)]))
+              for scale in trainer._get_deep_supervision_scales()]
+    trainer.on_train_epoch_start()
+    with pytest.raises(NonFiniteLossError, match="segmentation loss term is not finite at epoch 0, step 1"):
+        trainer.train_step({"data": data, "target": target})
+
+
+def test_calib_predict_on_new_images(tiny_dataset, trained, tmp_path):
+    tiny_dataset.activate()
+    incoming, labels = tmp_path / "incoming", tmp_path / "labels"
+    incoming.mkdir()
+    labels.mkdir()
+    for case in ("C4_000", "C3_001"):
+        for channel in (0, 1):
+            shutil.copy(tiny_dataset.raw / "imagesTr" / f"{case}_{channel:04d}.nii.gz", incoming)
+        shutil.copy(tiny_dataset.raw / "labelsTr" / f"{case}.nii.gz", labels)
+    out = tmp_path / "out"
+    output = run_cli(predict_cli.main, ["-d", 511, "-m", "calunet", "-f", 1, "-i", incoming, "-o", out,
+                                        "--device", "cpu", "--disable-tta"]).output
+    assert "predicted 2 case(s) with calunet" in output and "C4_000: mean max-probability" in output
+    assert sorted(p.name for p in out.iterdir()) == ["C3_001.nii.gz", "C3_001.npz", "C4_000.nii.gz", "C4_000.npz",
+                                                      "confidence.json"]
+    result = run_cli(predict_cli.main, ["-d", 511, "-m", "guided_nnunet", "-f", 1, "-i", incoming, "-o", tmp_path / "g",
+                                        "--device", "cpu", "--disable-tta"], expect_ok=False)
+    assert result.exit_code == 1 and "needs point prompts" in result.output
+    run_cli(predict_cli.main, ["-d", 511, "-m", "guided_nnunet", "-f", 1, "-i", incoming, "-o", tmp_path / "g",
+                               "--device", "cpu", "--disable-tta", "--prompts-from", labels, "--no-save-probabilities"])
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["C3_001.nii.gz", "C4_000.nii.gz", "confidence.json"]
+    result = run_cli(predict_cli.main, ["-d", 511, "-m", "focal", "-f", 3, "-i", incoming, "-o", tmp_path / "x"],
+                     expect_ok=False)
+    assert result.exit_code == 1 and "calibnet_run.json is missing" in result.output
