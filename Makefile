@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.calibnet-installed
 DEMO_DATA ?= $(CURDIR)/calibnet_data
+# a short training: enough to exercise the whole pipeline on 2 CPU cores, not to converge
+DEMO_TRAIN ?= --epochs 2 --iters-per-epoch 10 --disable-tta
 
 .PHONY: install test demo clean-demo
 
@@ -21,6 +23,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_convert synthetic -d 501 --overwrite
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_plan_and_preprocess -d 501
+	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres nnunet 0 $(DEMO_TRAIN)
+	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres calunet 0 $(DEMO_TRAIN)
 
 clean-demo:
 	rm -rf $(DEMO_DATA)

@@ -1,6 +1,5 @@
 """calib_train and calib_predict end to end on the tiny dataset (32³, 1 epoch of 2 iterations, CPU)."""
 import json
-import os
 import shutil
 
 import numpy as np

@@ -1,0 +1,86 @@
+"""Time one training step of nnunet vs calunet on the same batch (the FIP + CMP overhead); prints JSON.
+
+    python benchmarks/train_step.py [--shape 64] [--steps 10] [--device cpu]
+
+Builds the synthetic benchmark in a temporary CALIBNET_DATA, plans and preprocesses 3d_fullres, then
+times ``train_step`` of both trainers on one fixed random batch of the planned patch size and batch size
+(median over ``--steps`` steps after two warm-up steps).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _batch(trainer, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    patch = trainer.configuration_manager.patch_size
+    batch_size = trainer.configuration_manager.batch_size
+    data = torch.randn((batch_size, trainer.num_input_channels, *patch), generator=generator)
+    full = (torch.rand((batch_size, 1, *patch), generator=generator) > 0.9).float()
+    target = [torch.nn.functional.interpolate(full, size=[int(round(p * s)) for p, s in zip(patch, scale)],
+                                              mode="nearest")
+              for scale in trainer._get_deep_supervision_scales()]
+    return {"data": data, "target": target}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    from calibnet.dataset_conversion.synthetic import SyntheticConfig, convert_synthetic
+    from calibnet.paths import setup_data_roots
+    from calibnet.planners.plan_and_preprocess import plan_and_preprocess
+    from calibnet.trainers.training_run import RunSpec, prepare_trainer
+
+    results = {}
+    with tempfile.TemporaryDirectory() as data_dir, contextlib.redirect_stdout(sys.stderr):
+        os.environ["CALIBNET_DATA"] = data_dir
+        roots = setup_data_roots()
+        convert_synthetic(SyntheticConfig(dataset_id=501, shape=(args.shape,) * 3, cases_per_center=2),
+                          roots.raw, num_processes=2, progress=False)
+        plan_and_preprocess(501, roots.raw, roots.preprocessed, configurations=("3d_fullres",), num_processes=2,
+                            log=lambda _: None)
+        batch = None
+        for method in ("nnunet", "calunet"):
+            trainer, *_ = prepare_trainer(RunSpec(501, "3d_fullres", method, 0), roots.preprocessed, roots.results,
+                                          args.device)
+            trainer.initialize()
+            trainer.step_in_epoch = 0
+            batch = batch or _batch(trainer)
+            times = []
+            for step in range(args.steps + 2):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                trainer.train_step(batch)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                if step >= 2:
+                    times.append(time.perf_counter() - start)
+            results[method] = {"median_step_seconds": round(statistics.median(times), 4),
+                               "min_step_seconds": round(min(times), 4)}
+            patch = list(trainer.configuration_manager.patch_size)
+            batch_size = trainer.configuration_manager.batch_size
+    print(json.dumps({
+        "benchmark": "train_step", "device": args.device, "machine": platform.machine(), "threads": torch.get_num_threads(),
+        "patch_size": patch, "batch_size": batch_size, "steps": args.steps, **results,
+        "calunet_over_nnunet": round(results["calunet"]["median_step_seconds"]
+                                     / results["nnunet"]["median_step_seconds"], 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
