@@ -159,3 +159,25 @@ def test_calib_predict_on_new_images(tiny_dataset, trained, tmp_path):
     result = run_cli(predict_cli.main, ["-d", 511, "-m", "focal", "-f", 3, "-i", incoming, "-o", tmp_path / "x"],
                      expect_ok=False)
     assert result.exit_code == 1 and "calibnet_run.json is missing" in result.output
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_dataset, trained, tmp_path):
+    from calibnet.errors import CalibnetError
+    from calibnet.inference.predict import load_model
+
+    guided = tmp_path / "guided_run"
+    shutil.copytree(trained["guided_nnunet"][1], guided, ignore=shutil.ignore_patterns("predictions"))
+    for name in ("plans.json", "dataset.json"):
+        shutil.copy(trained["guided_nnunet"][1].parent / name, tmp_path)
+    shutil.copy(trained["nnunet"][1] / "checkpoint_final.pth", guided / "checkpoint_final.pth")
+    with pytest.raises(CalibnetError, match="was written by nnUNetTrainerCalib, but this run folder belongs to "
+                                            "nnUNetTrainerGuided"):
+        load_model(guided, "cpu")
+    checkpoint = torch.load(guided / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint["trainer_name"] = "nnUNetTrainerGuided"  # right name, weights of a 2-channel network
+    torch.save(checkpoint, guided / "checkpoint_final.pth")
+    with pytest.raises(CalibnetError, match="does not fit the nnUNetTrainerGuided architecture"):
+        load_model(guided, "cpu")
+    (guided / "checkpoint_final.pth").write_bytes(b"truncated")
+    with pytest.raises(CalibnetError, match="cannot be read as a checkpoint"):
+        load_model(guided, "cpu")

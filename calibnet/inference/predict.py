@@ -62,7 +62,12 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CalibnetError(f"{checkpoint_path} cannot be read as a checkpoint ({type(e).__name__}).") from None
-    trainer_class = method_of_trainer(checkpoint.get("trainer_name", record["trainer"])).trainer_class()
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise CalibnetError(f"{checkpoint_path} is not an nnU-Net checkpoint (no network weights).")
+    if checkpoint.get("trainer_name", record["trainer"]) != record["trainer"]:
+        raise CalibnetError(f"{checkpoint_path} was written by {checkpoint['trainer_name']}, but this run folder "
+                            f"belongs to {record['trainer']}; put the run's own checkpoint back or retrain.")
+    trainer_class = method_of_trainer(record["trainer"]).trainer_class()
     plans = json.loads((run_folder.parent / "plans.json").read_text())
     dataset_json = json.loads((run_folder.parent / "dataset.json").read_text())
     plans_manager = PlansManager(plans)

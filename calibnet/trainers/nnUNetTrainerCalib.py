@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from calibnet.errors import CalibnetError
@@ -57,12 +58,22 @@ class nnUNetTrainerCalib(nnUNetTrainer):
     def on_train_epoch_start(self):
         self.step_in_epoch = 0
         super().on_train_epoch_start()
+        self.progress = tqdm(total=self.num_iterations_per_epoch, unit="step", leave=False,
+                             desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}")
+
+    def on_train_epoch_end(self, train_outputs):
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
+        super().on_train_epoch_end(train_outputs)
 
     def train_step(self, batch: dict) -> dict:
         self.step_in_epoch = getattr(self, "step_in_epoch", 0) + 1
         outputs = self.calib_train_step(batch)
         if not np.all(np.isfinite(outputs["loss"])):
             self.raise_non_finite("total loss")
+        if getattr(self, "progress", None) is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{float(np.mean(outputs['loss'])):.4f}")
         return outputs
 
     def calib_train_step(self, batch: dict) -> dict:
