@@ -181,3 +181,10 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_dataset, trained, tm
     (guided / "checkpoint_final.pth").write_bytes(b"truncated")
     with pytest.raises(CalibnetError, match="cannot be read as a checkpoint"):
         load_model(guided, "cpu")
+
+
+def test_continue_without_a_checkpoint_writes_nothing(tiny_dataset):
+    tiny_dataset.activate()
+    result = run_cli(train_cli.main, [511, "3d_fullres", "dicepp", 2, "--continue", *SHORT], expect_ok=False)
+    assert result.exit_code == 1 and "--continue: no checkpoint in" in result.output
+    assert not _results(tiny_dataset, "nnUNetTrainerDicePP", fold=2).exists()

@@ -30,13 +30,11 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
     """Predict every case in INPUT_DIR with the model trained by calib_train DATASET CONFIGURATION METHOD FOLD;
     writes segmentations, probabilities and confidence.json to OUTPUT_DIR."""
     from calibnet.inference.predict import folder_case_inputs, load_model, predict_cases
-    from calibnet.trainers.methods import get_method
-    from calibnet.trainers.training_run import RunSpec, default_device, find_preprocessed_dataset, run_folder
+    from calibnet.trainers.training_run import RunSpec, default_device, locate_run
 
     roots = data_roots()
     spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
-    dataset_name = find_preprocessed_dataset(roots.preprocessed, dataset_id).name
-    folder = run_folder(roots.results, dataset_name, get_method(method).class_name, spec)
+    folder = locate_run(spec, roots.preprocessed, roots.results)
     model = load_model(folder, device or default_device(), use_mirroring=not disable_tta)
     cases = folder_case_inputs(input_dir, model.dataset_json, prompts_from)
     confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed)

@@ -47,13 +47,13 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
     from calibnet.inference.predict import predict_run_splits
-    from calibnet.trainers.training_run import RunSpec, default_device, prepare_trainer, train
+    from calibnet.trainers.training_run import RunSpec, default_device, locate_run, train
 
     roots = data_roots()
     spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
     device = device or default_device()
     if predict_only:
-        _, _, _, _, folder = prepare_trainer(spec, roots.preprocessed, roots.results, device)
+        folder = locate_run(spec, roots.preprocessed, roots.results)
     else:
         folder = train(spec, roots.preprocessed, roots.results, epochs, iters_per_epoch, device, continue_training,
                        {"lambda_fip": lambda_fip, "lambda_cmp": lambda_cmp, "cmp_tau": cmp_tau,

@@ -106,6 +106,20 @@ def _stop_dataloaders(trainer) -> None:
             loader._finish()
 
 
+def locate_run(spec: RunSpec, preprocessed_root: Path, results_root: Path) -> Path:
+    """The run folder of ``spec`` (which need not exist yet); checks method, dataset, split and fold."""
+    method = get_method(spec.method)
+    dataset_folder = find_preprocessed_dataset(preprocessed_root, spec.dataset_id)
+    get_fold(load_calib_splits(dataset_folder), spec.split, spec.fold, where=dataset_folder / "calib_splits.json")
+    return run_folder(results_root, dataset_folder.name, method.class_name, spec)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """What ``--continue`` resumes from: checkpoint_final, else _latest, else _best (as nnU-Net does)."""
+    return next((folder / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                 if (folder / n).is_file()), None)
+
+
 def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, device: str | None = None,
                     continue_training: bool = False):
     """Build the nnU-Net trainer of ``spec`` (checks split, fold, plans and configuration first)."""
@@ -144,6 +158,10 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
     ``num_workers`` sets nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main
     process) for this training only.
     """
+    checkpoint = latest_checkpoint(locate_run(spec, preprocessed_root, results_root))
+    if continue_training and checkpoint is None:
+        raise CalibnetError(f"--continue: no checkpoint in {locate_run(spec, preprocessed_root, results_root)} to "
+                            f"continue from; train without --continue.")
     trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
                                                                         continue_training)
     applied = _set_loss_options(trainer, method, loss_options or {})
@@ -153,10 +171,6 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
         trainer.num_iterations_per_epoch = int(iterations_per_epoch)
         trainer.num_val_iterations_per_epoch = max(1, int(iterations_per_epoch) // 5)
     if continue_training:
-        checkpoint = next((folder / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-                           if (folder / n).is_file()), None)
-        if checkpoint is None:
-            raise CalibnetError(f"--continue: no checkpoint in {folder} to continue from; train without --continue.")
         trainer.load_checkpoint(str(checkpoint))
     record = RunRecord(spec=asdict(spec), dataset_name=dataset_name, trainer=trainer.__class__.__name__,
                        fold_description=fold_text, epochs=trainer.num_epochs,
