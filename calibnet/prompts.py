@@ -58,3 +58,51 @@ def point_prompt_heatmaps(foreground: np.ndarray, rng: np.random.Generator,
         if bg is not None:
             heatmaps[1, index] = _gaussian(foreground.shape[1:], bg, sigma)
     return heatmaps
+
+
+def slice_box(mask: np.ndarray):
+    """(row0, col0, row1, col1), inclusive, of a 2-D mask's foreground; None when empty (vanilla SAM's box)."""
+    where = np.argwhere(mask)
+    if not len(where):
+        return None
+    (r0, c0), (r1, c1) = where.min(0), where.max(0)
+    return int(r0), int(c0), int(r1), int(c1)
+
+
+def sam_slice_prompts(foreground: np.ndarray, rng: np.random.Generator, use_box: bool = False) -> list:
+    """Per slice of a 3-D mask: {"points": [fg, bg], "labels": [1, 0]} (CalSAM) or {"box": ...} (vanilla
+    SAM), None for slices with empty ground truth."""
+    prompts = []
+    for mask in foreground:
+        if use_box:
+            box = slice_box(mask)
+            prompts.append(None if box is None else {"box": box})
+            continue
+        points = slice_point_prompts(mask, rng)
+        if points is None:
+            prompts.append(None)
+            continue
+        fg, bg = points
+        prompts.append({"points": [list(fg)] + ([list(bg)] if bg is not None else []),
+                        "labels": [1] + ([0] if bg is not None else [])})
+    return prompts
+
+
+SAM_PROMPT_CHANNELS = 3  # foreground point, background point, box
+
+
+def sam_prompt_maps(foreground: np.ndarray, rng: np.random.Generator, use_box: bool = False) -> np.ndarray:
+    """The prompts of :func:`sam_slice_prompts` as (3, *foreground.shape) maps — one-hot foreground and
+    background points, a filled box — so that they travel with the image through nnU-Net's predictor
+    (and its mirroring) as extra input channels."""
+    maps = np.zeros((SAM_PROMPT_CHANNELS, *foreground.shape), dtype=np.float32)
+    for index, prompt in enumerate(sam_slice_prompts(foreground, rng, use_box)):
+        if prompt is None:
+            continue
+        if "box" in prompt:
+            r0, c0, r1, c1 = prompt["box"]
+            maps[2, index, r0:r1 + 1, c0:c1 + 1] = 1
+            continue
+        for (row, col), label in zip(prompt["points"], prompt["labels"]):
+            maps[0 if label == 1 else 1, index, row, col] = 1
+    return maps

@@ -38,16 +38,24 @@ def _list_methods(ctx, _param, value):
 @click.option("--cmp-gamma", type=float, default=None, help="CMP steepness γ (default 0.1).")
 @click.option("--focal-gamma", type=float, default=None, help="Focal loss γ (focal; default 2).")
 @click.option("--dicepp-gamma", type=float, default=None, help="Dice++ γ (dicepp; default 2).")
+@click.option("--sam-model", type=click.Choice(["vit_b", "vit_l", "vit_h", "tiny"]), default=None,
+              help="SAM backbone (SAM methods). Default: the architecture of --sam-checkpoint / "
+                   "CALIBNET_SAM_CHECKPOINT, else tiny (random, not pretrained) with a warning.")
+@click.option("--sam-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="SAM or MedSAM weights (.pth), loaded with weights_only=True.")
+@click.option("--target", "target_label", type=int, default=None,
+              help="SAM methods: the label value to segment (default: the union of all foreground).")
 @click.option("--list", "list_", is_flag=True, expose_value=False, is_eager=True, callback=_list_methods,
               help="Show every method with one line and exit.")
 @user_errors
 def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per_epoch, device, num_workers,
          continue_training,
-         predict_only, disable_tta, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma):
+         predict_only, disable_tta, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma, sam_model,
+         sam_checkpoint, target_label):
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
     from calibnet.inference.predict import predict_run_splits
-    from calibnet.trainers.training_run import RunSpec, default_device, locate_run, train
+    from calibnet.trainers.training_run import RunSpec, default_device, locate_run, read_run, train
 
     roots = data_roots()
     spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
@@ -58,8 +66,9 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
         folder = train(spec, roots.preprocessed, roots.results, epochs, iters_per_epoch, device, continue_training,
                        {"lambda_fip": lambda_fip, "lambda_cmp": lambda_cmp, "cmp_tau": cmp_tau,
                         "cmp_gamma": cmp_gamma, "focal_gamma": focal_gamma, "dicepp_gamma": dicepp_gamma},
-                       num_workers)
-        click.echo(f"trained {method}: {folder}")
+                       num_workers, sam_model, sam_checkpoint, target_label, log=click.echo)
+        note = read_run(folder).get("note")
+        click.echo(f"trained {method}: {folder}" + (f" ({note})" if note else ""))
     written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, use_mirroring=not disable_tta)
     for role, predictions in written.items():
         click.echo(f"  {role} predictions: {predictions}")

@@ -39,6 +39,25 @@ class LoadedModel:
     configuration_manager: object
     dataset_json: dict
     checkpoint: Path
+    record: dict  # calibnet_run.json
+
+    @property
+    def is_sam(self) -> bool:
+        return self.record.get("backbone") is not None
+
+    @property
+    def export_dataset_json(self) -> dict:
+        """SAM methods predict one binary target: their outputs are exported as background/target."""
+        if not self.is_sam:
+            return self.dataset_json
+        target = self.record.get("target_label")
+        name = "foreground" if target is None else next(
+            k for k, v in self.dataset_json["labels"].items() if v == target)
+        return dict(self.dataset_json, labels={"background": 0, name: 1}, regions_class_order=None)
+
+    def prompt_foreground(self, seg: np.ndarray) -> np.ndarray:
+        target = self.record.get("target_label")
+        return seg > 0 if target is None else seg == target
 
 
 def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True,
@@ -73,10 +92,14 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(record["spec"]["configuration"])
     label_manager = plans_manager.get_label_manager(dataset_json)
-    network = trainer_class.build_network_architecture(
-        plans_manager, configuration_manager,
-        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-        label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    if record.get("backbone") is not None:
+        from calibnet.trainers.sam_backbone import SamConfig
+        network = trainer_class.network_for(SamConfig(**record["backbone"]), load_weights=False)
+    else:
+        network = trainer_class.build_network_architecture(
+            plans_manager, configuration_manager,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            label_manager.num_segmentation_heads, enable_deep_supervision=False)
     try:
         network.load_state_dict(checkpoint["network_weights"])
     except (RuntimeError, KeyError) as e:
@@ -89,7 +112,8 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     predictor.manual_initialization(network, plans_manager, configuration_manager, [checkpoint["network_weights"]],
                                     dataset_json, trainer_class.__name__,
                                     checkpoint.get("inference_allowed_mirroring_axes"))
-    return LoadedModel(predictor, trainer_class, plans_manager, configuration_manager, dataset_json, checkpoint_path)
+    return LoadedModel(predictor, trainer_class, plans_manager, configuration_manager, dataset_json, checkpoint_path,
+                       record)
 
 
 def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
@@ -125,13 +149,13 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
                   prompt_seed: int = 0, progress: bool = True, description: str = "predicting") -> dict:
     """Predict ``cases`` into ``output_folder``; returns and writes the per-case confidence scores."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
-
-    from calibnet.trainers.nnUNetTrainerGuided import prompt_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     preprocessor = model.configuration_manager.preprocessor_class(verbose=False)
-    regions = model.plans_manager.get_label_manager(model.dataset_json).has_regions
+    export_json = model.export_dataset_json
+    regions = model.plans_manager.get_label_manager(export_json).has_regions
     ending = model.dataset_json["file_ending"]
     confidence_path = output_folder / CONFIDENCE_FILENAME
     confidences = json.loads(confidence_path.read_text()) if confidence_path.is_file() else {}
@@ -146,13 +170,17 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
                                                       model.dataset_json)
         data = torch.from_numpy(data).float()
         if needs_label:
-            heatmaps = prompt_channels(seg[0] > 0, _prompt_rng(prompt_seed, case.case_id))
-            data = torch.cat([data, heatmaps], 0)
+            prompts = model.trainer_class.prompt_inputs(model.prompt_foreground(seg[0]),
+                                                        _prompt_rng(prompt_seed, case.case_id))
+            data = torch.cat([data, prompts.to(data.dtype)], 0)
+        if model.is_sam:  # whole slices in one window: SAM sees each slice entire, with its prompt
+            model.predictor.configuration_manager = ConfigurationManager(
+                dict(model.configuration_manager.configuration, patch_size=list(data.shape[1:])))
         logits = model.predictor.predict_logits_from_preprocessed_data(data).cpu()
         with tempfile.TemporaryDirectory(prefix=".partial-", dir=output_folder) as tmp:
             truncated = str(Path(tmp) / case.case_id)
             export_prediction_from_logits(logits, properties, model.configuration_manager, model.plans_manager,
-                                          model.dataset_json, truncated, save_probabilities=True)
+                                          export_json, truncated, save_probabilities=True)
             probabilities = np.load(truncated + ".npz")["probabilities"]
             confidences[case.case_id] = case_confidence(probabilities, regions)
             if save_probabilities:

@@ -14,6 +14,7 @@ class Method:
     class_name: str
     summary: str
     loss_options: tuple = ()  # trainer attributes that calib_train's loss flags may set
+    uses_sam: bool = False
 
     def trainer_class(self):
         return getattr(importlib.import_module(f"calibnet.trainers.{self.module}"), self.class_name)
@@ -34,6 +35,20 @@ METHODS = {m.alias: m for m in (
            "nnU-Net trained with the Dice++ loss (γ = 2, Yeung et al. 2023)", ("dicepp_gamma",)),
     Method("guided_nnunet", "nnUNetTrainerGuided", "nnUNetTrainerGuided",
            "nnU-Net given the SAM point prompts as Gaussian heat-map channels"),
+    Method("samft", "nnUNetTrainerSAM", "nnUNetTrainerSAMFT",
+           "SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE, point prompts per slice",
+           uses_sam=True),
+    Method("calsam", "nnUNetTrainerSAM", "nnUNetTrainerCalSAM",
+           "CalSAM: SAM-FT + 0.3·FIP on the frozen embeddings + 0.5·CMP",
+           ("lambda_fip", "lambda_cmp", "cmp_tau", "cmp_gamma"), uses_sam=True),
+    Method("sam_fip", "nnUNetTrainerSAM", "nnUNetTrainerSAMFIP", "ablation: SAM-FT + 0.3·FIP", ("lambda_fip",),
+           uses_sam=True),
+    Method("sam_cmp", "nnUNetTrainerSAM", "nnUNetTrainerSAMCMP", "ablation: SAM-FT + 0.5·CMP",
+           ("lambda_cmp", "cmp_tau", "cmp_gamma"), uses_sam=True),
+    Method("vanilla_sam", "nnUNetTrainerSAM", "nnUNetTrainerVanillaSAM",
+           "zero-shot SAM with the slice's ground-truth box (no training: calib_train only predicts)", uses_sam=True),
+    Method("medsam", "nnUNetTrainerSAM", "nnUNetTrainerMedSAM",
+           "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", uses_sam=True),
 )}
 
 

@@ -39,6 +39,11 @@ class nnUNetTrainerGuided(nnUNetTrainerCalib):
                                                         num_input_channels + PROMPT_CHANNELS, num_output_channels,
                                                         enable_deep_supervision)
 
+    @classmethod
+    def prompt_inputs(cls, foreground: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """The heat-map channels appended to a preprocessed volume at prediction time."""
+        return prompt_channels(foreground, rng)
+
     def _with_prompts(self, batch: dict) -> dict:
         target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, (1,))))

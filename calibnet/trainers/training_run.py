@@ -48,6 +48,9 @@ class RunRecord:
     iterations_per_epoch: int
     device: str
     loss_options: dict = field(default_factory=dict)
+    backbone: dict | None = None  # SAM methods: {"model", "checkpoint"}
+    target_label: int | None = None  # SAM methods: the binary target (None = all foreground)
+    note: str = ""  # e.g. "tiny SAM, not pretrained", repeated wherever results are reported
 
 
 def register_external_trainers() -> None:
@@ -150,13 +153,42 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
     return trainer, method, dataset_folder.name, describe_fold(spec.split, fold), folder
 
 
+def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, target_label, log) -> dict:
+    """Backbone, target and prompt seed of a SAM method; returns what calibnet_run.json records."""
+    from calibnet.trainers.sam_backbone import resolve_sam_config
+
+    if not method.uses_sam:
+        if sam_model or sam_checkpoint or target_label is not None:
+            raise CalibnetError(f"--sam-model, --sam-checkpoint and --target apply to SAM methods, not {method.alias}.")
+        return {}
+    config, warning = resolve_sam_config(sam_model, sam_checkpoint)
+    if getattr(trainer, "requires_checkpoint", None) and not config.pretrained:
+        raise CalibnetError(f"{method.alias} fine-tunes {trainer.requires_checkpoint} weights: download "
+                            f"medsam_vit_b.pth (the MedSAM release) and pass --sam-checkpoint PATH or set "
+                            f"CALIBNET_SAM_CHECKPOINT.")
+    if warning:
+        log(f"warning: {warning}")
+    labels = [v for k, v in trainer.dataset_json["labels"].items() if k != "background"]
+    if target_label is not None and target_label not in labels:
+        raise CalibnetError(f"--target {target_label} is not a label of this dataset; labels: {labels}.")
+    if target_label is None and any(isinstance(v, list) for v in labels):
+        raise CalibnetError("SAM methods train one binary model: pass --target with a label value for this "
+                            "region-based dataset (e.g. --target 1), or leave it out on label datasets for the "
+                            "union of all foreground.")
+    trainer.sam_config, trainer.target_label, trainer.seed = config, target_label, spec.seed
+    return {"backbone": {"model": config.model, "checkpoint": config.checkpoint}, "target_label": target_label,
+            "note": config.describe() if not config.pretrained else ""}
+
+
 def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: int | None = None,
           iterations_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
-          loss_options: dict | None = None, num_workers: int | None = None) -> Path:
+          loss_options: dict | None = None, num_workers: int | None = None, sam_model: str | None = None,
+          sam_checkpoint: str | None = None, target_label: int | None = None, log=print) -> Path:
     """Train ``spec.method`` and return its run folder (checkpoints, logs, calibnet_run.json).
 
     ``num_workers`` sets nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main
-    process) for this training only.
+    process) for this training only. SAM methods take ``sam_model``/``sam_checkpoint`` and ``target_label``;
+    a method that does not train (vanilla SAM) only writes its checkpoint.
     """
     checkpoint = latest_checkpoint(locate_run(spec, preprocessed_root, results_root))
     if continue_training and checkpoint is None:
@@ -164,6 +196,7 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
                             f"continue from; train without --continue.")
     trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
                                                                         continue_training)
+    sam_record = _configure_sam(trainer, method, spec, sam_model, sam_checkpoint, target_label, log)
     applied = _set_loss_options(trainer, method, loss_options or {})
     if epochs is not None:
         trainer.num_epochs = int(epochs)
@@ -175,9 +208,13 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
     record = RunRecord(spec=asdict(spec), dataset_name=dataset_name, trainer=trainer.__class__.__name__,
                        fold_description=fold_text, epochs=trainer.num_epochs,
                        iterations_per_epoch=trainer.num_iterations_per_epoch, device=str(trainer.device),
-                       loss_options=applied)
+                       loss_options=applied, **sam_record)
     trainer.print_to_log_file(f"calibnet run: method {spec.method}, {spec.split} {fold_text}, seed {spec.seed}, "
-                              f"loss options {applied}")
+                              f"loss options {applied}" + (f" — {record.note}" if record.note else ""))
+    if not getattr(trainer, "trains", True):
+        _save_untrained(trainer)
+        atomic_write_json(folder / RUN_FILENAME, asdict(record))
+        return folder
     previous_workers = os.environ.get("nnUNet_n_proc_DA")
     if num_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(num_workers)
@@ -192,6 +229,18 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
                 os.environ["nnUNet_n_proc_DA"] = previous_workers
     atomic_write_json(folder / RUN_FILENAME, asdict(record))
     return folder
+
+
+def _save_untrained(trainer) -> None:
+    """Write a method that needs no training (vanilla SAM) as a checkpoint, with nnU-Net's plan copies."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    trainer.initialize()
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    save_json(trainer.plans_manager.plans, str(Path(trainer.output_folder_base) / "plans.json"), sort_keys=False)
+    save_json(trainer.dataset_json, str(Path(trainer.output_folder_base) / "dataset.json"), sort_keys=False)
+    trainer.current_epoch = 0
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    trainer.print_to_log_file("no training: the pretrained model is used as it is")
 
 
 def read_run(folder: Path) -> dict:

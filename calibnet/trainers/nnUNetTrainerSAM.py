@@ -1,0 +1,260 @@
+"""SAM-backed methods (CalSAM paper): frozen image and prompt encoders, trained mask decoder, 3-D volumes
+as axial slices, point prompts from the ground truth, cached slice embeddings.
+
+Training reads the chosen configuration's preprocessed volumes (nnU-Net's normalisation and resampling)
+and draws batches of whole axial slices that contain foreground, without spatial or intensity
+augmentation, so each slice's frozen-encoder embedding is computed once and cached in memory (keyed by
+case, slice and preprocessing); the decoder is what trains (Adam β = (0.9, 0.999), lr 1e-4, cosine decay).
+Prediction runs nnU-Net's predictor over the whole volume in one window, the prompts travelling as three
+extra input channels (see ``calibnet.prompts.sam_prompt_maps``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calibnet.errors import CalibnetError
+from calibnet.prompts import sam_prompt_maps, sam_slice_prompts
+from calibnet.trainers.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
+                                      confidence_misalignment_penalty, fisher_information_penalty)
+from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
+from calibnet.trainers.sam_backbone import SamConfig, SamSliceSegmenter, build_sam, to_three_channels
+
+
+class EmbeddingCache:
+    """Frozen-encoder embeddings by (case, slice, preprocessing); counts hits and misses."""
+
+    def __init__(self):
+        self.store, self.hits, self.misses = {}, 0, 0
+
+    def get(self, keys: list, compute) -> torch.Tensor:
+        missing = [k for k in keys if k not in self.store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for key, embedding in zip(missing, compute(missing)):
+                self.store[key] = embedding.detach().cpu()
+        return torch.stack([self.store[k] for k in keys])
+
+
+class CosineLR:
+    """lr = ½·lr0·(1 + cos(π·epoch/epochs)), stepped by nnU-Net with the epoch index."""
+
+    def __init__(self, optimizer, initial_lr: float, epochs: int):
+        self.optimizer, self.initial_lr, self.epochs = optimizer, initial_lr, max(1, epochs)
+
+    def step(self, epoch: int) -> None:
+        lr = 0.5 * self.initial_lr * (1 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+
+class SliceBatches:
+    """Endless batches of (case, slice) keys with foreground, drawn with a seeded generator."""
+
+    def __init__(self, keys: list, batch_size: int, seed: int):
+        if not keys:
+            raise CalibnetError("no slice with foreground among the training cases: SAM methods need prompts.")
+        self.keys, self.batch_size, self.rng = keys, batch_size, np.random.default_rng(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        chosen = self.rng.choice(len(self.keys), size=min(self.batch_size, len(self.keys)), replace=False)
+        return {"keys": [self.keys[i] for i in chosen]}
+
+
+class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
+    """SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE."""
+
+    requires_prompts = True
+    trains = True
+    use_box = False
+    sam_config = SamConfig()
+    target_label = None  # None: the union of all foreground labels; else one label value
+    lambda_fip = 0.0
+    lambda_cmp = 0.0
+    cmp_tau = DEFAULT_CMP_TAU
+    cmp_gamma = DEFAULT_CMP_GAMMA
+    slices_per_batch = 8
+    seed = 0
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.initial_lr = 1e-4
+        self.embedding_cache = EmbeddingCache()
+
+    # --- network and optimiser -------------------------------------------------------------------------
+    @classmethod
+    def network_for(cls, sam_config: SamConfig, load_weights: bool = True) -> SamSliceSegmenter:
+        return SamSliceSegmenter(build_sam(sam_config, load_weights), use_box=cls.use_box)
+
+    def initialize(self):
+        if self.was_initialized:
+            raise RuntimeError("trainer already initialised")
+        self._set_batch_size_and_oversample()
+        self.network = self.network_for(self.sam_config).to(self.device)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        self.loss = None  # the SAM objective is computed in calib_train_step
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.was_initialized = True
+        self.print_to_log_file(f"SAM backbone: {self.sam_config.describe()}; image and prompt encoders frozen")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.sam.mask_decoder.parameters(), lr=self.initial_lr,
+                                     betas=(0.9, 0.999))
+        return optimizer, CosineLR(optimizer, self.initial_lr, self.num_epochs)
+
+    # --- data ------------------------------------------------------------------------------------------
+    def foreground(self, seg: np.ndarray) -> np.ndarray:
+        """Binary target of a label map: the chosen label, or all foreground."""
+        return seg > 0 if self.target_label is None else seg == self.target_label
+
+    def _load_volumes(self, case_ids: list) -> None:
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, case_ids)
+        for case_id in case_ids:
+            data, seg, _, _ = dataset.load_case(case_id)
+            self.volumes[case_id] = (torch.from_numpy(np.asarray(data, dtype=np.float32)),
+                                     self.foreground(np.asarray(seg)[0]))
+
+    def get_dataloaders(self):
+        self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        train_ids, val_ids = self.do_split()
+        self.volumes = {}
+        self._load_volumes(list(train_ids) + list(val_ids))
+        batches, all_keys = [], []
+        for offset, ids in enumerate((train_ids, val_ids)):
+            keys = [(case_id, int(z)) for case_id in ids for z in np.flatnonzero(self.volumes[case_id][1].any((1, 2)))]
+            batches.append(SliceBatches(keys, self.slices_per_batch, self.seed + offset))
+            all_keys += keys
+        for start in range(0, len(all_keys), 32):  # encode every slice once, before the first step
+            self.embeddings(all_keys[start:start + 32])
+        self.print_to_log_file(f"embedding cache: {len(self.embedding_cache.store)} slices encoded once "
+                               f"({self.sam_config.describe()})")
+        return batches[0], batches[1]
+
+    def on_epoch_end(self):
+        cache = self.embedding_cache
+        self.print_to_log_file(f"embedding cache after epoch {self.current_epoch}: {cache.hits} hits, "
+                               f"{cache.misses} misses")
+        super().on_epoch_end()
+
+    def slice_prompts(self, keys: list) -> list:
+        """Prompts of each (case, slice), reproducible from the seed, case and slice."""
+        import zlib
+        prompts = []
+        for case_id, z in keys:
+            rng = np.random.default_rng([self.seed, zlib.crc32(case_id.encode()), z])
+            prompts.append(sam_slice_prompts(self.volumes[case_id][1][z:z + 1], rng, self.use_box)[0])
+        return prompts
+
+    def embeddings(self, keys: list) -> torch.Tensor:
+        preprocessing = f"{self.configuration_manager.data_identifier}|{self.sam_config.model}|{self.sam_config.checkpoint}"
+
+        def compute(missing):
+            by_shape = {}  # cases differ in size: encode the slices of one shape together
+            for key in missing:
+                by_shape.setdefault(tuple(self.volumes[key[0]][0].shape[-2:]), []).append(key)
+            embedded = {}
+            for keys_of_shape in by_shape.values():
+                slices = torch.stack([to_three_channels(self.volumes[c][0][:, z:z + 1])[:, 0]
+                                      for c, z, _ in keys_of_shape])
+                embedded.update(zip(keys_of_shape, self.network.embed(slices.to(self.device))))
+            return [embedded[key] for key in missing]
+
+        return self.embedding_cache.get([(c, z, preprocessing) for c, z in keys], compute).to(self.device)
+
+    # --- objective -------------------------------------------------------------------------------------
+    def _forward(self, keys: list, z: torch.Tensor):
+        prompts = self.slice_prompts(keys)
+        logits, targets = [], []
+        for index, (case_id, slice_index) in enumerate(keys):
+            foreground = self.volumes[case_id][1][slice_index]
+            logits.append(self.network.decode(z[index:index + 1], [prompts[index]], foreground.shape)[0].flatten())
+            targets.append(torch.from_numpy(foreground.astype(np.float32)).flatten())
+        return torch.cat(logits), torch.cat(targets).to(self.device)
+
+    @staticmethod
+    def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.sigmoid(logits)
+        dice = 1 - (2 * (probabilities * target).sum() + 1e-5) / (probabilities.sum() + target.sum() + 1e-5)
+        return dice + F.binary_cross_entropy_with_logits(logits, target)
+
+    def loss_terms(self, keys: list) -> dict:
+        z = self.embeddings(keys).detach().requires_grad_(self.lambda_fip > 0)
+        logits, target = self._forward(keys, z)
+        terms = {"segmentation loss": self.dice_bce(logits, target)}
+        if self.lambda_fip:
+            terms["FIP"] = fisher_information_penalty(terms["segmentation loss"], [z])
+        if self.lambda_cmp:
+            terms["CMP"] = confidence_misalignment_penalty(logits[None, None], target[None, None], self.cmp_tau,
+                                                           self.cmp_gamma, regions=True)
+        self.check_finite(terms)
+        terms["total loss"] = terms["segmentation loss"] + self.lambda_fip * terms.get("FIP", 0) + \
+            self.lambda_cmp * terms.get("CMP", 0)
+        self.check_finite({"total loss": terms["total loss"]})
+        terms["logits"], terms["target"] = logits, target
+        return terms
+
+    def calib_train_step(self, batch: dict) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        total = self.loss_terms(batch["keys"])["total loss"]
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.sam.mask_decoder.parameters(), 12)
+        self.optimizer.step()
+        return {"loss": total.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        with torch.enable_grad():  # FIP needs gradients even in validation
+            terms = self.loss_terms(batch["keys"])
+        predicted = terms["logits"].detach() > 0
+        target = terms["target"] > 0.5
+        tp = float((predicted & target).sum())
+        fp = float((predicted & ~target).sum())
+        fn = float((~predicted & target).sum())
+        return {"loss": terms["total loss"].detach().cpu().numpy(), "tp_hard": np.array([tp]),
+                "fp_hard": np.array([fp]), "fn_hard": np.array([fn])}
+
+    @classmethod
+    def prompt_inputs(cls, foreground: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """The prompt channels appended to a preprocessed volume at prediction time."""
+        return torch.from_numpy(sam_prompt_maps(foreground, rng, cls.use_box))
+
+
+class nnUNetTrainerCalSAM(nnUNetTrainerSAMFT):
+    """CalSAM: SAM-FT + λ1·FIP on the cached embeddings (detached, requires_grad) + λ2·CMP."""
+
+    lambda_fip = DEFAULT_LAMBDA_FIP
+    lambda_cmp = DEFAULT_LAMBDA_CMP
+
+
+class nnUNetTrainerSAMFIP(nnUNetTrainerSAMFT):
+    """Ablation: SAM-FT + λ1·FIP."""
+
+    lambda_fip = DEFAULT_LAMBDA_FIP
+
+
+class nnUNetTrainerSAMCMP(nnUNetTrainerSAMFT):
+    """Ablation: SAM-FT + λ2·CMP."""
+
+    lambda_cmp = DEFAULT_LAMBDA_CMP
+
+
+class nnUNetTrainerVanillaSAM(nnUNetTrainerSAMFT):
+    """Zero-shot SAM with the slice's ground-truth box as prompt: no training."""
+
+    trains = False
+    use_box = True
+
+
+class nnUNetTrainerMedSAM(nnUNetTrainerSAMFT):
+    """SAM-FT from a MedSAM (SAM ViT-B) checkpoint."""
+
+    requires_checkpoint = "MedSAM"

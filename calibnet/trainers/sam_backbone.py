@@ -1,0 +1,219 @@
+"""SAM backbones from the ``segment-anything`` package, applied slice by slice to 3-D volumes.
+
+``build_sam`` makes ViT-B/L/H from the package's registry (weights from a user-given checkpoint, loaded
+with ``weights_only=True``) or a small randomly initialised ``tiny`` SAM for CPU tests and the demo.
+:class:`SamSliceSegmenter` runs the frozen image encoder on every axial slice (first array axis), the
+frozen prompt encoder on each slice's prompts, and the mask decoder once per slice with that slice's own
+prompt set (the stock decoder repeats one image embedding per prompt, so slices are decoded one by one).
+Slices without a prompt get an empty prediction. Nothing in the installed package is modified.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from calibnet.errors import CalibnetError
+
+SAM_MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
+NOT_PRETRAINED = "tiny SAM, not pretrained"
+_EMBED_DIMS = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
+EMPTY_LOGIT = -20.0  # logit of slices without a prompt: p(foreground) ≈ 2e-9
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    model: str = "tiny"
+    checkpoint: str | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.checkpoint is not None
+
+    def describe(self) -> str:
+        return NOT_PRETRAINED if not self.pretrained else f"SAM {self.model} from {self.checkpoint}"
+
+
+def resolve_sam_config(model: str | None, checkpoint: str | None) -> tuple[SamConfig, str | None]:
+    """DESIGN §8 defaults: the checkpoint of --sam-checkpoint or CALIBNET_SAM_CHECKPOINT (architecture read
+    from it), else tiny. Returns the config and a warning to print, if any."""
+    checkpoint = checkpoint or os.environ.get("CALIBNET_SAM_CHECKPOINT") or None
+    if model is not None and model not in SAM_MODELS:
+        raise CalibnetError(f"unknown --sam-model {model!r}; choose from {', '.join(SAM_MODELS)}.")
+    if checkpoint is None:
+        if model not in (None, "tiny"):
+            raise CalibnetError(f"--sam-model {model} needs weights: pass --sam-checkpoint PATH (SAM or MedSAM "
+                                f"{model} .pth) or set CALIBNET_SAM_CHECKPOINT; use --sam-model tiny to test without.")
+        warning = None if model == "tiny" else "no SAM checkpoint given: using a tiny SAM, not pretrained"
+        return SamConfig("tiny", None), warning
+    if model == "tiny":
+        raise CalibnetError("--sam-model tiny is randomly initialised and takes no --sam-checkpoint.")
+    detected = detect_sam_architecture(load_sam_state_dict(checkpoint), checkpoint)
+    if model is not None and model != detected:
+        raise CalibnetError(f"{checkpoint} holds a SAM {detected} checkpoint, not {model}; pass --sam-model {detected}.")
+    return SamConfig(detected, str(checkpoint)), None
+
+
+def load_sam_state_dict(path: os.PathLike) -> dict:
+    """The state dict in a SAM/MedSAM checkpoint, with one clear message for every way it can be wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibnetError(f"SAM checkpoint {path} does not exist; download it (SAM: sam_vit_b_01ec64.pth etc., "
+                            f"MedSAM: medsam_vit_b.pth) and pass its path.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, not a torch file at all
+        raise CalibnetError(f"{path} cannot be read as a SAM checkpoint ({type(e).__name__}); is the download "
+                            f"complete?") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or "image_encoder.patch_embed.proj.weight" not in state:
+        raise CalibnetError(f"{path} is not a SAM checkpoint (no image_encoder.patch_embed weights).")
+    return state
+
+
+def detect_sam_architecture(state: dict, path="checkpoint") -> str:
+    width = state["image_encoder.patch_embed.proj.weight"].shape[0]
+    if width not in _EMBED_DIMS:
+        raise CalibnetError(f"{path}: image encoder width {width} matches no SAM architecture (768, 1024, 1280).")
+    return _EMBED_DIMS[width]
+
+
+def _tiny_sam() -> Sam:
+    """A SAM with the package's modules at toy sizes: 128² input, 8×8 embeddings of width 64."""
+    image_size, patch, width = 128, 16, 64
+    grid = image_size // patch
+    return Sam(
+        image_encoder=ImageEncoderViT(img_size=image_size, patch_size=patch, embed_dim=width, depth=2, num_heads=2,
+                                      out_chans=width, use_rel_pos=True, window_size=4, global_attn_indexes=(1,)),
+        prompt_encoder=PromptEncoder(embed_dim=width, image_embedding_size=(grid, grid),
+                                     input_image_size=(image_size, image_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=width,
+                                 transformer=TwoWayTransformer(depth=2, embedding_dim=width, mlp_dim=256, num_heads=2),
+                                 iou_head_depth=3, iou_head_hidden_dim=64))
+
+
+def build_sam(config: SamConfig, load_weights: bool = True) -> Sam:
+    """The SAM of ``config``; ``load_weights=False`` builds the architecture only (weights come from a run)."""
+    if config.model == "tiny":
+        torch.manual_seed(0)  # the random tiny SAM is the same in every run
+        return _tiny_sam()
+    from segment_anything import sam_model_registry
+    sam = sam_model_registry[config.model](checkpoint=None)
+    if load_weights:
+        try:
+            sam.load_state_dict(load_sam_state_dict(config.checkpoint))
+        except RuntimeError as e:
+            raise CalibnetError(f"{config.checkpoint} does not fit SAM {config.model} "
+                                f"({str(e).splitlines()[0]}).") from None
+    return sam
+
+
+def to_three_channels(volume: torch.Tensor) -> torch.Tensor:
+    """(C, Z, Y, X) -> (3, Z, Y, X): one channel repeated, two as (c0, c1, c0), more: the first three."""
+    if volume.shape[0] == 1:
+        return volume.repeat(3, 1, 1, 1)
+    if volume.shape[0] == 2:
+        return torch.stack([volume[0], volume[1], volume[0]])
+    return volume[:3]
+
+
+class SamSliceSegmenter(torch.nn.Module):
+    """Slice-wise SAM returning nnU-Net-style two-class logits (background 0, foreground = SAM's logit).
+
+    ``forward`` takes (B, C + 3, Z, Y, X): the image channels followed by three prompt channels — a
+    foreground-point map, a background-point map and a box mask — whose non-zero voxels give each slice's
+    prompts (points for the CalSAM protocol, the box for vanilla SAM).
+    """
+
+    def __init__(self, sam: Sam, use_box: bool = False):
+        super().__init__()
+        self.sam = sam
+        self.use_box = use_box
+        self.decoder = sam.mask_decoder  # nnU-Net toggles .decoder.deep_supervision; SAM has none
+        for module in (sam.image_encoder, sam.prompt_encoder):
+            module.requires_grad_(False)
+
+    @property
+    def image_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    def slices_to_sam_input(self, slices: torch.Tensor) -> torch.Tensor:
+        """(N, 3, Y, X) normalised intensities -> SAM's (N, 3, S, S) input: each slice rescaled to 0–255 by
+        its 0.5–99.5th percentiles, resized to the encoder size, normalised with SAM's pixel mean/std."""
+        flat = slices.reshape(slices.shape[0], -1).float()
+        low = torch.quantile(flat, 0.005, dim=1)[:, None, None, None]
+        high = torch.quantile(flat, 0.995, dim=1)[:, None, None, None]
+        scaled = ((slices - low) / (high - low).clamp_min(1e-6)).clamp(0, 1) * 255
+        resized = F.interpolate(scaled, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return (resized - self.sam.pixel_mean) / self.sam.pixel_std
+
+    @torch.no_grad()
+    def embed(self, slices: torch.Tensor) -> torch.Tensor:
+        """Frozen image-encoder embeddings of (N, 3, Y, X) slices."""
+        return self.sam.image_encoder(self.slices_to_sam_input(slices))
+
+    def decode(self, embeddings: torch.Tensor, prompts: list, slice_shape: tuple) -> torch.Tensor:
+        """Foreground logits (N, Y, X) for N slice embeddings, one prompt dict (or None) per slice."""
+        scale = torch.tensor([self.image_size / slice_shape[1], self.image_size / slice_shape[0]],
+                             device=embeddings.device)
+        outputs = []
+        for embedding, prompt in zip(embeddings, prompts):
+            if prompt is None:
+                outputs.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device))
+                continue
+            points = boxes = None
+            if "points" in prompt:
+                coords = torch.as_tensor(prompt["points"], dtype=torch.float32, device=embeddings.device)
+                coords = (coords[:, [1, 0]] + 0.5) * scale  # (row, col) -> SAM's (x, y) at encoder size
+                labels = torch.as_tensor(prompt["labels"], dtype=torch.int64, device=embeddings.device)
+                points = (coords[None], labels[None])
+            if "box" in prompt:
+                r0, c0, r1, c1 = prompt["box"]
+                boxes = torch.tensor([[c0, r0, c1 + 1, r1 + 1]], dtype=torch.float32, device=embeddings.device)
+                boxes = boxes * scale.repeat(2)
+            with torch.no_grad():
+                sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+            low_res, _ = self.sam.mask_decoder(image_embeddings=embedding[None],
+                                               image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                               multimask_output=False)
+            outputs.append(F.interpolate(low_res, size=slice_shape, mode="bilinear", align_corners=False)[0, 0])
+        return torch.stack(outputs)
+
+    def prompts_from_channels(self, prompt_channels: torch.Tensor) -> list:
+        """Per slice of (3, Z, Y, X) prompt maps: {"points", "labels"} and/or {"box"}, or None."""
+        prompts = []
+        for fg, bg, box in prompt_channels.transpose(0, 1):
+            if self.use_box:
+                where = torch.nonzero(box > 0.5)
+                if len(where) == 0:
+                    prompts.append(None)
+                    continue
+                low, high = where.min(0).values.tolist(), where.max(0).values.tolist()
+                prompts.append({"box": (low[0], low[1], high[0], high[1])})
+                continue
+            if fg.max() <= 0.5:
+                prompts.append(None)
+                continue
+            points = [np.unravel_index(int(fg.argmax()), fg.shape)]
+            labels = [1]
+            if bg.max() > 0.5:
+                points.append(np.unravel_index(int(bg.argmax()), bg.shape))
+                labels.append(0)
+            prompts.append({"points": [list(map(int, p)) for p in points], "labels": labels})
+        return prompts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images, prompt_channels = x[:, :-3], x[:, -3:]
+        logits = []
+        for volume, maps in zip(images, prompt_channels):
+            slices = to_three_channels(volume).transpose(0, 1)  # (Z, 3, Y, X)
+            foreground = self.decode(self.embed(slices), self.prompts_from_channels(maps), tuple(volume.shape[-2:]))
+            logits.append(torch.stack([torch.zeros_like(foreground), foreground]))
+        return torch.stack(logits)
