@@ -179,7 +179,8 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
             foreground = self.volumes[case_id][1][slice_index]
             logits.append(self.network.decode(z[index:index + 1], [prompts[index]], foreground.shape)[0].flatten())
             targets.append(torch.from_numpy(foreground.astype(np.float32)).flatten())
-        return torch.cat(logits), torch.cat(targets).to(self.device)
+        logits = torch.cat(logits)
+        return logits, torch.cat(targets).to(device=self.device, dtype=logits.dtype)
 
     @staticmethod
     def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -160,22 +160,23 @@ class SamSliceSegmenter(torch.nn.Module):
 
     def decode(self, embeddings: torch.Tensor, prompts: list, slice_shape: tuple) -> torch.Tensor:
         """Foreground logits (N, Y, X) for N slice embeddings, one prompt dict (or None) per slice."""
+        dtype = embeddings.dtype
         scale = torch.tensor([self.image_size / slice_shape[1], self.image_size / slice_shape[0]],
-                             device=embeddings.device)
+                             device=embeddings.device, dtype=dtype)
         outputs = []
         for embedding, prompt in zip(embeddings, prompts):
             if prompt is None:
-                outputs.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device))
+                outputs.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device, dtype=dtype))
                 continue
             points = boxes = None
             if "points" in prompt:
-                coords = torch.as_tensor(prompt["points"], dtype=torch.float32, device=embeddings.device)
+                coords = torch.as_tensor(prompt["points"], dtype=dtype, device=embeddings.device)
                 coords = (coords[:, [1, 0]] + 0.5) * scale  # (row, col) -> SAM's (x, y) at encoder size
                 labels = torch.as_tensor(prompt["labels"], dtype=torch.int64, device=embeddings.device)
                 points = (coords[None], labels[None])
             if "box" in prompt:
                 r0, c0, r1, c1 = prompt["box"]
-                boxes = torch.tensor([[c0, r0, c1 + 1, r1 + 1]], dtype=torch.float32, device=embeddings.device)
+                boxes = torch.tensor([[c0, r0, c1 + 1, r1 + 1]], dtype=dtype, device=embeddings.device)
                 boxes = boxes * scale.repeat(2)
             with torch.no_grad():
                 sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)

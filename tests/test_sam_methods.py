@@ -1,0 +1,171 @@
+"""SAM-backed methods with --sam-model tiny on the tiny dataset (CPU)."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from calibnet.cli import train as train_cli
+from calibnet.errors import CalibnetError
+from calibnet.prompts import sam_prompt_maps, sam_slice_prompts
+from calibnet.trainers.sam_backbone import (SamConfig, SamSliceSegmenter, build_sam, resolve_sam_config)
+from conftest import run_cli
+
+SHORT = ["--epochs", 2, "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta", "--sam-model", "tiny"]
+
+
+def _run(tiny_dataset, trainer, fold=0):
+    return (tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / f"{trainer}__CalibPlans__3d_fullres"
+            / f"loco_fold{fold}_seed42")
+
+
+@pytest.fixture(scope="module")
+def calsam_run(tiny_dataset):
+    tiny_dataset.activate()
+    output = run_cli(train_cli.main, [511, "3d_fullres", "calsam", 0, *SHORT]).output
+    return output, _run(tiny_dataset, "nnUNetTrainerCalSAM")
+
+
+def test_prompts_are_the_centroid_and_a_distant_background_point_or_the_box():
+    mask = np.zeros((1, 24, 24), bool)
+    mask[0, 4:11, 6:13] = True  # centroid (7, 9)
+    prompt = sam_slice_prompts(mask, np.random.default_rng(0))[0]
+    assert prompt["points"][0] == [7, 9] and prompt["labels"] == [1, 0]
+    bg = prompt["points"][1]
+    assert not mask[0][tuple(bg)] and max(abs(bg[0] - 7), abs(bg[1] - 9)) >= 5
+    assert sam_slice_prompts(mask, np.random.default_rng(0), use_box=True) == [{"box": (4, 6, 10, 12)}]
+    assert sam_slice_prompts(np.zeros((1, 8, 8), bool), np.random.default_rng(0)) == [None]
+
+
+def test_prompt_maps_carry_exactly_the_prompts_into_the_network():
+    foreground = np.zeros((3, 20, 20), bool)
+    foreground[0, 3:8, 3:8] = True
+    foreground[2, 10:15, 5:9] = True
+    network = SamSliceSegmenter(build_sam(SamConfig()))
+    for use_box in (False, True):
+        network.use_box = use_box
+        expected = sam_slice_prompts(foreground, np.random.default_rng(1), use_box)
+        maps = torch.from_numpy(sam_prompt_maps(foreground, np.random.default_rng(1), use_box))
+        assert network.prompts_from_channels(maps) == [
+            None if p is None else ({"box": p["box"]} if use_box else p) for p in expected]
+    logits = network(torch.cat([torch.randn(1, 2, 3, 20, 20), maps[None]], 1))
+    assert logits.shape == (1, 2, 3, 20, 20) and (logits[0, 1, 1] == -20).all()  # no prompt -> empty
+
+
+@pytest.mark.slow
+def test_calsam_trains_with_frozen_encoders_and_predicts(tiny_dataset, calsam_run):
+    output, folder = calsam_run
+    assert "tiny SAM, not pretrained" in output
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = checkpoint["network_weights"]
+    fresh = SamSliceSegmenter(build_sam(SamConfig())).state_dict()
+    frozen = [k for k in fresh if k.startswith(("sam.image_encoder.", "sam.prompt_encoder."))]
+    assert frozen and all(torch.equal(weights[k], fresh[k]) for k in frozen)
+    decoder = [k for k in fresh if k.startswith("sam.mask_decoder.") and fresh[k].is_floating_point()]
+    assert any(not torch.equal(weights[k], fresh[k]) for k in decoder)
+    record = json.loads((folder / "calibnet_run.json").read_text())
+    assert record["backbone"] == {"model": "tiny", "checkpoint": None} and record["note"] == "tiny SAM, not pretrained"
+    splits = json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())["loco"]["folds"][0]
+    for role in ("val", "test"):
+        predictions = folder / "predictions" / role
+        assert sorted(p.name[:-7] for p in predictions.glob("*.nii.gz")) == sorted(splits[role])
+        probabilities = np.load(predictions / f"{splits[role][0]}.npz")["probabilities"]
+        assert probabilities.shape == (2, 32, 32, 32)
+        np.testing.assert_allclose(probabilities.astype(np.float32).sum(0), 1, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_embedding_cache_is_hit_on_the_second_epoch(calsam_run):
+    _, folder = calsam_run
+    log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    encoded = int(re.search(r"embedding cache: (\d+) slices encoded once", log).group(1))
+    counts = {int(e): (int(h), int(m)) for e, h, m in
+              re.findall(r"embedding cache after epoch (\d+): (\d+) hits, (\d+) misses", log)}
+    assert encoded > 0 and counts[0][1] == counts[1][1] == encoded  # no slice encoded twice
+    assert counts[1][0] > counts[0][0] > 0
+
+
+@pytest.mark.slow
+def test_fip_on_embeddings_matches_finite_differences(tiny_dataset):
+    """SAM's prompt encoder casts to float32, so this check runs in single precision: central differences
+    along each sample's unit gradient (whose directional derivative is the gradient's norm)."""
+    from calibnet.paths import setup_data_roots
+    from calibnet.trainers.training_run import RunSpec, prepare_trainer
+
+    tiny_dataset.activate()
+    roots = setup_data_roots()
+    trainer, *_ = prepare_trainer(RunSpec(511, "3d_fullres", "calsam", 0), roots.preprocessed, roots.results, "cpu")
+    trainer.initialize()
+    train_batches, _ = trainer.get_dataloaders()
+    keys = next(train_batches)["keys"][:3]
+    terms = trainer.loss_terms(keys)
+
+    z0 = trainer.embeddings(keys)
+
+    def seg_loss(z):
+        logits, target = trainer._forward(keys, z)
+        return trainer.dice_bce(logits, target)
+
+    z = z0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(seg_loss(z), z)
+    norms = []
+    with torch.no_grad():
+        for b in range(len(keys)):  # directional derivative along each sample's unit gradient = its norm
+            direction = torch.zeros_like(z0)
+            direction[b] = grad[b] / grad[b].norm()
+            eps = 0.1
+            norms.append(float((seg_loss(z0 + eps * direction) - seg_loss(z0 - eps * direction)) / (2 * eps)))
+    expected = 0.5 * np.mean(np.square(norms))
+    assert expected > 0
+    assert terms["FIP"].item() == pytest.approx(expected, rel=2e-2)
+    assert terms["FIP"].item() == pytest.approx(0.5 * grad.pow(2).reshape(len(keys), -1).sum(1).mean().item(),
+                                                rel=1e-5)
+
+
+@pytest.mark.slow
+def test_vanilla_sam_predicts_without_a_training_loop(tiny_dataset):
+    tiny_dataset.activate()
+    output = run_cli(train_cli.main, [511, "3d_fullres", "vanilla_sam", 1, "--device", "cpu", "--disable-tta"]).output
+    assert "no SAM checkpoint given: using a tiny SAM, not pretrained" in output
+    folder = _run(tiny_dataset, "nnUNetTrainerVanillaSAM", fold=1)
+    log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
+    assert "Epoch 0" not in log and "no training" in log
+    assert len(list((folder / "predictions" / "test").glob("*.npz"))) == 3
+
+
+@pytest.mark.slow
+def test_sam_checkpoint_of_a_run_loads_for_prediction(calsam_run):
+    from calibnet.inference.predict import load_model
+
+    _, folder = calsam_run
+    model = load_model(folder, "cpu")
+    saved = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert model.is_sam and all(torch.equal(v, saved[k]) for k, v in model.predictor.network.state_dict().items())
+
+
+def test_wrong_sam_checkpoints_are_rejected_clearly(tmp_path):
+    with pytest.raises(CalibnetError, match="does not exist"):
+        resolve_sam_config("vit_b", tmp_path / "missing.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(b"PK\x03\x04 not a whole file")
+    with pytest.raises(CalibnetError, match="cannot be read as a SAM checkpoint"):
+        resolve_sam_config(None, truncated)
+    other = tmp_path / "unet.pth"
+    torch.save({"encoder.stages.0.weight": torch.zeros(1)}, other)
+    with pytest.raises(CalibnetError, match="is not a SAM checkpoint"):
+        resolve_sam_config(None, other)
+    vit_b = tmp_path / "vit_b.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}, vit_b)
+    with pytest.raises(CalibnetError, match="holds a SAM vit_b checkpoint, not vit_l"):
+        resolve_sam_config("vit_l", vit_b)
+    assert resolve_sam_config(None, vit_b)[0] == SamConfig("vit_b", str(vit_b))
+    with pytest.raises(CalibnetError, match="needs weights"):
+        resolve_sam_config("vit_h", None)
+
+
+@pytest.mark.slow
+def test_medsam_without_weights_says_where_to_put_them(tiny_dataset):
+    tiny_dataset.activate()
+    result = run_cli(train_cli.main, [511, "3d_fullres", "medsam", 0, *SHORT[:-2]], expect_ok=False)
+    assert result.exit_code == 1 and "medsam_vit_b.pth" in result.output and "--sam-checkpoint" in result.output
