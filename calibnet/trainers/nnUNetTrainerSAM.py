@@ -84,7 +84,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     seed = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
         self.initial_lr = 1e-4
