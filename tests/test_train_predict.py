@@ -13,6 +13,7 @@ from calibnet.trainers.methods import METHODS
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
+NNUNET_METHODS = [alias for alias, method in METHODS.items() if not method.uses_sam]  # SAM: test_sam_methods.py
 SHORT = ["--epochs", 1, "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta", "--num-workers", 0]
 
 
@@ -30,13 +31,14 @@ def trained(tiny_dataset):
     """Every method trained on loco fold 1 (holds out C2); returns {alias: (output, run folder)}."""
     tiny_dataset.activate()
     runs = {}
-    for alias, method in METHODS.items():
+    for alias in NNUNET_METHODS:
+        method = METHODS[alias]
         output = run_cli(train_cli.main, [511, "3d_fullres", alias, 1, *SHORT]).output
         runs[alias] = (output, _results(tiny_dataset, method.class_name, fold=1))
     return runs
 
 
-@pytest.mark.parametrize("alias", list(METHODS))
+@pytest.mark.parametrize("alias", NNUNET_METHODS)
 def test_each_method_trains_and_predicts_exactly_the_folds_val_and_test_cases(tiny_dataset, trained, alias):
     output, folder = trained[alias]
     assert (folder / "checkpoint_final.pth").is_file()
