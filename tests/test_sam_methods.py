@@ -169,3 +169,26 @@ def test_medsam_without_weights_says_where_to_put_them(tiny_dataset):
     tiny_dataset.activate()
     result = run_cli(train_cli.main, [511, "3d_fullres", "medsam", 0, *SHORT[:-2]], expect_ok=False)
     assert result.exit_code == 1 and "medsam_vit_b.pth" in result.output and "--sam-checkpoint" in result.output
+
+
+@pytest.mark.slow
+def test_region_dataset_needs_a_target_and_predicts_it_as_binary(tmp_path):
+    import os
+
+    from calibnet.cli import convert, plan_and_preprocess
+
+    os.environ["CALIBNET_DATA"] = str(tmp_path)
+    run_cli(convert.main, ["synthetic", "-d", 521, "--labels", "brats", "--shape", 24, "--centers", 2,
+                           "--cases-per-center", 2, "--no-preview", "-np", 1])
+    run_cli(plan_and_preprocess.main, ["-d", 521, "-c", "3d_fullres", "-np", 1])
+    args = [521, "3d_fullres", "calsam", 0, "--epochs", 1, "--iters-per-epoch", 1, "--device", "cpu",
+            "--disable-tta", "--sam-model", "tiny"]
+    result = run_cli(train_cli.main, args, expect_ok=False)
+    assert result.exit_code == 1 and "pass --target" in result.output
+    assert "--target 7 is not a label value" in run_cli(train_cli.main, args + ["--target", 7], expect_ok=False).output
+    run_cli(train_cli.main, args + ["--target", 3])
+    folder = tmp_path / "results" / "Dataset521_SynthBrain" / "nnUNetTrainerCalSAM__CalibPlans__3d_fullres" / \
+        "loco_fold0_seed42"
+    assert json.loads((folder / "calibnet_run.json").read_text())["target_label"] == 3
+    probabilities = np.load(next((folder / "predictions" / "test").glob("*.npz")))["probabilities"]
+    assert probabilities.shape[0] == 2

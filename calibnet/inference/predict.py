@@ -47,17 +47,23 @@ class LoadedModel:
 
     @property
     def export_dataset_json(self) -> dict:
-        """SAM methods predict one binary target: their outputs are exported as background/target."""
-        if not self.is_sam:
-            return self.dataset_json
-        target = self.record.get("target_label")
-        name = "foreground" if target is None else next(
-            k for k, v in self.dataset_json["labels"].items() if v == target)
-        return dict(self.dataset_json, labels={"background": 0, name: 1}, regions_class_order=None)
+        return export_dataset_json(self.dataset_json, self.record)
 
     def prompt_foreground(self, seg: np.ndarray) -> np.ndarray:
         target = self.record.get("target_label")
         return seg > 0 if target is None else seg == target
+
+
+def export_dataset_json(dataset_json: dict, record: dict) -> dict:
+    """The labels a run predicts: SAM methods predict one binary target, exported as background/target."""
+    if record.get("backbone") is None:
+        return dataset_json
+    target = record.get("target_label")
+    name = "foreground" if target is None else next(
+        (k for k, v in dataset_json["labels"].items() if v == target), f"label_{target}")
+    binary = dict(dataset_json, labels={"background": 0, name: 1})
+    binary.pop("regions_class_order", None)
+    return binary
 
 
 def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True,
@@ -110,7 +116,7 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
                                 perform_everything_on_device=device.type == "cuda", device=device,
                                 allow_tqdm=False)
     predictor.manual_initialization(network, plans_manager, configuration_manager, [checkpoint["network_weights"]],
-                                    dataset_json, trainer_class.__name__,
+                                    export_dataset_json(dataset_json, record), trainer_class.__name__,
                                     checkpoint.get("inference_allowed_mirroring_axes"))
     return LoadedModel(predictor, trainer_class, plans_manager, configuration_manager, dataset_json, checkpoint_path,
                        record)

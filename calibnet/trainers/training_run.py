@@ -169,8 +169,9 @@ def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, ta
     if warning:
         log(f"warning: {warning}")
     labels = [v for k, v in trainer.dataset_json["labels"].items() if k != "background"]
-    if target_label is not None and target_label not in labels:
-        raise CalibnetError(f"--target {target_label} is not a label of this dataset; labels: {labels}.")
+    label_values = sorted({x for v in labels for x in (v if isinstance(v, list) else [v])})
+    if target_label is not None and target_label not in label_values:
+        raise CalibnetError(f"--target {target_label} is not a label value of this dataset; values: {label_values}.")
     if target_label is None and any(isinstance(v, list) for v in labels):
         raise CalibnetError("SAM methods train one binary model: pass --target with a label value for this "
                             "region-based dataset (e.g. --target 1), or leave it out on label datasets for the "
