@@ -41,6 +41,13 @@ def isolated_roots():
     snapshot.restore()
 
 
+def use_data_dir(path) -> None:
+    """Point CALIBNET_DATA at ``path``, dropping nnU-Net roots that an earlier command derived from another."""
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ.pop(variable, None)
+    os.environ["CALIBNET_DATA"] = str(path)
+
+
 def run_cli(command, args, expect_ok=True):
     result = CliRunner().invoke(command, [str(a) for a in args], catch_exceptions=False)
     if expect_ok:
@@ -57,7 +64,7 @@ class TinyDataset:
     plan_output: str
 
     def activate(self):
-        os.environ["CALIBNET_DATA"] = str(self.data_dir)
+        use_data_dir(self.data_dir)
 
 
 @pytest.fixture(scope="session")

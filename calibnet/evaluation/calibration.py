@@ -65,3 +65,12 @@ def calibration_metrics(probabilities: np.ndarray, labels: np.ndarray, n_bins: i
     return {"ECE": calibration_bins(confidence, correct, n_bins).expected_calibration_error(),
             "ACE": calibration_bins(confidence, correct, n_bins, equal_mass=True).expected_calibration_error(),
             "Brier": brier_score(probabilities, labels)}
+
+
+def pool_bins(bins: list) -> CalibrationBins:
+    """Equal-width bins of several cases merged exactly (counts and sums are additive)."""
+    count = np.sum([b.count for b in bins], 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.nansum([b.confidence * b.count for b in bins], 0) / count
+        accuracy = np.nansum([b.accuracy * b.count for b in bins], 0) / count
+    return CalibrationBins(bins[0].edges, count, confidence, accuracy)

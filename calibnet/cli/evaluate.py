@@ -1,0 +1,35 @@
+"""calib_evaluate: per-domain accuracy, generalisation gap, calibration and failure detection tables."""
+from __future__ import annotations
+
+import click
+
+from calibnet.cli.common import data_roots, user_errors
+
+
+def _csv(value, cast=str):
+    return [cast(v) for v in value.split(",")] if value else None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--split", type=click.Choice(["loco", "scanner"]), required=True, help="Split family to evaluate.")
+@click.option("-d", "--dataset-id", type=int, default=None, help="Needed only when several datasets have results.")
+@click.option("--methods", default=None, help="Comma-separated method aliases (default: every trained one).")
+@click.option("--folds", default=None, help="Comma-separated folds (default: all).")
+@click.option("--seeds", default=None, help="Comma-separated seeds (default: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the voxel subsampling for post-hoc fits.")
+@user_errors
+def main(split, dataset_id, methods, folds, seeds, seed):
+    """Evaluate every trained method of a split; writes $nnUNet_results/DatasetXXX/evaluation/SPLIT/."""
+    from calibnet.evaluation.evaluate import evaluate
+
+    roots = data_roots()
+    result = evaluate(roots.results, roots.raw, roots.preprocessed, split, dataset_id, _csv(methods),
+                      _csv(folds, int), _csv(seeds, int), seed)
+    for message in result.missing:
+        click.echo(f"missing: {message}", err=True)
+    click.echo(result.report)
+    click.echo(f"report: {result.folder / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

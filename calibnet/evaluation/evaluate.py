@@ -1,0 +1,137 @@
+"""calib_evaluate as a library call: every trained run of a split → per-case metrics → tables, post-hoc
+calibration, failure detection, significance, report, plots — written atomically to
+``$nnUNet_results/DatasetXXX/evaluation/<split>/``. Evaluation reads prediction files only."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from calibnet.domains import DOMAINS_FILENAME, read_domains
+from calibnet.evaluation.calibration import calibration_metrics, pool_bins
+from calibnet.evaluation.case_evaluation import evaluate_case, label_targets
+from calibnet.evaluation.discovery import discover_runs
+from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
+from calibnet.evaluation.report import plot_all, write_report
+from calibnet.evaluation.tables import domain_generalisation_gap, failure_detection, per_domain, significance
+from calibnet.files import atomic_output_dir
+from calibnet.planners.splits import get_fold, load_calib_splits
+
+
+@dataclass
+class Evaluation:
+    folder: Path
+    report: str
+    per_case: pd.DataFrame
+    missing: list = field(default_factory=list)
+
+
+def _image_paths(raw: Path, case_id: str, dataset_json: dict) -> list:
+    ending = dataset_json["file_ending"]
+    return [raw / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(len(dataset_json["channel_names"]))]
+
+
+def _posthoc_rows(run, fold: dict, role_cases: list, raw: Path, dataset_json: dict, targets, samples,
+                  base_rows: dict) -> tuple[list, dict]:
+    """Temperature and Dirichlet scaling fitted on the run's source samples, applied to its target cases."""
+    from calibnet.evaluation.case_evaluation import _read
+    probabilities = np.concatenate([s[0] for s in samples], 1)
+    labels = np.concatenate([s[1] for s in samples])
+    temperature = fit_temperature(probabilities, labels)
+    dirichlet = fit_dirichlet(probabilities, labels)
+    rows = []
+    for case_id in role_cases:
+        folder = run.folder / "predictions" / "test"
+        truth, _ = _read(raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}")
+        p = np.load(folder / f"{case_id}.npz")["probabilities"].astype(np.float32)
+        roi = np.zeros(truth.shape, bool)
+        for path in _image_paths(raw, case_id, dataset_json):
+            roi |= _read(path)[0] != 0
+        roi = roi if roi.any() else np.ones_like(roi)
+        if targets.binary:
+            y = np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
+        elif targets.regions:
+            p, y = np.stack([1 - p[0], p[0]]), np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
+        else:
+            y = truth.astype(np.int64)
+        for suffix, calibrated in (("TS", apply_temperature(p[:, roi], temperature)),
+                                   ("Dirichlet", apply_dirichlet(p[:, roi], dirichlet))):
+            base = {k: v for k, v in base_rows[case_id].items() if not k.startswith(("DSC", "IoU", "HD95", "NSD"))
+                    and not k.startswith("conf_")}
+            rows.append({**base, "method": f"{run.method} + {suffix}", **calibration_metrics(calibrated, y[roi])})
+    return rows, {"temperature": temperature, "dirichlet": dirichlet}
+
+
+def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split: str, dataset_id: int | None = None,
+             methods=None, folds=None, seeds=None, seed: int = 0, progress: bool = True) -> Evaluation:
+    """Evaluate every run of ``split`` and write the evaluation folder; returns the report and tables."""
+    dataset, runs, missing = discover_runs(results_root, split, dataset_id, methods, folds, seeds)
+    raw = Path(raw_root) / dataset
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    domains = read_domains(raw / DOMAINS_FILENAME).set_index("case_id")
+    splits = load_calib_splits(Path(preprocessed_root) / dataset)
+    rng = np.random.default_rng(seed)
+    rows, posthoc_rows, posthoc_parameters, bins_by = [], [], {}, {}
+    notes = sorted({f"{r.method}: {r.note}" for r in runs if r.note})
+    for run in tqdm(runs, desc="evaluating runs", unit="run", disable=not progress):
+        fold = get_fold(splits, split, run.fold)
+        source_vendor = fold.get("source", {}).get("vendor", "")
+        targets = label_targets(dataset_json, run.record)
+        samples, base_rows = [], {}
+        for role, folder_name in (("source", "val"), ("target", "test")):
+            folder = run.folder / "predictions" / folder_name
+            confidence = json.loads((folder / "confidence.json").read_text())
+            for case_id in fold[folder_name]:
+                prediction = folder / f"{case_id}{dataset_json['file_ending']}"
+                if not prediction.is_file():
+                    missing.append(f"{run.method} fold {run.fold} seed {run.seed}: no prediction for {case_id}")
+                    continue
+                result = evaluate_case(prediction, folder / f"{case_id}.npz",
+                                       raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}",
+                                       _image_paths(raw, case_id, dataset_json), targets, rng)
+                row = {"method": run.method, "split": split, "fold": run.fold, "seed": run.seed, "case_id": case_id,
+                       "role": role, **domains.loc[case_id].to_dict(), "source_vendor": source_vendor,
+                       **result.metrics, **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items()},
+                       "note": run.note}
+                rows.append(row)
+                base_rows[case_id] = row
+                bins_by.setdefault(run.method, {}).setdefault(role, []).append(result.bins)
+                if role == "source":
+                    samples.append((result.sample_probabilities, result.sample_labels))
+        if samples:
+            extra, parameters = _posthoc_rows(run, fold, fold["test"], raw, dataset_json, targets, samples, base_rows)
+            posthoc_rows += extra
+            posthoc_parameters[f"{run.method} fold {run.fold} seed {run.seed}"] = parameters
+    per_case = pd.DataFrame(rows + posthoc_rows)
+    per_center = per_domain(per_case, split)
+    dgg_runs, dgg = domain_generalisation_gap(per_case[~per_case["method"].str.contains(r" \+ ")])
+    failure = failure_detection(per_case[~per_case["method"].str.contains(r" \+ ")], split)
+    tests = significance(per_case)
+    pooled = {m: {role: pool_bins(b) for role, b in by_role.items()} for m, by_role in bins_by.items()}
+    summary = {
+        "dataset": dataset, "split": split, "runs": [str(r.folder) for r in runs], "notes": notes, "missing": missing,
+        "metrics_mean": {f"{m} | {role}": g.drop(columns=["fold", "seed"], errors="ignore").mean(numeric_only=True)
+                         .to_dict() for (m, role), g in per_case.groupby(["method", "role"])},
+        "pooled_ECE": {m: {role: b.expected_calibration_error() for role, b in by_role.items()}
+                       for m, by_role in pooled.items()},
+        "DGG": dgg.to_dict(orient="records"),
+        "posthoc_parameters": posthoc_parameters,
+    }
+    final = Path(results_root) / dataset / "evaluation" / split
+    with atomic_output_dir(final, overwrite=True) as folder:
+        per_case.to_csv(folder / "per_case.csv", index=False)
+        per_center.to_csv(folder / "per_center.csv", index=False)
+        (folder / "per_center.md").write_text(per_center.to_markdown(index=False, floatfmt=".3f"))
+        dgg_runs.to_csv(folder / "dgg_per_fold.csv", index=False)
+        dgg.to_csv(folder / "dgg.csv", index=False)
+        failure.to_csv(folder / "failure_detection.csv", index=False)
+        tests.to_csv(folder / "significance.csv", index=False)
+        (folder / "posthoc_parameters.json").write_text(json.dumps(posthoc_parameters, indent=2))
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        plots = plot_all(folder, per_case, pooled, split)
+        report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes, plots)
+    return Evaluation(final, report, per_case, missing)

@@ -1,0 +1,148 @@
+"""report.md, tables.tex and the PNG plots of an evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from calibnet.evaluation.calibration import CalibrationBins
+from calibnet.evaluation.failure_detection import risk_coverage
+from calibnet.evaluation.tables import LOWER_IS_BETTER, domain_columns
+
+ABLATIONS = (("samft", "sam_fip", "sam_cmp", "calsam"), ("nnunet", "unet_fip", "unet_cmp", "calunet"))
+
+
+def _mean_std(table: pd.DataFrame, keys: list, metrics: list) -> pd.DataFrame:
+    grouped = table.groupby(keys)[metrics]
+    means, stds = grouped.mean(), grouped.std()
+    out = means.copy().astype(object)
+    for metric in metrics:
+        out[metric] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(s) else f"{m:.3f}" for m, s in zip(means[metric], stds[metric])]
+    out["n"] = grouped.size()
+    return out.reset_index()
+
+
+def main_table(per_case: pd.DataFrame, dgg: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Table-1 style: DSC, HD95, ECE per method and domain (source rows, target rows) with DGG(DSC)."""
+    metrics = [m for m in ("DSC", "HD95", "ECE") if m in per_case]
+    plain = per_case[~per_case["method"].str.contains(r" \+ ")]
+    table = _mean_std(plain, ["method", "role", domain_columns(split)[-1]], metrics)
+    if not dgg.empty and "DGG DSC mean" in dgg:
+        gap = {r.method: f"{r['DGG DSC mean']:.3f} ± {r['DGG DSC std']:.3f}" if np.isfinite(r["DGG DSC std"])
+               else f"{r['DGG DSC mean']:.3f}" for _, r in dgg.iterrows()}
+        table["DGG(DSC)"] = table["method"].map(gap)
+    return table
+
+
+def calibration_table(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Table-3 style: ECE, Brier, ACE on the target cases, post-hoc rows included."""
+    target = per_case[per_case["role"] == "target"]
+    return _mean_std(target, ["method"], [m for m in ("ECE", "Brier", "ACE") if m in target])
+
+
+def ablation_tables(per_case: pd.DataFrame) -> list:
+    tables = []
+    for family in ABLATIONS:
+        present = [m for m in family if m in set(per_case["method"])]
+        if len(present) >= 2:
+            subset = per_case[per_case["method"].isin(present)]
+            table = _mean_std(subset[subset.role == "target"], ["method"],
+                              [m for m in ("DSC", "HD95", "ECE") if m in subset])
+            table["order"] = table["method"].map(family.index)
+            tables.append(table.sort_values("order").drop(columns="order"))
+    return tables
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    return table.to_markdown(index=False, floatfmt=".3f") if not table.empty else "_(nothing to show)_"
+
+
+def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame, dgg: pd.DataFrame,
+                 failure: pd.DataFrame, significance: pd.DataFrame, notes: list, plots: list) -> str:
+    """Write report.md and tables.tex; returns the Markdown."""
+    main = main_table(per_case, dgg, split)
+    calibration = calibration_table(per_case)
+    ablations = ablation_tables(per_case)
+    lines = [f"# calibnet evaluation: {dataset}, {split} split", ""]
+    lines += [f"> note: {n}" for n in notes] + ([""] if notes else [])
+    lines += ["Source = in-domain validation cases of each fold, target = the held-out domain. Mean ± std over cases. "
+              f"Lower is better for {', '.join(LOWER_IS_BETTER)}; DGG = source − target (for DSC, positive = "
+              "worse on the target). Calibration on the predicted class confidence, 15 bins, ROI = non-zero input "
+              "voxels. SAM methods are prompted from the ground truth.", "",
+              "## Accuracy, boundary error and calibration per domain", "", _markdown(main), ""]
+    for table in ablations:
+        lines += ["## Ablation (target cases)", "", _markdown(table), ""]
+    lines += ["## Calibration with post-hoc rows (target cases)", "",
+              "`+ TS`: temperature scaling, `+ Dirichlet`: Dirichlet calibration, both fitted on the source "
+              "validation voxels of the same run.", "", _markdown(calibration), ""]
+    lines += ["## Failure detection (target cases; risk = 1 − DSC, AURC/eAURC on a 0–1 scale)", "",
+              _markdown(failure[failure["domain"] == "pooled"] if not failure.empty else failure), ""]
+    lines += ["## Significance against the strongest baseline (* p < 0.05, paired t-test)", "",
+              _markdown(significance), ""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    text = "\n".join(lines) + "\n"
+    (folder / "report.md").write_text(text)
+    latex = [main.to_latex(index=False, caption=f"{dataset}, {split}: per-domain results", label="tab:main"),
+             calibration.to_latex(index=False, caption="Calibration (target)", label="tab:calibration")]
+    if not failure.empty:
+        latex.append(failure[failure["domain"] == "pooled"].to_latex(index=False, float_format="%.3f",
+                                                                     caption="Failure detection", label="tab:fd"))
+    (folder / "tables.tex").write_text("\n\n".join(latex))
+    return text
+
+
+def plot_all(folder: Path, per_case: pd.DataFrame, pooled_bins: dict, split: str) -> list:
+    """Reliability diagrams (per method and role), risk–coverage curves, DSC per domain box plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = sorted(pooled_bins)
+    if methods:
+        fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.2), squeeze=False)
+        for ax, method in zip(axes[0], methods):
+            ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+            for role, bins in sorted(pooled_bins[method].items()):
+                used = bins.count > 0
+                ax.plot(bins.confidence[used], bins.accuracy[used], "o-", ms=3,
+                        label=f"{role} (ECE {bins.expected_calibration_error():.3f})")
+            ax.set_title(method, fontsize=9)
+            ax.set_xlabel("confidence")
+            ax.set_ylabel("accuracy")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(folder / "reliability.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    target = per_case[(per_case.role == "target") & per_case["DSC"].notna()] if "DSC" in per_case else per_case[:0]
+    score = "conf_mean_max_probability_foreground"
+    if score in target and target[score].notna().any():
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        for method, group in target.groupby("method"):
+            coverage, risk = risk_coverage(group[score].values, 1 - group["DSC"].values)
+            ax.plot(coverage, risk, label=method)
+        ax.set_xlabel("coverage")
+        ax.set_ylabel("risk (1 − DSC) of the covered cases")
+        ax.set_title("risk–coverage, mean max-probability score", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(folder / "risk_coverage.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    if not target.empty:
+        domain = domain_columns(split)[-1 if split == "scanner" else 0]
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * target["method"].nunique() * target[domain].nunique()), 3.5))
+        labels, data = [], []
+        for (method, name), group in target.groupby(["method", domain]):
+            labels.append(f"{method}\n{name}")
+            data.append(group["DSC"].values)
+        ax.boxplot(data)
+        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+        ax.set_ylabel("DSC (target cases)")
+        fig.tight_layout()
+        written.append(folder / "dsc_per_domain.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
