@@ -1,7 +1,6 @@
 """calib_evaluate end to end: two methods trained for one epoch on the scanner split of the tiny dataset."""
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 

@@ -39,7 +39,7 @@ def label_targets(dataset_json: dict, record: dict) -> LabelTargets:
     return LabelTargets({k: (v if isinstance(v, list) else [v]) for k, v in labels.items()}, regions)
 
 
-def _read(path: Path) -> tuple[np.ndarray, tuple]:
+def read_image(path: Path) -> tuple[np.ndarray, tuple]:
     image = sitk.ReadImage(str(path))
     return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
 
@@ -47,8 +47,8 @@ def _read(path: Path) -> tuple[np.ndarray, tuple]:
 def evaluate_case(prediction_path: Path, probabilities_path: Path, label_path: Path, image_paths: list,
                   targets: LabelTargets, rng: np.random.Generator, max_samples: int = 20000) -> CaseResult:
     """DSC, IoU, HD95, NSD@1mm per target, and ECE, ACE, Brier on the ROI (non-zero input voxels)."""
-    truth, spacing = _read(label_path)
-    prediction, _ = _read(prediction_path)
+    truth, spacing = read_image(label_path)
+    prediction, _ = read_image(prediction_path)
     probabilities = np.load(probabilities_path)["probabilities"].astype(np.float32)
     metrics = {}
     several = len(targets.masks) > 1
@@ -59,7 +59,7 @@ def evaluate_case(prediction_path: Path, probabilities_path: Path, label_path: P
             metrics[f"{metric}_{name}" if several else metric] = value
     roi = np.zeros(truth.shape, bool)
     for path in image_paths:
-        roi |= _read(path)[0] != 0
+        roi |= read_image(path)[0] != 0
     if not roi.any():
         roi[:] = True
     if targets.binary:

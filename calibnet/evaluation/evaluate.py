@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from calibnet.domains import DOMAINS_FILENAME, read_domains
 from calibnet.evaluation.calibration import calibration_metrics, pool_bins
-from calibnet.evaluation.case_evaluation import evaluate_case, label_targets
+from calibnet.evaluation.case_evaluation import evaluate_case, label_targets, read_image
 from calibnet.evaluation.discovery import discover_runs
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
 from calibnet.evaluation.report import plot_all, write_report
@@ -35,10 +35,9 @@ def _image_paths(raw: Path, case_id: str, dataset_json: dict) -> list:
     return [raw / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(len(dataset_json["channel_names"]))]
 
 
-def _posthoc_rows(run, fold: dict, role_cases: list, raw: Path, dataset_json: dict, targets, samples,
+def _posthoc_rows(run, role_cases: list, raw: Path, dataset_json: dict, targets, samples,
                   base_rows: dict) -> tuple[list, dict]:
     """Temperature and Dirichlet scaling fitted on the run's source samples, applied to its target cases."""
-    from calibnet.evaluation.case_evaluation import _read
     probabilities = np.concatenate([s[0] for s in samples], 1)
     labels = np.concatenate([s[1] for s in samples])
     temperature = fit_temperature(probabilities, labels)
@@ -46,11 +45,11 @@ def _posthoc_rows(run, fold: dict, role_cases: list, raw: Path, dataset_json: di
     rows = []
     for case_id in role_cases:
         folder = run.folder / "predictions" / "test"
-        truth, _ = _read(raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}")
+        truth, _ = read_image(raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}")
         p = np.load(folder / f"{case_id}.npz")["probabilities"].astype(np.float32)
         roi = np.zeros(truth.shape, bool)
         for path in _image_paths(raw, case_id, dataset_json):
-            roi |= _read(path)[0] != 0
+            roi |= read_image(path)[0] != 0
         roi = roi if roi.any() else np.ones_like(roi)
         if targets.binary:
             y = np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
@@ -103,7 +102,7 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
                 if role == "source":
                     samples.append((result.sample_probabilities, result.sample_labels))
         if samples:
-            extra, parameters = _posthoc_rows(run, fold, fold["test"], raw, dataset_json, targets, samples, base_rows)
+            extra, parameters = _posthoc_rows(run, fold["test"], raw, dataset_json, targets, samples, base_rows)
             posthoc_rows += extra
             posthoc_parameters[f"{run.method} fold {run.fold} seed {run.seed}"] = parameters
     per_case = pd.DataFrame(rows + posthoc_rows)

@@ -25,7 +25,7 @@ def overlap_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict:
 
 def surface_distances_mm(prediction: np.ndarray, truth: np.ndarray, spacing_mm) -> tuple[np.ndarray, np.ndarray]:
     """Distances (mm) from each surface voxel of ``prediction`` to the surface of ``truth`` and back."""
-    edges_prediction, edges_truth = get_mask_edges(prediction, truth, crop=True, always_return_as_numpy=True)
+    edges_prediction, edges_truth = get_mask_edges(prediction, truth, crop=True)  # numpy in, numpy out
     return (np.asarray(get_surface_distance(edges_prediction, edges_truth, spacing=tuple(spacing_mm))),
             np.asarray(get_surface_distance(edges_truth, edges_prediction, spacing=tuple(spacing_mm))))
 

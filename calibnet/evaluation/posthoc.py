@@ -31,7 +31,7 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:

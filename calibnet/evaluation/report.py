@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibnet.evaluation.calibration import CalibrationBins
 from calibnet.evaluation.failure_detection import risk_coverage
 from calibnet.evaluation.tables import LOWER_IS_BETTER, domain_columns
 
