@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.calibnet-installed
 DEMO_DATA ?= $(CURDIR)/calibnet_data
 # a short training: enough to exercise the whole pipeline on 2 CPU cores, not to converge
-DEMO_TRAIN ?= --epochs 2 --iters-per-epoch 10 --disable-tta
+DEMO_TRAIN ?= --split scanner --epochs 2 --iters-per-epoch 10 --disable-tta
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo clean-demo example-report
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ demo: $(STAMP)
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres calunet 0 $(DEMO_TRAIN)
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres samft 0 $(DEMO_TRAIN) --sam-model tiny
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres calsam 0 $(DEMO_TRAIN) --sam-model tiny
+	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_evaluate --split scanner
+
+# regenerate docs/example_report/ from the demo's evaluation (run `make demo` first)
+example-report:
+	rm -rf docs/example_report && mkdir -p docs/example_report
+	cp $(DEMO_DATA)/results/Dataset501_SynthBrain/evaluation/scanner/report.md \
+	   $(DEMO_DATA)/results/Dataset501_SynthBrain/evaluation/scanner/*.png \
+	   $(DEMO_DATA)/results/Dataset501_SynthBrain/evaluation/scanner/per_center.md docs/example_report/
 
 clean-demo:
 	rm -rf $(DEMO_DATA)
