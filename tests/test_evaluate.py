@@ -1,6 +1,7 @@
 """calib_evaluate end to end: two methods trained for one epoch on the scanner split of the tiny dataset."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -73,3 +74,23 @@ def test_bad_requests(tiny_dataset, evaluation, tmp_path):
     tiny_dataset.activate()
     result = run_cli(evaluate_cli.main, ["--split", "scanner", "--methods", "nnunet,calsam", "--folds", 0])
     assert "calsam: no scanner run with predictions" in result.output
+
+
+def test_temperature_scaling_does_not_increase_the_source_nll(tiny_dataset, evaluation):
+    import SimpleITK as sitk
+
+    from calibnet.evaluation.posthoc import apply_temperature, nll
+
+    _, folder = evaluation
+    temperature = json.loads((folder / "posthoc_parameters.json").read_text())["nnunet fold 0 seed 42"]["temperature"]
+    run = tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / "nnUNetTrainerCalib__CalibPlans__3d_fullres" / \
+        "scanner_fold0_seed42" / "predictions" / "val"
+    probabilities, labels = [], []
+    for npz in sorted(run.glob("*.npz")):
+        p = np.load(npz)["probabilities"].astype(np.float32)
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_dataset.raw / "labelsTr" / f"{npz.stem}.nii.gz")))
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_dataset.raw / "imagesTr" / f"{npz.stem}_0000.nii.gz")))
+        probabilities.append(p[:, image != 0])
+        labels.append(truth[image != 0])
+    probabilities, labels = np.concatenate(probabilities, 1), np.concatenate(labels).astype(np.int64)
+    assert nll(apply_temperature(probabilities, temperature), labels) <= nll(probabilities, labels) + 1e-6
