@@ -11,12 +11,8 @@ Medians over ``--steps`` steps after two warm-up steps.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
-import sys
-import tempfile
 import time
 
 import torch
@@ -47,21 +43,13 @@ def main() -> None:
     parser.add_argument("--sam-checkpoint", default=None)
     args = parser.parse_args()
 
-    from calibnet.dataset_conversion.synthetic import SyntheticConfig, convert_synthetic
-    from calibnet.paths import setup_data_roots
-    from calibnet.planners.plan_and_preprocess import plan_and_preprocess
     from calibnet.trainers.sam_backbone import resolve_sam_config
     from calibnet.trainers.training_run import RunSpec, prepare_trainer
+    from common import temporary_benchmark_dataset
 
     config, _ = resolve_sam_config(args.sam_model, args.sam_checkpoint)
     result = {}
-    with tempfile.TemporaryDirectory() as data_dir, contextlib.redirect_stdout(sys.stderr):
-        os.environ["CALIBNET_DATA"] = data_dir
-        roots = setup_data_roots()
-        convert_synthetic(SyntheticConfig(dataset_id=501, shape=(args.shape,) * 3, cases_per_center=2),
-                          roots.raw, num_processes=2, progress=False)
-        plan_and_preprocess(501, roots.raw, roots.preprocessed, configurations=("3d_fullres",), num_processes=2,
-                            log=lambda _: None)
+    with temporary_benchmark_dataset(args.shape, cases_per_center=2) as (roots, _):
         batch = None
         for method in ("samft", "calsam"):
             trainer, *_ = prepare_trainer(RunSpec(501, "3d_fullres", method, 0), roots.preprocessed, roots.results,

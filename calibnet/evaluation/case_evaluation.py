@@ -44,6 +44,24 @@ def read_image(path: Path) -> tuple[np.ndarray, tuple]:
     return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
 
 
+def roi_voxels(probabilities: np.ndarray, truth: np.ndarray, image_paths: list, targets: LabelTargets):
+    """(C, N) class probabilities and (N,) class labels of the ROI voxels (any input channel non-zero; the
+    whole image when none is). Region datasets: the first region's sigmoid as two classes."""
+    roi = np.zeros(truth.shape, bool)
+    for path in image_paths:
+        roi |= read_image(path)[0] != 0
+    if not roi.any():
+        roi[:] = True
+    if targets.binary:
+        labels = np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
+    elif targets.regions:
+        probabilities = np.stack([1 - probabilities[0], probabilities[0]])
+        labels = np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
+    else:
+        labels = truth.astype(np.int64)
+    return probabilities[:, roi], labels[roi]
+
+
 def evaluate_case(prediction_path: Path, probabilities_path: Path, label_path: Path, image_paths: list,
                   targets: LabelTargets, rng: np.random.Generator, max_samples: int = 20000) -> CaseResult:
     """DSC, IoU, HD95, NSD@1mm per target, and ECE, ACE, Brier on the ROI (non-zero input voxels)."""
@@ -57,20 +75,7 @@ def evaluate_case(prediction_path: Path, probabilities_path: Path, label_path: P
         predicted_mask = prediction == 1 if targets.binary else np.isin(prediction, values)
         for metric, value in case_metrics(predicted_mask, truth_mask, spacing).items():
             metrics[f"{metric}_{name}" if several else metric] = value
-    roi = np.zeros(truth.shape, bool)
-    for path in image_paths:
-        roi |= read_image(path)[0] != 0
-    if not roi.any():
-        roi[:] = True
-    if targets.binary:
-        labels = np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
-    elif targets.regions:  # calibration of the first (outermost) region's sigmoid
-        first = next(iter(targets.masks.values()))
-        probabilities = np.stack([1 - probabilities[0], probabilities[0]])
-        labels = np.isin(truth, first).astype(np.int64)
-    else:
-        labels = truth.astype(np.int64)
-    voxel_probabilities, voxel_labels = probabilities[:, roi], labels[roi]
+    voxel_probabilities, voxel_labels = roi_voxels(probabilities, truth, image_paths, targets)
     metrics.update(calibration_metrics(voxel_probabilities, voxel_labels))
     bins = calibration_bins(voxel_probabilities.max(0), voxel_probabilities.argmax(0) == voxel_labels)
     chosen = rng.choice(voxel_labels.size, size=min(max_samples, voxel_labels.size), replace=False)

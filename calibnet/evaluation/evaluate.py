@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from calibnet.domains import DOMAINS_FILENAME, read_domains
 from calibnet.evaluation.calibration import calibration_metrics, pool_bins
-from calibnet.evaluation.case_evaluation import evaluate_case, label_targets, read_image
+from calibnet.evaluation.case_evaluation import evaluate_case, label_targets, read_image, roi_voxels
 from calibnet.evaluation.discovery import discover_runs
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
 from calibnet.evaluation.report import plot_all, write_report
@@ -46,22 +46,12 @@ def _posthoc_rows(run, role_cases: list, raw: Path, dataset_json: dict, targets,
     for case_id in role_cases:
         folder = run.folder / "predictions" / "test"
         truth, _ = read_image(raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}")
-        p = np.load(folder / f"{case_id}.npz")["probabilities"].astype(np.float32)
-        roi = np.zeros(truth.shape, bool)
-        for path in _image_paths(raw, case_id, dataset_json):
-            roi |= read_image(path)[0] != 0
-        roi = roi if roi.any() else np.ones_like(roi)
-        if targets.binary:
-            y = np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
-        elif targets.regions:
-            p, y = np.stack([1 - p[0], p[0]]), np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
-        else:
-            y = truth.astype(np.int64)
-        for suffix, calibrated in (("TS", apply_temperature(p[:, roi], temperature)),
-                                   ("Dirichlet", apply_dirichlet(p[:, roi], dirichlet))):
+        p, y = roi_voxels(np.load(folder / f"{case_id}.npz")["probabilities"].astype(np.float32), truth,
+                          _image_paths(raw, case_id, dataset_json), targets)
+        for suffix, calibrated in (("TS", apply_temperature(p, temperature)), ("Dirichlet", apply_dirichlet(p, dirichlet))):
             base = {k: v for k, v in base_rows[case_id].items() if not k.startswith(("DSC", "IoU", "HD95", "NSD"))
                     and not k.startswith("conf_")}
-            rows.append({**base, "method": f"{run.method} + {suffix}", **calibration_metrics(calibrated, y[roi])})
+            rows.append({**base, "method": f"{run.method} + {suffix}", **calibration_metrics(calibrated, y)})
     return rows, {"temperature": temperature, "dirichlet": dirichlet}
 
 

@@ -8,7 +8,6 @@ is judged on the final softmax.
 """
 from __future__ import annotations
 
-import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
@@ -46,16 +45,7 @@ class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
         total = terms["segmentation loss"] + self.lambda_fip * terms.get("FIP", 0) + \
             self.lambda_cmp * terms.get("CMP", 0)
         self.check_finite({"total loss": total})
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        self.backward_and_step(total, self.network.parameters())
         return {"loss": total.detach().cpu().numpy()}
 
 

@@ -80,6 +80,20 @@ class nnUNetTrainerCalib(nnUNetTrainer):
         """One optimisation step; subclasses that change the objective override this."""
         return nnUNetTrainer.train_step(self, batch)
 
+    def backward_and_step(self, loss: torch.Tensor, parameters) -> None:
+        """Backpropagate ``loss`` and update, as nnU-Net does (grad scaler on CUDA, gradient norm clipped at 12)."""
+        parameters = list(parameters)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 12)
+            self.optimizer.step()
+
     def raise_non_finite(self, term: str) -> None:
         raise NonFiniteLossError(
             f"training stopped: the {term} is not finite at epoch {self.current_epoch}, step {self.step_in_epoch} "

@@ -207,9 +207,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     def calib_train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         total = self.loss_terms(batch["keys"])["total loss"]
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.sam.mask_decoder.parameters(), 12)
-        self.optimizer.step()
+        self.backward_and_step(total, self.network.sam.mask_decoder.parameters())
         return {"loss": total.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:

@@ -1,0 +1,28 @@
+"""What the benchmark scripts share: the synthetic benchmark converted and planned in a temporary folder."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+
+
+@contextlib.contextmanager
+def temporary_benchmark_dataset(shape: int, cases_per_center: int, configurations=("3d_fullres",),
+                                num_processes: int = 2):
+    """Yield (roots, planning result) for Dataset501 built in a temporary CALIBNET_DATA; nnU-Net's own
+    printing goes to stderr so that stdout carries only the benchmark's JSON."""
+    from calibnet.dataset_conversion.synthetic import SyntheticConfig, convert_synthetic
+    from calibnet.paths import setup_data_roots
+    from calibnet.planners.plan_and_preprocess import plan_and_preprocess
+
+    with tempfile.TemporaryDirectory() as data_dir, contextlib.redirect_stdout(sys.stderr):
+        for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            os.environ.pop(variable, None)
+        os.environ["CALIBNET_DATA"] = data_dir
+        roots = setup_data_roots()
+        convert_synthetic(SyntheticConfig(dataset_id=501, shape=(shape,) * 3, cases_per_center=cases_per_center),
+                          roots.raw, num_processes=num_processes, progress=False)
+        result = plan_and_preprocess(501, roots.raw, roots.preprocessed, configurations=configurations,
+                                     num_processes=num_processes, log=lambda _: None)
+        yield roots, result
