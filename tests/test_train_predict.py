@@ -190,3 +190,26 @@ def test_continue_without_a_checkpoint_writes_nothing(tiny_dataset):
     result = run_cli(train_cli.main, [511, "3d_fullres", "dicepp", 2, "--continue", *SHORT], expect_ok=False)
     assert result.exit_code == 1 and "--continue: no checkpoint in" in result.output
     assert not _results(tiny_dataset, "nnUNetTrainerDicePP", fold=2).exists()
+
+
+def test_mc_dropout_score_agreement(tiny_dataset, trained):
+    tiny_dataset.activate()
+    run_cli(train_cli.main, [511, "3d_fullres", "nnunet_dropout", 1, "--predict-only", "--device", "cpu",
+                             "--disable-tta", "--mc-samples", 3])
+    confidence = json.loads((trained["nnunet_dropout"][1] / "predictions" / "test" / "confidence.json").read_text())
+    for scores in confidence.values():
+        assert scores["mc_samples"] == 3
+        assert 0 <= scores["mc_score_agreement_dice"] <= 1 and 0 <= scores["mc_mean_entropy"] <= 1
+    result = run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--predict-only", "--device", "cpu",
+                                      "--disable-tta", "--mc-samples", 2], expect_ok=False)
+    assert result.exit_code == 1 and "--mc-samples needs a model trained with dropout" in result.output
+
+
+def test_dropout_is_off_in_plain_prediction_and_on_for_sampling():
+    from calibnet.trainers.nnUNetTrainerDropout import MCDropout
+
+    layer = MCDropout(p=0.5).eval()
+    x = torch.ones(1000)
+    assert torch.equal(layer(x), x)
+    layer.sampling = True
+    assert (layer(x) == 0).any()

@@ -21,12 +21,14 @@ from calibnet.cli.common import data_roots, user_errors
 @click.option("--save-probabilities/--no-save-probabilities", default=True, show_default=True,
               help="Write CASE.npz with the softmax probabilities (float16).")
 @click.option("--disable-tta", is_flag=True, help="No mirroring test-time augmentation.")
+@click.option("--mc-samples", type=click.IntRange(0), default=0, show_default=True,
+              help="MC-dropout samples per case (nnunet_dropout models): adds score agreement and entropy.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 @click.option("--prompts-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of CASE.nii.gz labels to derive point prompts from (guided_nnunet).")
 @user_errors
 def main(dataset_id, method, fold, configuration, split, seed, input_dir, output_dir, save_probabilities, disable_tta,
-         device, prompts_from):
+         mc_samples, device, prompts_from):
     """Predict every case in INPUT_DIR with the model trained by calib_train DATASET CONFIGURATION METHOD FOLD;
     writes segmentations, probabilities and confidence.json to OUTPUT_DIR."""
     from calibnet.inference.predict import folder_case_inputs, load_model, predict_cases
@@ -37,7 +39,8 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
     folder = locate_run(spec, roots.preprocessed, roots.results)
     model = load_model(folder, device or default_device(), use_mirroring=not disable_tta)
     cases = folder_case_inputs(input_dir, model.dataset_json, prompts_from)
-    confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed)
+    confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed,
+                                mc_samples=mc_samples)
     click.echo(f"predicted {len(cases)} case(s) with {method} ({folder}) into {output_dir}")
     for case_id, scores in confidences.items():
         click.echo(f"  {case_id}: mean max-probability over predicted foreground "

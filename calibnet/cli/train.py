@@ -32,6 +32,9 @@ def _list_methods(ctx, _param, value):
 @click.option("--continue", "continue_training", is_flag=True, help="Resume from the run's latest checkpoint.")
 @click.option("--predict-only", is_flag=True, help="Only (re)predict the val and test cases of a trained run.")
 @click.option("--disable-tta", is_flag=True, help="Predict without mirroring test-time augmentation.")
+@click.option("--mc-samples", type=click.IntRange(0), default=0, show_default=True,
+              help="MC-dropout samples per case for the score-agreement baseline (nnunet_dropout; 15 or 2 in "
+                   "the paper); 0 = off.")
 @click.option("--lambda-fip", type=float, default=None, help="Weight of FIP (calunet, unet_fip; default 0.3).")
 @click.option("--lambda-cmp", type=float, default=None, help="Weight of CMP (calunet, unet_cmp; default 0.5).")
 @click.option("--cmp-tau", type=float, default=None, help="CMP threshold τ on the voxel CE (default ln 2).")
@@ -50,7 +53,7 @@ def _list_methods(ctx, _param, value):
 @user_errors
 def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per_epoch, device, num_workers,
          continue_training,
-         predict_only, disable_tta, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma, sam_model,
+         predict_only, disable_tta, mc_samples, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma, sam_model,
          sam_checkpoint, target_label):
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
@@ -69,7 +72,8 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
                        num_workers, sam_model, sam_checkpoint, target_label, log=click.echo)
         note = read_run(folder).get("note")
         click.echo(f"trained {method}: {folder}" + (f" ({note})" if note else ""))
-    written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, use_mirroring=not disable_tta)
+    written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, use_mirroring=not disable_tta,
+                                 mc_samples=mc_samples)
     for role, predictions in written.items():
         click.echo(f"  {role} predictions: {predictions}")
 

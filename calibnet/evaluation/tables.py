@@ -56,7 +56,8 @@ def failure_detection(per_case: pd.DataFrame, split: str) -> pd.DataFrame:
     """Pearson r, AURC, eAURC (risk = 1 − DSC, 0–1 scale) and MAE (scores that estimate DSC) of every
     confidence score, on the target cases: pooled and per target domain."""
     target = per_case[(per_case["role"] == "target") & per_case["DSC"].notna()] if "DSC" in per_case else per_case[:0]
-    scores = [c for c in per_case.columns if c.startswith("conf_") and per_case[c].notna().any()]
+    scores = [c for c in per_case.columns if c.startswith("conf_") and per_case[c].nunique() > 1
+              and c != "conf_mc_samples"]
     domain = domain_columns(split)[-1 if split == "scanner" else 0]
     rows = []
     for method, group in target.groupby("method"):

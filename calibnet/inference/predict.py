@@ -147,13 +147,50 @@ def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
             "predicted_foreground_voxels": n_foreground}
 
 
+def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, n_samples: int, n_image_channels: int) -> dict:
+    """MC-dropout baselines (Roy et al. 2018) from ``n_samples`` stochastic predictions of one preprocessed
+    case: mean pairwise Dice between the samples' foreground masks (score agreement; both empty = 1) and the
+    mean normalised predictive entropy of the averaged probabilities over the non-zero region."""
+    from calibnet.trainers.nnUNetTrainerDropout import set_mc_sampling
+
+    regions = model.plans_manager.get_label_manager(model.export_dataset_json).has_regions
+    if set_mc_sampling(model.predictor.network, True) == 0:
+        raise CalibnetError(f"--mc-samples needs a model trained with dropout (method nnunet_dropout); "
+                            f"{model.trainer_class.__name__} has none.")
+    try:
+        samples = []
+        for _ in range(n_samples):
+            logits = model.predictor.predict_logits_from_preprocessed_data(data).float().cpu()
+            samples.append(torch.sigmoid(logits) if regions else torch.softmax(logits, 0))
+    finally:
+        set_mc_sampling(model.predictor.network, False)
+    foregrounds = [(p[0] > 0.5) if regions else (p.argmax(0) > 0) for p in samples]
+    dices = []
+    for i in range(len(foregrounds)):
+        for j in range(i + 1, len(foregrounds)):
+            total = foregrounds[i].sum() + foregrounds[j].sum()
+            dices.append(1.0 if total == 0 else float(2 * (foregrounds[i] & foregrounds[j]).sum() / total))
+    mean = torch.stack(samples).mean(0)
+    if regions:
+        p = mean[0].clamp(1e-7, 1 - 1e-7)
+        entropy = -(p * p.log() + (1 - p) * (1 - p).log()) / np.log(2)
+    else:
+        entropy = -(mean * mean.clamp_min(1e-7).log()).sum(0) / np.log(mean.shape[0])
+    roi = (data[:n_image_channels] != 0).any(0)
+    roi = roi if roi.any() else torch.ones_like(roi)
+    return {"mc_score_agreement_dice": float(np.mean(dices)) if dices else 1.0,
+            "mc_mean_entropy": float(entropy[roi].mean()), "mc_samples": n_samples}
+
+
 def _prompt_rng(seed: int, case_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
 
 
 def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_probabilities: bool = True,
-                  prompt_seed: int = 0, progress: bool = True, description: str = "predicting") -> dict:
-    """Predict ``cases`` into ``output_folder``; returns and writes the per-case confidence scores."""
+                  prompt_seed: int = 0, progress: bool = True, description: str = "predicting",
+                  mc_samples: int = 0) -> dict:
+    """Predict ``cases`` into ``output_folder``; returns and writes the per-case confidence scores
+    (with MC-dropout scores from ``mc_samples`` stochastic passes when it is at least 2)."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
@@ -182,13 +219,14 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
         if model.is_sam:  # whole slices in one window: SAM sees each slice entire, with its prompt
             model.predictor.configuration_manager = ConfigurationManager(
                 dict(model.configuration_manager.configuration, patch_size=list(data.shape[1:])))
+        mc_scores = mc_dropout_scores(model, data, mc_samples, len(case.images)) if mc_samples >= 2 else {}
         logits = model.predictor.predict_logits_from_preprocessed_data(data).cpu()
         with tempfile.TemporaryDirectory(prefix=".partial-", dir=output_folder) as tmp:
             truncated = str(Path(tmp) / case.case_id)
             export_prediction_from_logits(logits, properties, model.configuration_manager, model.plans_manager,
                                           export_json, truncated, save_probabilities=True)
             probabilities = np.load(truncated + ".npz")["probabilities"]
-            confidences[case.case_id] = case_confidence(probabilities, regions)
+            confidences[case.case_id] = {**case_confidence(probabilities, regions), **mc_scores}
             if save_probabilities:
                 np.savez_compressed(truncated + ".npz", probabilities=probabilities.astype(np.float16))
                 shutil.move(truncated + ".npz", output_folder / f"{case.case_id}.npz")
@@ -212,7 +250,7 @@ def raw_case_inputs(raw_dataset_folder: Path, case_ids: list, dataset_json: dict
 
 
 def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path, device: str = "cpu",
-                       use_mirroring: bool = True, progress: bool = True) -> dict:
+                       use_mirroring: bool = True, progress: bool = True, mc_samples: int = 0) -> dict:
     """Predict the val (source) and test (target) cases of a run's fold into ``predictions/{val,test}``.
 
     Returns {"val": folder, "test": folder}.
@@ -233,7 +271,7 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
         if folder.exists():
             shutil.rmtree(folder)  # a re-prediction replaces the old one entirely
         predict_cases(model, cases, folder, prompt_seed=spec["seed"], progress=progress,
-                      description=f"predicting {role} ({len(cases)} cases)")
+                      description=f"predicting {role} ({len(cases)} cases)", mc_samples=mc_samples)
         written[role] = folder
     return written
 

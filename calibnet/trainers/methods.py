@@ -35,6 +35,8 @@ METHODS = {m.alias: m for m in (
            "nnU-Net trained with the Dice++ loss (γ = 2, Yeung et al. 2023)", ("dicepp_gamma",)),
     Method("guided_nnunet", "nnUNetTrainerGuided", "nnUNetTrainerGuided",
            "nnU-Net given the SAM point prompts as Gaussian heat-map channels"),
+    Method("nnunet_dropout", "nnUNetTrainerDropout", "nnUNetTrainerDropout",
+           "nnU-Net with dropout p = 0.1, the base of the MC-dropout score agreement (predict with --mc-samples N)"),
     Method("samft", "nnUNetTrainerSAM", "nnUNetTrainerSAMFT",
            "SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE, point prompts per slice",
            uses_sam=True),
