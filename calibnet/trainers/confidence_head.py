@@ -1,0 +1,73 @@
+"""Image-level confidence prediction (the confidence-prediction paper, §3 and Algorithm 1), as pieces that a
+trainer wires in: the head, the adversarial perturbation, the α update and the one-batch buffer.
+
+- :class:`ConfidenceHead` — wide but shallow: two 3×3(×3) convolution blocks reduce the channels to 8, an
+  adaptive average pool brings any spatial size to ``pooled_size`` per axis (3-D features need a
+  fixed-size reduction before the fully connected layers), then two fully connected layers through a
+  hidden size of 128 give scores in [0, 1] (e.g. volumetric Dice and NSD).
+- :func:`adversarial_perturbation` — δ = −α·∇ₓC / (‖∇ₓC‖² + ε) per sample: one gradient step that the head
+  expects to lower its predicted score by about α (first-order Taylor expansion).
+- :func:`update_alpha` — α ← α − η·(observed predicted drop − Δs), so the predicted drop tracks Δs.
+- :class:`AdversarialBuffer` — the previous batch's perturbed inputs and targets, the adversarial half of
+  the next batch.
+"""
+from __future__ import annotations
+
+import torch
+
+ALPHA_START = 0.8
+ETA = 0.01
+DELTA_S = 0.1
+WARMUP_BATCHES = 100
+
+
+class ConfidenceHead(torch.nn.Module):
+    def __init__(self, in_channels: int, dims: int = 3, hidden: int = 128, pooled_size: int = 4, outputs: int = 2):
+        super().__init__()
+        conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
+        norm = torch.nn.InstanceNorm3d if dims == 3 else torch.nn.InstanceNorm2d
+        middle = max(8, in_channels // 2)
+        self.features = torch.nn.Sequential(
+            conv(in_channels, middle, 3, padding=1), norm(middle, affine=True), torch.nn.LeakyReLU(inplace=True),
+            conv(middle, 8, 3, padding=1), norm(8, affine=True), torch.nn.LeakyReLU(inplace=True))
+        self.pool = (torch.nn.AdaptiveAvgPool3d if dims == 3 else torch.nn.AdaptiveAvgPool2d)(pooled_size)
+        self.scores = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * pooled_size ** dims, hidden),
+                                          torch.nn.LeakyReLU(inplace=True), torch.nn.Linear(hidden, outputs))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, *spatial) penultimate-decoder features -> (B, outputs) scores in [0, 1]."""
+        return torch.sigmoid(self.scores(self.pool(self.features(features))))
+
+
+def adversarial_perturbation(x: torch.Tensor, predicted_score: torch.Tensor, alpha: float,
+                             eps: float = 1e-8) -> torch.Tensor:
+    """x' = x − α·g / (‖g‖² + ε) with g = ∂C/∂x per sample; ``predicted_score`` is (B,) and depends on x."""
+    (grad,) = torch.autograd.grad(predicted_score.sum(), x, retain_graph=True)
+    norm2 = grad.pow(2).reshape(grad.shape[0], -1).sum(1).reshape(-1, *([1] * (grad.ndim - 1)))
+    return (x - alpha * grad / (norm2 + eps)).detach()
+
+
+def update_alpha(alpha: float, predicted_drop: float, delta_s: float = DELTA_S, eta: float = ETA) -> float:
+    """α ← α − η·(predicted drop − Δs): a larger drop than wanted shrinks the step, a smaller one grows it."""
+    return alpha - eta * (predicted_drop - delta_s)
+
+
+class AdversarialBuffer:
+    """Holds the perturbed copies of the previous batch (inputs and targets) for the next batch."""
+
+    def __init__(self):
+        self.inputs = self.targets = None
+
+    def __bool__(self) -> bool:
+        return self.inputs is not None
+
+    def put(self, inputs: torch.Tensor, targets) -> None:
+        self.inputs = inputs.detach()
+        self.targets = targets.detach() if torch.is_tensor(targets) else targets
+
+    def take(self):
+        """(inputs, targets) of the previous batch's adversarial copies; the buffer is emptied."""
+        inputs, targets = self.inputs, self.targets
+        self.inputs = self.targets = None
+        return inputs, targets
+
