@@ -56,3 +56,9 @@ def setup_data_roots(create: bool = True) -> DataRoots:
         if create:
             resolved[name].mkdir(parents=True, exist_ok=True)
     return DataRoots(origin=origin, **resolved)
+
+
+def channel_files(folder: os.PathLike, case_id: str, dataset_json: dict) -> list:
+    """nnU-Net's image files of one case: ``CASE_0000<ending>``, ``CASE_0001<ending>``, … one per channel."""
+    ending = dataset_json["file_ending"]
+    return [Path(folder) / f"{case_id}_{c:04d}{ending}" for c in range(len(dataset_json["channel_names"]))]

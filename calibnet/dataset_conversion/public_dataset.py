@@ -21,8 +21,7 @@ from calibnet.dataset_conversion.raw_dataset import FILE_ENDING, make_dataset_js
 from calibnet.domains import DOMAINS_FILENAME, write_domains
 from calibnet.errors import CalibnetError
 from calibnet.files import atomic_output_dir, atomic_write_json
-
-_GEOMETRY_TOLERANCE = 1e-3
+from calibnet.image_geometry import first_geometry_difference, geometry_of
 
 
 @dataclass(frozen=True)
@@ -78,18 +77,6 @@ def read_volume(path: Path, frame: int | None = None) -> sitk.Image:
     return image
 
 
-def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
-    """What differs between two images' grids (size, spacing, origin, direction), or None."""
-    if image.GetSize() != reference.GetSize():
-        return f"size {image.GetSize()} vs {reference.GetSize()}"
-    for name, a, b in (("spacing", image.GetSpacing(), reference.GetSpacing()),
-                       ("origin", image.GetOrigin(), reference.GetOrigin()),
-                       ("direction", image.GetDirection(), reference.GetDirection())):
-        if not np.allclose(a, b, atol=_GEOMETRY_TOLERANCE, rtol=1e-4):
-            return f"{name} {tuple(round(x, 4) for x in a)} vs {tuple(round(x, 4) for x in b)}"
-    return None
-
-
 def _convert_case(case: SourceCase, found: SourceCases, folder: Path, remapped: Counter) -> None:
     label_image = read_volume(case.label, case.frame)
     label = sitk.GetArrayFromImage(label_image)
@@ -114,9 +101,11 @@ def _convert_case(case: SourceCase, found: SourceCases, folder: Path, remapped: 
     images = []
     for path in case.images:
         image = read_volume(path, case.frame)
-        mismatch = geometry_mismatch(image, label_image)
-        if mismatch:
-            raise CalibnetError(f"{path} does not share the geometry of its label {case.label.name}: {mismatch}.")
+        difference = first_geometry_difference(geometry_of(image), geometry_of(label_image))
+        if difference:
+            name, value, expected = difference
+            raise CalibnetError(f"{path} does not share the geometry of its label {case.label.name}: "
+                                f"{name} {value} vs {expected}.")
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise CalibnetError(f"{path} has several components per voxel; expected one channel per file.")
         images.append(image)

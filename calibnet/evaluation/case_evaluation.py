@@ -24,8 +24,7 @@ class LabelTargets:
     """What is evaluated: named binary masks of the label map, and how probabilities map to classes."""
     masks: dict  # output name -> list of label values forming it
     regions: bool  # probabilities are per-region sigmoids (nnU-Net regions) rather than a softmax
-    binary_target: int | None = None  # SAM runs: the label predicted as 1 (None = all foreground)
-    binary: bool = False
+    binary: bool = False  # SAM runs: the prediction is one binary target
 
 
 def label_targets(dataset_json: dict, record: dict) -> LabelTargets:
@@ -34,7 +33,7 @@ def label_targets(dataset_json: dict, record: dict) -> LabelTargets:
         target = record.get("target_label")
         values = sorted({x for v in labels.values() for x in (v if isinstance(v, list) else [v])})
         name = "foreground" if target is None else next((k for k, v in labels.items() if v == target), f"label_{target}")
-        return LabelTargets({name: values if target is None else [target]}, False, target, binary=True)
+        return LabelTargets({name: values if target is None else [target]}, False, binary=True)
     regions = any(isinstance(v, list) for v in labels.values())
     return LabelTargets({k: (v if isinstance(v, list) else [v]) for k, v in labels.items()}, regions)
 

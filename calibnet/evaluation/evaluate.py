@@ -19,6 +19,7 @@ from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_
 from calibnet.evaluation.report import plot_all, write_report
 from calibnet.evaluation.tables import domain_generalisation_gap, failure_detection, per_domain, significance
 from calibnet.files import atomic_output_dir
+from calibnet.paths import channel_files
 from calibnet.planners.splits import get_fold, load_calib_splits
 
 
@@ -31,8 +32,7 @@ class Evaluation:
 
 
 def _image_paths(raw: Path, case_id: str, dataset_json: dict) -> list:
-    ending = dataset_json["file_ending"]
-    return [raw / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(len(dataset_json["channel_names"]))]
+    return channel_files(raw / "imagesTr", case_id, dataset_json)
 
 
 def _posthoc_rows(run, role_cases: list, raw: Path, dataset_json: dict, targets, samples,

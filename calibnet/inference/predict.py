@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from calibnet.errors import CalibnetError
 from calibnet.files import atomic_write_json
+from calibnet.paths import channel_files
 
 CONFIDENCE_FILENAME = "confidence.json"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -238,10 +239,9 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
 def raw_case_inputs(raw_dataset_folder: Path, case_ids: list, dataset_json: dict) -> list:
     """CaseInput for training cases of a raw dataset (images from imagesTr, labels from labelsTr)."""
     ending = dataset_json["file_ending"]
-    n_channels = len(dataset_json["channel_names"])
     cases = []
     for case_id in case_ids:
-        images = tuple(raw_dataset_folder / "imagesTr" / f"{case_id}_{c:04d}{ending}" for c in range(n_channels))
+        images = tuple(channel_files(raw_dataset_folder / "imagesTr", case_id, dataset_json))
         missing = [p for p in images if not p.is_file()]
         if missing:
             raise CalibnetError(f"{missing[0]} is missing; the raw dataset no longer matches calib_splits.json.")
@@ -287,7 +287,7 @@ def folder_case_inputs(input_folder: Path, dataset_json: dict, prompts_folder: P
         raise CalibnetError(f"{input_folder} holds no images named CASE_0000{ending}.")
     cases = []
     for case_id in case_ids:
-        images = tuple(input_folder / f"{case_id}_{c:04d}{ending}" for c in range(n_channels))
+        images = tuple(channel_files(input_folder, case_id, dataset_json))
         missing = [p for p in images if not p.is_file()]
         if missing:
             raise CalibnetError(f"case {case_id}: {missing[0]} is missing; the model takes {n_channels} channel(s) "

@@ -14,9 +14,10 @@ import SimpleITK as sitk
 
 from calibnet.domains import DOMAINS_FILENAME, check_domains_cover_cases, read_domains
 from calibnet.errors import CalibnetError
+from calibnet.image_geometry import first_geometry_difference
+from calibnet.paths import channel_files
 
 REQUIRED_DATASET_JSON_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
-_GEOMETRY_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def list_cases(folder: Path, dataset_json: dict) -> dict:
         raise CalibnetError(f"{images_dir} holds no images named CASE_XXXX{ending}.")
     cases = {}
     for case_id in case_ids:
-        images = [images_dir / f"{case_id}_{c:04d}{ending}" for c in range(n_channels)]
+        images = channel_files(images_dir, case_id, dataset_json)
         missing = [p.name for p in images if not p.is_file()]
         if missing:
             raise CalibnetError(f"case {case_id}: {images_dir / missing[0]} is missing "
@@ -110,13 +111,11 @@ def check_case(case_id: str, images: list, label: Path) -> str | None:
             n_nan = count_nan_voxels(path)
         except (RuntimeError, OSError, ValueError):
             return f"case {case_id}: {path} cannot be read as an image."
-        if geometry[0] != reference[0]:
-            return (f"case {case_id}: image {path.name} has size {geometry[0]} but label has {reference[0]}; "
-                    f"image and label must share one geometry.")
-        for name, a, b in zip(("spacing", "origin", "direction"), geometry[1:4], reference[1:4]):
-            if not np.allclose(a, b, atol=_GEOMETRY_TOLERANCE):
-                return (f"case {case_id}: image {path.name} has {name} {tuple(round(x, 4) for x in a)} but label "
-                        f"has {tuple(round(x, 4) for x in b)}; resample one onto the other.")
+        difference = first_geometry_difference(geometry, reference)
+        if difference:
+            name, value, expected = difference
+            return (f"case {case_id}: image {path.name} has {name} {value} but label has {expected}; "
+                    f"image and label must share one geometry (resample one onto the other).")
         if geometry[4] != 1:
             return f"case {case_id}: {path.name} has several components per voxel; save one channel per file."
         if n_nan:
