@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from calibnet.trainers.confidence_head import (ALPHA_START, DELTA_S, AdversarialBuffer, ConfidenceHead,
-                                               adversarial_perturbation, update_alpha)
+from calibnet.trainers.confidence_head import (ALPHA_START, DELTA_S, AdversarialBatch, AdversarialBuffer,
+                                               ConfidenceHead, adversarial_perturbation, update_alpha)
 
 
 def test_head_maps_any_feature_size_to_scores_in_unit_interval():
@@ -45,6 +45,7 @@ def test_buffer_returns_exactly_the_previous_batch_and_empties():
     buffer = AdversarialBuffer()
     assert not buffer
     first, targets = torch.randn(2, 3), torch.tensor([0.5, 0.7])
-    buffer.put(first, targets)
-    inputs, out_targets = buffer.take()
-    assert torch.equal(inputs, first) and torch.equal(out_targets, targets) and not buffer
+    buffer.put(AdversarialBatch(first, targets, torch.tensor([0.9, 0.8]), torch.tensor([0.7, 0.6])))
+    batch = buffer.take()
+    assert torch.equal(batch.inputs, first) and torch.equal(batch.targets, targets) and not buffer
+    assert torch.equal(batch.clean_predicted, torch.tensor([0.9, 0.8])) and buffer.take() is None

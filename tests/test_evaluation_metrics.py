@@ -65,7 +65,7 @@ def test_aurc_and_eaurc_by_hand():
     assert aurc(confidence, risk) == pytest.approx((0.1 + 0.3 + 0.8 / 3 + 0.4 + 0.38) / 5)
     assert eaurc(confidence, risk) == pytest.approx((0.1 + 0.3 + 0.8 / 3 + 0.4 + 0.38) / 5 - 1.105 / 5)
     assert eaurc(dsc, risk) == pytest.approx(0.0)  # the oracle ranking
-    metrics = failure_detection_metrics(confidence, dsc, estimates_dsc=True)
+    metrics = failure_detection_metrics(confidence, dsc, estimates_quality=True)
     assert metrics["pearson_r"] == pytest.approx(stats.pearsonr(confidence, dsc).statistic)
     assert metrics["MAE"] == pytest.approx(np.mean(np.abs(confidence - dsc)))
 

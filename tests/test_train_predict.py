@@ -13,7 +13,8 @@ from calibnet.trainers.methods import METHODS
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
-NNUNET_METHODS = [alias for alias, method in METHODS.items() if not method.uses_sam]  # SAM: test_sam_methods.py
+NNUNET_METHODS = [alias for alias, method in METHODS.items()  # SAM: test_sam_methods.py; heads: test_confidence_heads.py
+                  if not method.uses_sam and not method.trains_head]
 SHORT = ["--epochs", 1, "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta", "--num-workers", 0]
 
 

@@ -48,21 +48,39 @@ def _list_methods(ctx, _param, value):
               help="SAM or MedSAM weights (.pth), loaded with weights_only=True.")
 @click.option("--target", "target_label", type=int, default=None,
               help="SAM methods: the label value to segment (default: the union of all foreground).")
+@click.option("--base", default=None,
+              help="confidence_head: the trained method whose frozen network the head reads (same split, fold, "
+                   "seed), e.g. nnunet, calunet, nnunet_dropout.")
+@click.option("--no-adversarial", is_flag=True,
+              help="confidence_head: train the plain head, without adversarial perturbations (the paper's baseline).")
+@click.option("--warmup-batches", type=click.IntRange(0), default=None,
+              help="confidence_head: clean batches before adversarial ones start (default 100).")
+@click.option("--patience", type=click.IntRange(1), default=None,
+              help="confidence_head: stop when the source-val loss has not improved for this many epochs "
+                   "(default 20; the best head is kept).")
 @click.option("--list", "list_", is_flag=True, expose_value=False, is_eager=True, callback=_list_methods,
               help="Show every method with one line and exit.")
 @user_errors
 def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per_epoch, device, num_workers,
          continue_training,
          predict_only, disable_tta, mc_samples, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma, sam_model,
-         sam_checkpoint, target_label):
+         sam_checkpoint, target_label, base, no_adversarial, warmup_batches, patience):
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
     from calibnet.inference.predict import predict_run_splits
+    from calibnet.trainers.methods import get_method
     from calibnet.trainers.training_run import RunSpec, default_device, locate_run, read_run, train
 
     roots = data_roots()
     spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
     device = device or default_device()
+    head_flags = base is not None or no_adversarial or warmup_batches is not None or patience is not None
+    if get_method(method).trains_head:
+        _train_head(spec, roots, device, base, not no_adversarial, warmup_batches, patience, epochs, iters_per_epoch,
+                    num_workers, predict_only)
+        return
+    if head_flags:
+        raise click.UsageError("--base, --no-adversarial, --warmup-batches and --patience apply to confidence_head.")
     if predict_only:
         folder = locate_run(spec, roots.preprocessed, roots.results)
     else:
@@ -76,6 +94,23 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
                                  mc_samples=mc_samples)
     for role, predictions in written.items():
         click.echo(f"  {role} predictions: {predictions}")
+
+
+def _train_head(spec, roots, device, base, adversarial, warmup_batches, patience, epochs, iters_per_epoch,
+                num_workers, predict_only):
+    from calibnet.inference.predict import score_run_splits
+    from calibnet.trainers.training_run import HeadOptions, base_run_of, train_confidence_head
+
+    if base is None:
+        raise click.UsageError(f"{spec.method} needs --base METHOD, the trained run whose network it reads.")
+    base_folder = base_run_of(spec, base, roots.preprocessed, roots.results)[0]
+    if not predict_only:
+        options = HeadOptions(base, adversarial, warmup_batches, patience)
+        folder = train_confidence_head(spec, options, roots.preprocessed, roots.results, epochs, iters_per_epoch,
+                                       device, num_workers, log=click.echo)
+        click.echo(f"trained confidence head: {folder}")
+    for role, predictions in score_run_splits(base_folder, roots.raw, roots.preprocessed, device).items():
+        click.echo(f"  {role} predictions of {base} with predicted Dice/NSD: {predictions / 'confidence.json'}")
 
 
 if __name__ == "__main__":

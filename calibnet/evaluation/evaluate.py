@@ -84,7 +84,8 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
                                        _image_paths(raw, case_id, dataset_json), targets, rng)
                 row = {"method": run.method, "split": split, "fold": run.fold, "seed": run.seed, "case_id": case_id,
                        "role": role, **domains.loc[case_id].to_dict(), "source_vendor": source_vendor,
-                       **result.metrics, **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items()},
+                       **result.metrics, **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items()
+                          if not isinstance(v, dict)},
                        "note": run.note}
                 rows.append(row)
                 base_rows[case_id] = row

@@ -1,6 +1,6 @@
 """Failure detection from image-level confidence scores (DESIGN §7; the confidence-prediction paper).
 
-Risk = 1 − DSC (0–1 scale). AURC = mean over coverage levels k = 1..n of the mean risk of the k most
+Risk = 1 − DSC (0–1 scale; 1 − NSD for scores of surface quality). AURC = mean over coverage levels k = 1..n of the mean risk of the k most
 confident cases; eAURC = AURC − AURC of the oracle ranking (by true risk), so a perfect score has 0.
 """
 from __future__ import annotations
@@ -26,13 +26,14 @@ def eaurc(confidence: np.ndarray, risk: np.ndarray) -> float:
     return aurc(confidence, risk) - aurc(-risk, risk)
 
 
-def failure_detection_metrics(score: np.ndarray, dsc: np.ndarray, estimates_dsc: bool = False) -> dict:
-    """Pearson r(score, DSC), AURC, eAURC, and MAE |score − DSC| when the score estimates DSC."""
-    score, dsc = np.asarray(score, float), np.asarray(dsc, float)
-    risk = 1 - dsc
-    pearson = float(stats.pearsonr(score, dsc).statistic) if len(score) > 2 and score.std() > 0 and dsc.std() > 0 \
-        else float("nan")
+def failure_detection_metrics(score: np.ndarray, quality: np.ndarray, estimates_quality: bool = False) -> dict:
+    """Pearson r(score, quality), AURC, eAURC with risk = 1 − quality (DSC, or NSD for NSD scores), and
+    MAE |score − quality| when the score predicts the quality itself (a confidence head's output)."""
+    score, quality = np.asarray(score, float), np.asarray(quality, float)
+    risk = 1 - quality
+    pearson = float(stats.pearsonr(score, quality).statistic) \
+        if len(score) > 2 and score.std() > 0 and quality.std() > 0 else float("nan")
     result = {"pearson_r": pearson, "AURC": aurc(score, risk), "eAURC": eaurc(score, risk), "n": int(len(score))}
-    if estimates_dsc:
-        result["MAE"] = float(np.mean(np.abs(score - dsc)))
+    if estimates_quality:
+        result["MAE"] = float(np.mean(np.abs(score - quality)))
     return result

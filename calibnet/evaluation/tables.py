@@ -52,25 +52,41 @@ def domain_generalisation_gap(per_case: pd.DataFrame) -> tuple[pd.DataFrame, pd.
     return per_run, summary.reset_index()
 
 
+NOT_SCORES = ("conf_mc_samples", "conf_predicted_foreground_voxels")  # counts, not confidence scores
+
+
+def _quality(per_case: pd.DataFrame, metric: str) -> pd.Series:
+    """Per-case DSC or NSD@1mm: the column itself for one foreground label, else the mean over labels."""
+    name = {"DSC": "DSC", "NSD": "NSD@1mm"}[metric]
+    if name in per_case:
+        return per_case[name]
+    columns = [c for c in per_case.columns if c.startswith(f"{name}_")]
+    return per_case[columns].mean(axis=1) if columns else pd.Series(np.nan, index=per_case.index)
+
+
 def failure_detection(per_case: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Pearson r, AURC, eAURC (risk = 1 − DSC, 0–1 scale) and MAE (scores that estimate DSC) of every
-    confidence score, on the target cases: pooled and per target domain."""
-    target = per_case[(per_case["role"] == "target") & per_case["DSC"].notna()] if "DSC" in per_case else per_case[:0]
-    scores = [c for c in per_case.columns if c.startswith("conf_") and per_case[c].nunique() > 1
-              and c != "conf_mc_samples"]
+    """Pearson r, AURC, eAURC (risk = 1 − quality, 0–1 scale) and MAE (scores that predict the quality) of
+    every confidence score on the target cases, pooled and per target domain. The quality is DSC, except for
+    NSD scores (predicted NSD, NSD score agreement), which are held to the case's NSD@1mm."""
+    target = per_case[per_case["role"] == "target"].assign(quality_DSC=lambda t: _quality(t, "DSC"),
+                                                           quality_NSD=lambda t: _quality(t, "NSD"))
+    scores = [c for c in per_case.columns if c.startswith("conf_") and c not in NOT_SCORES
+              and pd.api.types.is_numeric_dtype(per_case[c]) and per_case[c].nunique() > 1]
     domain = domain_columns(split)[-1 if split == "scanner" else 0]
     rows = []
     for method, group in target.groupby("method"):
         for score in scores:
-            valid = group[group[score].notna()]
+            name = score[len("conf_"):]
+            quality = "NSD" if "nsd" in name.lower() else "DSC"
+            valid = group[group[score].notna() & group[f"quality_{quality}"].notna()]
             if len(valid) < 2:
                 continue
-            estimates = "dice" in score.lower() and "predicted" in score.lower()
             subsets = [("pooled", valid)] + [(str(d), g) for d, g in valid.groupby(domain)]
-            for name, subset in subsets:
+            for domain_name, subset in subsets:
                 if len(subset) >= 2:
-                    rows.append({"method": method, "score": score[len("conf_"):], "domain": name,
-                                 **failure_detection_metrics(subset[score], subset["DSC"], estimates)})
+                    rows.append({"method": method, "score": name, "quality": quality, "domain": domain_name,
+                                 **failure_detection_metrics(subset[score], subset[f"quality_{quality}"],
+                                                             "_predicted_" in f"_{name}")})
     return pd.DataFrame(rows)
 
 

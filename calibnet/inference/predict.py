@@ -10,7 +10,7 @@ import json
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,10 @@ import torch
 from tqdm import tqdm
 
 from calibnet.errors import CalibnetError
+from calibnet.evaluation.metrics import case_metrics, overlap_metrics
 from calibnet.files import atomic_write_json
 from calibnet.paths import channel_files
+from calibnet.trainers.confidence_head import HEAD_FOLDERS
 
 CONFIDENCE_FILENAME = "confidence.json"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -41,6 +43,8 @@ class LoadedModel:
     dataset_json: dict
     checkpoint: Path
     record: dict  # calibnet_run.json
+    heads: list = field(default_factory=list)  # LoadedHead: confidence heads trained on this run
+    feature_capture: object = None  # FeatureCapture feeding the heads
 
     @property
     def is_sam(self) -> bool:
@@ -70,7 +74,9 @@ def export_dataset_json(dataset_json: dict, record: dict) -> dict:
 def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True,
                checkpoint_name: str | None = None) -> LoadedModel:
     """Rebuild the trained network of ``run_folder`` (architecture from its trainer class) and wrap it in
-    nnU-Net's predictor."""
+    nnU-Net's predictor, with the confidence heads trained on it, if any."""
+    from calibnet.inference.confidence_heads import FeatureCapture, load_heads
+
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -119,8 +125,10 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     predictor.manual_initialization(network, plans_manager, configuration_manager, [checkpoint["network_weights"]],
                                     export_dataset_json(dataset_json, record), trainer_class.__name__,
                                     checkpoint.get("inference_allowed_mirroring_axes"))
+    heads = load_heads(run_folder, device) if record.get("backbone") is None else []
+    capture = FeatureCapture(predictor, heads[0].head.features[0].in_channels) if heads else None
     return LoadedModel(predictor, trainer_class, plans_manager, configuration_manager, dataset_json, checkpoint_path,
-                       record)
+                       record, heads, capture)
 
 
 def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
@@ -150,8 +158,9 @@ def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
 
 def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, n_samples: int, n_image_channels: int) -> dict:
     """MC-dropout baselines (Roy et al. 2018) from ``n_samples`` stochastic predictions of one preprocessed
-    case: mean pairwise Dice between the samples' foreground masks (score agreement; both empty = 1) and the
-    mean normalised predictive entropy of the averaged probabilities over the non-zero region."""
+    case: mean pairwise Dice and NSD@1mm between the samples' foreground masks (score agreement, on the
+    preprocessed grid; both empty = 1) and the mean normalised predictive entropy of the averaged
+    probabilities over the non-zero region."""
     from calibnet.trainers.nnUNetTrainerDropout import set_mc_sampling
 
     regions = model.plans_manager.get_label_manager(model.export_dataset_json).has_regions
@@ -165,12 +174,14 @@ def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, n_samples: int, n_
             samples.append(torch.sigmoid(logits) if regions else torch.softmax(logits, 0))
     finally:
         set_mc_sampling(model.predictor.network, False)
-    foregrounds = [(p[0] > 0.5) if regions else (p.argmax(0) > 0) for p in samples]
-    dices = []
+    foregrounds = [((p[0] > 0.5) if regions else (p.argmax(0) > 0)).numpy() for p in samples]
+    spacing = model.configuration_manager.spacing
+    dices, nsds = [], []
     for i in range(len(foregrounds)):
         for j in range(i + 1, len(foregrounds)):
-            total = foregrounds[i].sum() + foregrounds[j].sum()
-            dices.append(1.0 if total == 0 else float(2 * (foregrounds[i] & foregrounds[j]).sum() / total))
+            overlap = overlap_metrics(foregrounds[i], foregrounds[j])["DSC"]
+            dices.append(overlap)
+            nsds.append(1.0 if overlap == 1.0 else case_metrics(foregrounds[i], foregrounds[j], spacing)["NSD@1mm"])
     mean = torch.stack(samples).mean(0)
     if regions:
         p = mean[0].clamp(1e-7, 1 - 1e-7)
@@ -180,6 +191,7 @@ def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, n_samples: int, n_
     roi = (data[:n_image_channels] != 0).any(0)
     roi = roi if roi.any() else torch.ones_like(roi)
     return {"mc_score_agreement_dice": float(np.mean(dices)) if dices else 1.0,
+            "mc_score_agreement_nsd": float(np.mean(nsds)) if nsds else 1.0,
             "mc_mean_entropy": float(entropy[roi].mean()), "mc_samples": n_samples}
 
 
@@ -187,52 +199,90 @@ def _prompt_rng(seed: int, case_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
 
 
+def _preprocessed_case(model: LoadedModel, case: CaseInput, prompt_seed: int) -> tuple:
+    """(network input, nnU-Net properties) of one case: nnU-Net's preprocessing, plus the prompt channels of
+    prompt-guided models; SAM models get the whole case as one window."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    needs_label = model.trainer_class.requires_prompts
+    if needs_label and case.label is None:
+        raise CalibnetError(f"case {case.case_id}: {model.trainer_class.__name__} needs point prompts; give a "
+                            f"label to derive them from (calib_predict --prompts-from DIR).")
+    preprocessor = model.configuration_manager.preprocessor_class(verbose=False)
+    data, seg, properties = preprocessor.run_case([str(p) for p in case.images],
+                                                  str(case.label) if needs_label else None,
+                                                  model.plans_manager, model.configuration_manager,
+                                                  model.dataset_json)
+    data = torch.from_numpy(data).float()
+    if needs_label:
+        prompts = model.trainer_class.prompt_inputs(model.prompt_foreground(seg[0]),
+                                                    _prompt_rng(prompt_seed, case.case_id))
+        data = torch.cat([data, prompts.to(data.dtype)], 0)
+    if model.is_sam:  # whole slices in one window: SAM sees each slice entire, with its prompt
+        model.predictor.configuration_manager = ConfigurationManager(
+            dict(model.configuration_manager.configuration, patch_size=list(data.shape[1:])))
+    return data, properties
+
+
+def head_scores(model: LoadedModel) -> dict:
+    """The confidence heads' scores of the model's last prediction (empty for a model without heads)."""
+    if not model.heads:
+        return {}
+    features = model.feature_capture.case_features()
+    return {k: v for head in model.heads for k, v in head.scores(features).items()}
+
+
 def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_probabilities: bool = True,
                   prompt_seed: int = 0, progress: bool = True, description: str = "predicting",
                   mc_samples: int = 0) -> dict:
     """Predict ``cases`` into ``output_folder``; returns and writes the per-case confidence scores
-    (with MC-dropout scores from ``mc_samples`` stochastic passes when it is at least 2)."""
+    (with MC-dropout scores from ``mc_samples`` stochastic passes when it is at least 2, and the predicted
+    Dice/NSD of every confidence head trained on the model)."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
-    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
-    preprocessor = model.configuration_manager.preprocessor_class(verbose=False)
     export_json = model.export_dataset_json
     regions = model.plans_manager.get_label_manager(export_json).has_regions
     ending = model.dataset_json["file_ending"]
     confidence_path = output_folder / CONFIDENCE_FILENAME
     confidences = json.loads(confidence_path.read_text()) if confidence_path.is_file() else {}
     for case in tqdm(cases, desc=description, unit="case", disable=not progress):
-        needs_label = model.trainer_class.requires_prompts
-        if needs_label and case.label is None:
-            raise CalibnetError(f"case {case.case_id}: {model.trainer_class.__name__} needs point prompts; give a "
-                                f"label to derive them from (calib_predict --prompts-from DIR).")
-        data, seg, properties = preprocessor.run_case([str(p) for p in case.images],
-                                                      str(case.label) if needs_label else None,
-                                                      model.plans_manager, model.configuration_manager,
-                                                      model.dataset_json)
-        data = torch.from_numpy(data).float()
-        if needs_label:
-            prompts = model.trainer_class.prompt_inputs(model.prompt_foreground(seg[0]),
-                                                        _prompt_rng(prompt_seed, case.case_id))
-            data = torch.cat([data, prompts.to(data.dtype)], 0)
-        if model.is_sam:  # whole slices in one window: SAM sees each slice entire, with its prompt
-            model.predictor.configuration_manager = ConfigurationManager(
-                dict(model.configuration_manager.configuration, patch_size=list(data.shape[1:])))
+        data, properties = _preprocessed_case(model, case, prompt_seed)
         mc_scores = mc_dropout_scores(model, data, mc_samples, len(case.images)) if mc_samples >= 2 else {}
         logits = model.predictor.predict_logits_from_preprocessed_data(data).cpu()
+        predicted_quality = head_scores(model)
         with tempfile.TemporaryDirectory(prefix=".partial-", dir=output_folder) as tmp:
             truncated = str(Path(tmp) / case.case_id)
             export_prediction_from_logits(logits, properties, model.configuration_manager, model.plans_manager,
                                           export_json, truncated, save_probabilities=True)
             probabilities = np.load(truncated + ".npz")["probabilities"]
-            confidences[case.case_id] = {**case_confidence(probabilities, regions), **mc_scores}
+            confidences[case.case_id] = {**case_confidence(probabilities, regions), **mc_scores,
+                                         **predicted_quality}
             if save_probabilities:
                 np.savez_compressed(truncated + ".npz", probabilities=probabilities.astype(np.float16))
                 shutil.move(truncated + ".npz", output_folder / f"{case.case_id}.npz")
             shutil.move(truncated + ending, output_folder / f"{case.case_id}{ending}")
         atomic_write_json(confidence_path, confidences)
+    return confidences
+
+
+def score_existing_predictions(model: LoadedModel, cases: list, output_folder: Path, progress: bool = True,
+                               description: str = "scoring") -> dict:
+    """Add the confidence heads' scores of ``cases`` to the ``confidence.json`` of an existing prediction
+    folder, leaving the segmentations, probabilities and other scores as they are."""
+    confidence_path = Path(output_folder) / CONFIDENCE_FILENAME
+    if not confidence_path.is_file():
+        raise CalibnetError(f"{confidence_path} is missing: predict the base run first (calib_train ... "
+                            f"--predict-only).")
+    confidences = json.loads(confidence_path.read_text())
+    for case in tqdm(cases, desc=description, unit="case", disable=not progress):
+        data, _ = _preprocessed_case(model, case, 0)
+        model.predictor.predict_logits_from_preprocessed_data(data)
+        head_prefixes = tuple(f"{prefix}_" for prefix in HEAD_FOLDERS.values())
+        entry = {k: v for k, v in confidences.get(case.case_id, {}).items() if not k.startswith(head_prefixes)}
+        confidences[case.case_id] = {**entry, **head_scores(model)}
+    atomic_write_json(confidence_path, confidences)
     return confidences
 
 
@@ -274,6 +324,30 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
                       description=f"predicting {role} ({len(cases)} cases)", mc_samples=mc_samples)
         written[role] = folder
     return written
+
+
+def score_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path, device: str = "cpu",
+                     progress: bool = True) -> dict:
+    """Add the scores of the run's confidence heads to its val and test predictions (predicting them first
+    where they do not exist yet). Returns {"val": folder, "test": folder}."""
+    from calibnet.planners.splits import get_fold, load_calib_splits
+    from calibnet.trainers.training_run import read_run
+
+    run_folder = Path(run_folder)
+    folders = {role: run_folder / "predictions" / role for role in ("val", "test")}
+    if not all((f / CONFIDENCE_FILENAME).is_file() for f in folders.values()):
+        return predict_run_splits(run_folder, raw_root, preprocessed_root, device, progress=progress)
+    record = read_run(run_folder)
+    spec = record["spec"]
+    fold = get_fold(load_calib_splits(Path(preprocessed_root) / record["dataset_name"]), spec["split"], spec["fold"])
+    model = load_model(run_folder, device, use_mirroring=False)  # heads read the unmirrored pass only
+    if not model.heads:
+        raise CalibnetError(f"{run_folder} has no trained confidence head; train one with calib_train ... "
+                            f"confidence_head --base {spec['method']}.")
+    for role, folder in folders.items():
+        cases = raw_case_inputs(Path(raw_root) / record["dataset_name"], fold[role], model.dataset_json)
+        score_existing_predictions(model, cases, folder, progress, f"confidence heads on {role} ({len(cases)} cases)")
+    return folders
 
 
 def folder_case_inputs(input_folder: Path, dataset_json: dict, prompts_folder: Path | None = None) -> list:

@@ -13,12 +13,24 @@ trainer wires in: the head, the adversarial perturbation, the α update and the 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+
+from calibnet.errors import CalibnetError
 
 ALPHA_START = 0.8
 ETA = 0.01
 DELTA_S = 0.1
 WARMUP_BATCHES = 100
+
+# A trained head lives inside its base run's folder; folder name -> prefix of its scores in confidence.json.
+HEAD_FOLDERS = {"confidence_head": "adversarial_head", "confidence_head_plain": "plain_head"}
+
+
+def head_folder(base_run: Path, adversarial: bool) -> Path:
+    return Path(base_run) / ("confidence_head" if adversarial else "confidence_head_plain")
 
 
 class ConfidenceHead(torch.nn.Module):
@@ -39,6 +51,28 @@ class ConfidenceHead(torch.nn.Module):
         return torch.sigmoid(self.scores(self.pool(self.features(features))))
 
 
+def feature_stage(network: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stage whose output is the penultimate resolution level of an nnU-Net U-Net (half the input
+    resolution), where the head is attached."""
+    network = getattr(network, "_orig_mod", network)
+    stages = getattr(getattr(network, "decoder", None), "stages", None)
+    if stages is None or len(stages) < 2:
+        raise CalibnetError(f"{type(network).__name__} has no U-Net decoder with two or more stages to attach a "
+                            f"confidence head to.")
+    return stages[-2]
+
+
+def feature_channels(network: torch.nn.Module) -> int:
+    """Channels of :func:`feature_stage`'s output (nnU-Net decoders mirror the encoder's widths)."""
+    network = getattr(network, "_orig_mod", network)
+    return int(network.encoder.output_channels[1])
+
+
+def score_names(foreground: list) -> list:
+    """Output order of the head: volumetric Dice per foreground label/region, then NSD per label/region."""
+    return [f"dice:{name}" for name in foreground] + [f"nsd:{name}" for name in foreground]
+
+
 def adversarial_perturbation(x: torch.Tensor, predicted_score: torch.Tensor, alpha: float,
                              eps: float = 1e-8) -> torch.Tensor:
     """x' = x − α·g / (‖g‖² + ε) with g = ∂C/∂x per sample; ``predicted_score`` is (B,) and depends on x."""
@@ -52,22 +86,30 @@ def update_alpha(alpha: float, predicted_drop: float, delta_s: float = DELTA_S, 
     return alpha - eta * (predicted_drop - delta_s)
 
 
+@dataclass
+class AdversarialBatch:
+    """The adversarial half of the next batch: perturbed copies of this batch's clean inputs, their (unchanged)
+    ground truth, and the head's predicted and the true scores of the clean originals (for the drops)."""
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    clean_predicted: torch.Tensor  # (B,) C(z) of the originals
+    clean_true: torch.Tensor  # (B,) g(f(x), y) of the originals
+
+
 class AdversarialBuffer:
-    """Holds the perturbed copies of the previous batch (inputs and targets) for the next batch."""
+    """Holds the perturbed copies of the previous batch for the next batch (ADV_BUFFER of Algorithm 1)."""
 
     def __init__(self):
-        self.inputs = self.targets = None
+        self.batch = None
 
     def __bool__(self) -> bool:
-        return self.inputs is not None
+        return self.batch is not None
 
-    def put(self, inputs: torch.Tensor, targets) -> None:
-        self.inputs = inputs.detach()
-        self.targets = targets.detach() if torch.is_tensor(targets) else targets
+    def put(self, batch: AdversarialBatch) -> None:
+        self.batch = AdversarialBatch(*(t.detach() for t in (batch.inputs, batch.targets, batch.clean_predicted,
+                                                              batch.clean_true)))
 
-    def take(self):
-        """(inputs, targets) of the previous batch's adversarial copies; the buffer is emptied."""
-        inputs, targets = self.inputs, self.targets
-        self.inputs = self.targets = None
-        return inputs, targets
-
+    def take(self) -> AdversarialBatch:
+        """The previous batch's adversarial copies; the buffer is emptied."""
+        batch, self.batch = self.batch, None
+        return batch

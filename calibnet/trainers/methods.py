@@ -15,6 +15,7 @@ class Method:
     summary: str
     loss_options: tuple = ()  # trainer attributes that calib_train's loss flags may set
     uses_sam: bool = False
+    trains_head: bool = False  # trains a confidence head on a finished base run (--base) instead of a network
 
     def trainer_class(self):
         return getattr(importlib.import_module(f"calibnet.trainers.{self.module}"), self.class_name)
@@ -37,6 +38,9 @@ METHODS = {m.alias: m for m in (
            "nnU-Net given the SAM point prompts as Gaussian heat-map channels"),
     Method("nnunet_dropout", "nnUNetTrainerDropout", "nnUNetTrainerDropout",
            "nnU-Net with dropout p = 0.1, the base of the MC-dropout score agreement (predict with --mc-samples N)"),
+    Method("confidence_head", "nnUNetTrainerConfidenceHead", "nnUNetTrainerConfidenceHead",
+           "per-case Dice/NSD predictor on the frozen network of a trained --base run, adversarial training "
+           "(--no-adversarial: plain head)", trains_head=True),
     Method("samft", "nnUNetTrainerSAM", "nnUNetTrainerSAMFT",
            "SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE, point prompts per slice",
            uses_sam=True),

@@ -80,17 +80,21 @@ class nnUNetTrainerCalib(nnUNetTrainer):
         """One optimisation step; subclasses that change the objective override this."""
         return nnUNetTrainer.train_step(self, batch)
 
-    def backward_and_step(self, loss: torch.Tensor, parameters) -> None:
-        """Backpropagate ``loss`` and update, as nnU-Net does (grad scaler on CUDA, gradient norm clipped at 12)."""
+    def backward_and_step(self, loss: torch.Tensor, parameters, restrict_to_parameters: bool = False) -> None:
+        """Backpropagate ``loss`` and update, as nnU-Net does (grad scaler on CUDA, gradient norm clipped at 12).
+
+        ``restrict_to_parameters`` computes gradients for ``parameters`` only (not for inputs that require
+        them, e.g. images being perturbed)."""
         parameters = list(parameters)
+        inputs = parameters if restrict_to_parameters else None
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.scale(loss).backward(inputs=inputs)
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
+            loss.backward(inputs=inputs)
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.optimizer.step()
 

@@ -20,7 +20,7 @@ from calibnet.errors import CalibnetError
 from calibnet.files import atomic_write_json
 from calibnet.planners.calib_planner import CALIB_PLANS_NAME
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
-from calibnet.trainers.methods import get_method
+from calibnet.trainers.methods import METHODS, get_method
 
 RUN_FILENAME = "calibnet_run.json"
 DEFAULT_SEED = 42
@@ -124,8 +124,9 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, device: str | None = None,
-                    continue_training: bool = False):
-    """Build the nnU-Net trainer of ``spec`` (checks split, fold, plans and configuration first)."""
+                    continue_training: bool = False, folder: Path | None = None):
+    """Build the nnU-Net trainer of ``spec`` (checks split, fold, plans and configuration first); it writes
+    to the run folder of ``spec`` unless ``folder`` is given."""
     method = get_method(spec.method)
     dataset_folder = find_preprocessed_dataset(preprocessed_root, spec.dataset_id)
     plans = json.loads((dataset_folder / f"{CALIB_PLANS_NAME}.json").read_text())
@@ -148,7 +149,8 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
     dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
     trainer = method.trainer_class()(plans, spec.configuration, spec.fold, dataset_json, device=torch.device(device))
     trainer.split_family = spec.split
-    folder = run_folder(results_root, dataset_folder.name, trainer.__class__.__name__, spec)
+    folder = Path(folder) if folder else run_folder(results_root, dataset_folder.name, trainer.__class__.__name__,
+                                                    spec)
     trainer.use_run_folder(folder)
     return trainer, method, dataset_folder.name, describe_fold(spec.split, fold), folder
 
@@ -191,6 +193,9 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
     process) for this training only. SAM methods take ``sam_model``/``sam_checkpoint`` and ``target_label``;
     a method that does not train (vanilla SAM) only writes its checkpoint.
     """
+    if get_method(spec.method).trains_head:
+        raise CalibnetError(f"{spec.method} is trained on a finished base run: pass --base METHOD "
+                            f"(e.g. --base nnunet).")
     checkpoint = latest_checkpoint(locate_run(spec, preprocessed_root, results_root))
     if continue_training and checkpoint is None:
         raise CalibnetError(f"--continue: no checkpoint in {locate_run(spec, preprocessed_root, results_root)} to "
@@ -216,6 +221,13 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
         _save_untrained(trainer)
         atomic_write_json(folder / RUN_FILENAME, asdict(record))
         return folder
+    _run_training(trainer, num_workers)
+    atomic_write_json(folder / RUN_FILENAME, asdict(record))
+    return folder
+
+
+def _run_training(trainer, num_workers: int | None) -> None:
+    """nnU-Net's training loop with ``nnUNet_n_proc_DA`` set to ``num_workers`` for its duration."""
     previous_workers = os.environ.get("nnUNet_n_proc_DA")
     if num_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(num_workers)
@@ -228,7 +240,66 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
                 os.environ.pop("nnUNet_n_proc_DA", None)
             else:
                 os.environ["nnUNet_n_proc_DA"] = previous_workers
-    atomic_write_json(folder / RUN_FILENAME, asdict(record))
+
+
+@dataclass
+class HeadOptions:
+    """How a confidence head is trained (calib_train ... confidence_head --base METHOD)."""
+    base: str
+    adversarial: bool = True
+    warmup_batches: int | None = None  # default: the paper's 100
+    patience: int | None = None  # default: the paper's 20 epochs
+
+
+def base_run_of(spec: RunSpec, base: str, preprocessed_root: Path, results_root: Path) -> tuple[Path, dict, Path]:
+    """(run folder, calibnet_run.json, checkpoint) of the finished base run a head is trained on."""
+    method = get_method(base)
+    if method.trains_head or method.uses_sam or method.trainer_class().requires_prompts:
+        heads_on = ", ".join(m.alias for m in METHODS.values()
+                             if not (m.trains_head or m.uses_sam or m.trainer_class().requires_prompts))
+        raise CalibnetError(f"--base {base}: a confidence head attaches to an nnU-Net U-Net without prompt inputs; "
+                            f"choose one of {heads_on}.")
+    base_spec = RunSpec(spec.dataset_id, spec.configuration, base, spec.fold, spec.split, spec.seed)
+    folder = locate_run(base_spec, preprocessed_root, results_root)
+    checkpoint = next((folder / n for n in ("checkpoint_final.pth", "checkpoint_best.pth") if (folder / n).is_file()),
+                      None)
+    if not (folder / RUN_FILENAME).is_file() or checkpoint is None:
+        raise CalibnetError(f"no finished {base} run in {folder}; train the base first: calib_train "
+                            f"{spec.dataset_id} {spec.configuration} {base} {spec.fold} --split {spec.split} "
+                            f"--seed {spec.seed}.")
+    return folder, read_run(folder), checkpoint
+
+
+def train_confidence_head(spec: RunSpec, head: HeadOptions, preprocessed_root: Path, results_root: Path,
+                          epochs: int | None = None, iterations_per_epoch: int | None = None,
+                          device: str | None = None, num_workers: int | None = None, log=print) -> Path:
+    """Train a confidence head on the frozen network of ``head.base`` (same dataset, configuration, split,
+    fold and seed); returns the head's folder inside the base run."""
+    from calibnet.trainers.confidence_head import head_folder
+
+    base_folder, base_record, base_checkpoint = base_run_of(spec, head.base, preprocessed_root, results_root)
+    folder = head_folder(base_folder, head.adversarial)
+    trainer, method, _, fold_text, _ = prepare_trainer(spec, preprocessed_root, results_root, device, folder=folder)
+    if len(trainer.configuration_manager.patch_size) != 3:
+        raise CalibnetError(f"confidence_head works on 3-D configurations (3d_fullres); {spec.configuration} is 2-D.")
+    trainer.output_folder_base = str(folder)  # nnU-Net's plans/dataset copies go beside the head
+    trainer.attach_base(get_method(head.base).trainer_class(), base_checkpoint, base_record)
+    trainer.adversarial = head.adversarial
+    if head.warmup_batches is not None:
+        trainer.warmup_batches = int(head.warmup_batches)
+    if head.patience is not None:
+        trainer.patience = int(head.patience)
+    if epochs is not None:
+        trainer.num_epochs = int(epochs)
+    if iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = int(iterations_per_epoch)
+        trainer.num_val_iterations_per_epoch = max(1, int(iterations_per_epoch) // 5)
+    kind = "adversarial" if head.adversarial else "plain, no adversarial perturbations"
+    log(f"training a confidence head ({kind}) on {head.base} ({spec.split} {fold_text}, seed {spec.seed}) "
+        f"into {folder}")
+    trainer.print_to_log_file(f"calibnet confidence head ({kind}) on {base_checkpoint}; warm-up "
+                              f"{trainer.warmup_batches} batches, patience {trainer.patience} epochs")
+    _run_training(trainer, num_workers)
     return folder
 
 
