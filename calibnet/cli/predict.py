@@ -23,29 +23,47 @@ from calibnet.cli.common import data_roots, user_errors
 @click.option("--disable-tta", is_flag=True, help="No mirroring test-time augmentation.")
 @click.option("--mc-samples", type=click.IntRange(0), default=0, show_default=True,
               help="MC-dropout samples per case (nnunet_dropout models): adds score agreement and entropy.")
+@click.option("--confidence", is_flag=True,
+              help="Require the run's confidence heads (calib_train ... confidence_head --base METHOD) and print "
+                   "each case's predicted Dice and NSD; their scores go to confidence.json whenever heads exist.")
+@click.option("--flag-below", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="With --confidence: warn about cases whose predicted Dice is below this, for review.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 @click.option("--prompts-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of CASE.nii.gz labels to derive point prompts from (guided_nnunet).")
 @user_errors
 def main(dataset_id, method, fold, configuration, split, seed, input_dir, output_dir, save_probabilities, disable_tta,
-         mc_samples, device, prompts_from):
+         mc_samples, confidence, flag_below, device, prompts_from):
     """Predict every case in INPUT_DIR with the model trained by calib_train DATASET CONFIGURATION METHOD FOLD;
     writes segmentations, probabilities and confidence.json to OUTPUT_DIR."""
-    from calibnet.inference.predict import folder_case_inputs, load_model, predict_cases
+    from calibnet.errors import CalibnetError
+    from calibnet.inference.predict import flagged_cases, folder_case_inputs, load_model, predict_cases
+    from calibnet.trainers.methods import get_method
     from calibnet.trainers.training_run import RunSpec, default_device, locate_run
 
     roots = data_roots()
+    if get_method(method).trains_head:
+        raise CalibnetError(f"{method} is not a segmentation model: predict with the method it was trained on, "
+                            f"e.g. calib_predict -m nnunet --confidence.")
     spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
     folder = locate_run(spec, roots.preprocessed, roots.results)
     model = load_model(folder, device or default_device(), use_mirroring=not disable_tta)
+    if confidence and not model.heads:
+        raise CalibnetError(f"--confidence: {folder} has no trained confidence head; train one with calib_train "
+                            f"{dataset_id} {configuration} confidence_head {fold} --split {split} --base {method}.")
     cases = folder_case_inputs(input_dir, model.dataset_json, prompts_from)
     confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed,
                                 mc_samples=mc_samples)
     click.echo(f"predicted {len(cases)} case(s) with {method} ({folder}) into {output_dir}")
     for case_id, scores in confidences.items():
+        predicted = [f"{name.replace('_', ' ')} {value:.3f}" for name, value in scores.items()
+                     if "_predicted_" in f"_{name}" and not isinstance(value, dict)]
         click.echo(f"  {case_id}: mean max-probability over predicted foreground "
                    f"{scores['mean_max_probability_foreground']:.3f}, foreground entropy "
-                   f"{scores['entropy_foreground']:.3f}")
+                   f"{scores['entropy_foreground']:.3f}" + ("; " + ", ".join(predicted) if confidence else ""))
+    if confidence:
+        for case_id, dice in flagged_cases(confidences, flag_below).items():
+            click.echo(f"warning: {case_id}: predicted Dice {dice:.3f} < {flag_below:g}; review this scan.")
 
 
 if __name__ == "__main__":

@@ -267,6 +267,18 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
     return confidences
 
 
+def flagged_cases(confidences: dict, threshold: float) -> dict:
+    """{case: predicted Dice} of the cases whose predicted Dice (adversarial head first, else the plain
+    head) is below ``threshold``."""
+    flagged = {}
+    for case_id, scores in confidences.items():
+        dice = next((scores[f"{prefix}_predicted_dice"] for prefix in HEAD_FOLDERS.values()
+                     if f"{prefix}_predicted_dice" in scores), None)
+        if dice is not None and dice < threshold:
+            flagged[case_id] = dice
+    return flagged
+
+
 def score_existing_predictions(model: LoadedModel, cases: list, output_folder: Path, progress: bool = True,
                                description: str = "scoring") -> dict:
     """Add the confidence heads' scores of ``cases`` to the ``confidence.json`` of an existing prediction

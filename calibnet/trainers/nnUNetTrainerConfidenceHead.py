@@ -64,6 +64,7 @@ class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
         self.buffer = AdversarialBuffer()
         self.batches_seen = 0
         self.history = []
+        self.epoch_drops = {"predicted": [], "actual": [], "alpha": []}
         self.best = {"val_loss": float("inf"), "epoch": -1, "state": None}
         self.targets = label_targets(dataset_json, {})
         self.outputs = score_names(list(self.targets.masks))
