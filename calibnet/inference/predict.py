@@ -72,9 +72,9 @@ def export_dataset_json(dataset_json: dict, record: dict) -> dict:
 
 
 def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True,
-               checkpoint_name: str | None = None) -> LoadedModel:
+               checkpoint_name: str | None = None, with_heads: bool = True) -> LoadedModel:
     """Rebuild the trained network of ``run_folder`` (architecture from its trainer class) and wrap it in
-    nnU-Net's predictor, with the confidence heads trained on it, if any."""
+    nnU-Net's predictor, with the confidence heads trained on it, if any (unless ``with_heads`` is off)."""
     from calibnet.inference.confidence_heads import FeatureCapture, load_heads
 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -125,7 +125,7 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     predictor.manual_initialization(network, plans_manager, configuration_manager, [checkpoint["network_weights"]],
                                     export_dataset_json(dataset_json, record), trainer_class.__name__,
                                     checkpoint.get("inference_allowed_mirroring_axes"))
-    heads = load_heads(run_folder, device) if record.get("backbone") is None else []
+    heads = load_heads(run_folder, device) if with_heads and record.get("backbone") is None else []
     capture = FeatureCapture(predictor, heads[0].head.features[0].in_channels) if heads else None
     return LoadedModel(predictor, trainer_class, plans_manager, configuration_manager, dataset_json, checkpoint_path,
                        record, heads, capture)
