@@ -209,3 +209,34 @@ def test_feature_capture_assembles_unmirrored_tiles_over_the_case():
     from calibnet.errors import CalibnetError
     with pytest.raises(CalibnetError, match="head expects 4"):
         wrong.case_features()
+
+
+def test_early_stopping_keeps_the_best_head(tiny_dataset, heads):
+    """Validation loss that rises every epoch: training stops after ``patience`` epochs without improvement
+    and the final head is the best (first) epoch's."""
+    import numpy as np
+
+    from calibnet.paths import setup_data_roots
+    from calibnet.trainers.methods import get_method
+    from calibnet.trainers.training_run import RunSpec, _run_training, prepare_trainer, read_run
+
+    tiny_dataset.activate()
+    roots = setup_data_roots()
+    folder = tiny_dataset.data_dir / "early_stop_head"
+    trainer, *_ = prepare_trainer(RunSpec(511, "3d_fullres", "confidence_head", 0, "scanner"), roots.preprocessed,
+                                  roots.results, "cpu", folder=folder)
+    trainer.output_folder_base = str(folder)
+    base = heads["base"]
+    trainer.attach_base(get_method("nnunet_dropout").trainer_class(), base / "checkpoint_final.pth", read_run(base))
+    trainer.adversarial, trainer.patience = False, 2
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 6, 1, 1
+    trainer.validation_step = lambda batch: {"loss": np.array(float(trainer.current_epoch))}
+    _run_training(trainer, num_workers=0)
+    history = json.loads((folder / "head_training.json").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [0, 1, 2]
+    assert history["stopped_early"] and history["best_epoch"] == 0
+    final = torch.load(folder / "checkpoint_final.pth", weights_only=True)
+    best = torch.load(folder / "checkpoint_best.pth", weights_only=True)
+    assert final["best_epoch"] == 0
+    for name, value in best["head_weights"].items():
+        assert torch.equal(final["head_weights"][name], value)

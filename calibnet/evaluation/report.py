@@ -75,7 +75,8 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
     lines += ["## Calibration with post-hoc rows (target cases)", "",
               "`+ TS`: temperature scaling, `+ Dirichlet`: Dirichlet calibration, both fitted on the source "
               "validation voxels of the same run.", "", _markdown(calibration), ""]
-    lines += ["## Failure detection (target cases; risk = 1 − quality: DSC, or NSD@1mm for NSD scores; AURC/eAURC on a 0–1 scale)", "",
+    lines += ["## Failure detection (target cases; risk = 1 − quality: DSC, or NSD@1mm for NSD scores; "
+              "AURC/eAURC on a 0–1 scale)", "",
               _markdown(failure[failure["domain"] == "pooled"] if not failure.empty else failure), ""]
     lines += ["## Significance against the strongest baseline (* p < 0.05, paired t-test)", "",
               _markdown(significance), ""]
