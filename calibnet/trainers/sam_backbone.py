@@ -131,6 +131,8 @@ class SamSliceSegmenter(torch.nn.Module):
     prompts (points for the CalSAM protocol, the box for vanilla SAM).
     """
 
+    train_prompt_encoder = False  # MedSAM-U's MPA trains it; every other method keeps it frozen
+
     def __init__(self, sam: Sam, use_box: bool = False):
         super().__init__()
         self.sam = sam
@@ -178,7 +180,7 @@ class SamSliceSegmenter(torch.nn.Module):
                 r0, c0, r1, c1 = prompt["box"]
                 boxes = torch.tensor([[c0, r0, c1 + 1, r1 + 1]], dtype=dtype, device=embeddings.device)
                 boxes = boxes * scale.repeat(2)
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.train_prompt_encoder and torch.is_grad_enabled()):
                 sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
             low_res, _ = self.sam.mask_decoder(image_embeddings=embedding[None],
                                                image_pe=self.sam.prompt_encoder.get_dense_pe(),
