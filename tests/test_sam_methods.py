@@ -192,3 +192,47 @@ def test_region_dataset_needs_a_target_and_predicts_it_as_binary(tmp_path):
     assert json.loads((folder / "calibnet_run.json").read_text())["target_label"] == 3
     probabilities = np.load(next((folder / "predictions" / "test").glob("*.npz")))["probabilities"]
     assert probabilities.shape[0] == 2
+
+
+def test_several_boxes_are_decoded_one_by_one_and_averaged():
+    from calibnet.prompt_quality import SlicePrompts
+
+    segmenter = SamSliceSegmenter(build_sam(SamConfig("tiny")))
+    embeddings = segmenter.embed(torch.randn(2, 3, 24, 24))
+    two_boxes = SlicePrompts([(10.0, 11.0)], [1], [(4.0, 4.0, 15.0, 15.0), (6.5, 5.0, 18.0, 20.0)])
+    logits = segmenter.decode_prompt_sets(embeddings, [two_boxes, None], (24, 24))
+    single = [segmenter.decode(embeddings[:1], [{"points": [[10.0, 11.0]], "labels": [1], "box": box}], (24, 24))[0]
+              for box in two_boxes.boxes]
+    expected = (torch.sigmoid(single[0]) + torch.sigmoid(single[1])) / 2
+    torch.testing.assert_close(torch.sigmoid(logits[0]), expected, rtol=1e-4, atol=1e-5)
+    assert torch.all(logits[1] < -10)  # an empty slice gets no prompt and an empty prediction
+
+
+@pytest.mark.slow
+def test_prompt_settings_predict_into_their_own_folders_and_tables(tiny_dataset, calsam_run):
+    from calibnet.cli import evaluate as evaluate_cli
+
+    _, folder = calsam_run
+    tiny_dataset.activate()
+    output = run_cli(train_cli.main, [511, "3d_fullres", "calsam", 0, "--predict-only", "--device", "cpu",
+                                      "--prompts", "3P+3B0.5", "--prompts", "P50"]).output
+    assert "test predictions with prompts 3P+3B0.5" in output and "  val predictions:" not in output
+    for setting in ("3P+3B0.5", "P50"):
+        predictions = folder / "predictions" / f"prompts_{setting}"
+        assert json.loads((predictions / "test" / "prompts.json").read_text()) == {"setting": setting, "seed": 42}
+        assert len(list((predictions / "test").glob("*.nii.gz"))) == 3
+    again = folder / "predictions" / "prompts_P50" / "test" / "C1_000.npz"
+    first = np.load(again)["probabilities"]
+    run_cli(train_cli.main, [511, "3d_fullres", "calsam", 0, "--predict-only", "--device", "cpu", "--prompts", "P50"])
+    assert np.array_equal(np.load(again)["probabilities"], first), "prompt sets must be reproducible"
+    report = run_cli(evaluate_cli.main, ["--split", "loco", "--methods", "calsam", "--folds", 0]).output
+    assert "## Prompt quality (target cases)" in report
+    import pandas as pd
+    per_case = pd.read_csv(tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / "evaluation" / "loco" / "per_case.csv")
+    plain = per_case[~per_case["method"].str.contains(r" \+ ")]
+    assert set(plain["method"]) == {"calsam", "calsam [3P+3B0.5]", "calsam [P50]"}
+    assert set(plain["prompts"]) == {"default", "3P+3B0.5", "P50"}
+    result = run_cli(train_cli.main, [511, "3d_fullres", "calsam", 0, "--predict-only", "--prompts", "3B"],
+                     expect_ok=False)
+    assert result.exit_code == 1 and "unknown prompt setting '3B'" in result.output
+    assert not (folder / "predictions" / "prompts_3B").exists()

@@ -29,11 +29,14 @@ from calibnet.cli.common import data_roots, user_errors
 @click.option("--flag-below", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="With --confidence: warn about cases whose predicted Dice is below this, for review.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--prompts", "prompt_setting", default=None,
+              help="SAM methods: prompts of this prompt-quality setting (3P, 3B0.5, 3P+3B0.5, P50, B150, ...) "
+                   "drawn from the --prompts-from labels instead of the method's own.")
 @click.option("--prompts-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of CASE.nii.gz labels to derive point prompts from (guided_nnunet).")
+              help="Folder of CASE.nii.gz labels to derive the prompts from (guided_nnunet and SAM methods).")
 @user_errors
 def main(dataset_id, method, fold, configuration, split, seed, input_dir, output_dir, save_probabilities, disable_tta,
-         mc_samples, confidence, flag_below, device, prompts_from):
+         mc_samples, confidence, flag_below, device, prompt_setting, prompts_from):
     """Predict every case in INPUT_DIR with the model trained by calib_train DATASET CONFIGURATION METHOD FOLD;
     writes segmentations, probabilities and confidence.json to OUTPUT_DIR."""
     from calibnet.errors import CalibnetError
@@ -51,9 +54,14 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
     if confidence and not model.heads:
         raise CalibnetError(f"--confidence: {folder} has no trained confidence head; train one with calib_train "
                             f"{dataset_id} {configuration} confidence_head {fold} --split {split} --base {method}.")
+    if prompt_setting is not None:
+        from calibnet.prompt_quality import parse_setting
+        parse_setting(prompt_setting)
+        if not model.is_sam:
+            raise CalibnetError(f"--prompts applies to SAM methods, not {method}.")
     cases = folder_case_inputs(input_dir, model.dataset_json, prompts_from)
     confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed,
-                                mc_samples=mc_samples)
+                                mc_samples=mc_samples, prompt_setting=prompt_setting)
     click.echo(f"predicted {len(cases)} case(s) with {method} ({folder}) into {output_dir}")
     for case_id, scores in confidences.items():
         predicted = [f"{name.replace('_', ' ')} {value:.3f}" for name, value in scores.items()

@@ -48,6 +48,9 @@ def _list_methods(ctx, _param, value):
               help="SAM or MedSAM weights (.pth), loaded with weights_only=True.")
 @click.option("--target", "target_label", type=int, default=None,
               help="SAM methods: the label value to segment (default: the union of all foreground).")
+@click.option("--prompts", "prompt_settings", multiple=True,
+              help="SAM methods: also predict val/test with this prompt-quality setting (3P, 3B0.5, 3P+3B0.5, P50, "
+                   "B150, ...) into predictions/prompts_<SETTING>/; repeat for several. See docs/prompt_quality.md.")
 @click.option("--base", default=None,
               help="confidence_head: the trained method whose frozen network the head reads (same split, fold, "
                    "seed), e.g. nnunet, calunet, nnunet_dropout.")
@@ -64,7 +67,7 @@ def _list_methods(ctx, _param, value):
 def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per_epoch, device, num_workers,
          continue_training,
          predict_only, disable_tta, mc_samples, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma, sam_model,
-         sam_checkpoint, target_label, base, no_adversarial, warmup_batches, patience):
+         sam_checkpoint, target_label, prompt_settings, base, no_adversarial, warmup_batches, patience):
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
     from calibnet.inference.predict import predict_run_splits
@@ -90,10 +93,15 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
                        num_workers, sam_model, sam_checkpoint, target_label, log=click.echo)
         note = read_run(folder).get("note")
         click.echo(f"trained {method}: {folder}" + (f" ({note})" if note else ""))
-    written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, use_mirroring=not disable_tta,
-                                 mc_samples=mc_samples)
-    for role, predictions in written.items():
-        click.echo(f"  {role} predictions: {predictions}")
+    if not (predict_only and prompt_settings):  # the method's own prompts
+        written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, use_mirroring=not disable_tta,
+                                     mc_samples=mc_samples)
+        for role, predictions in written.items():
+            click.echo(f"  {role} predictions: {predictions}")
+    for setting in prompt_settings:
+        written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, prompt_setting=setting)
+        for role, predictions in written.items():
+            click.echo(f"  {role} predictions with prompts {setting}: {predictions}")
 
 
 def _train_head(spec, roots, device, base, adversarial, warmup_batches, patience, epochs, iters_per_epoch,

@@ -19,6 +19,7 @@ from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_
 from calibnet.evaluation.report import plot_all, write_report
 from calibnet.evaluation.tables import domain_generalisation_gap, failure_detection, per_domain, significance
 from calibnet.files import atomic_output_dir
+from calibnet.inference.predict import prediction_folder, prompt_settings_of
 from calibnet.paths import channel_files
 from calibnet.planners.splits import get_fold, load_calib_splits
 
@@ -35,7 +36,7 @@ def _image_paths(raw: Path, case_id: str, dataset_json: dict) -> list:
     return channel_files(raw / "imagesTr", case_id, dataset_json)
 
 
-def _posthoc_rows(run, role_cases: list, raw: Path, dataset_json: dict, targets, samples,
+def _posthoc_rows(label: str, test_folder: Path, role_cases: list, raw: Path, dataset_json: dict, targets, samples,
                   base_rows: dict) -> tuple[list, dict]:
     """Temperature and Dirichlet scaling fitted on the run's source samples, applied to its target cases."""
     probabilities = np.concatenate([s[0] for s in samples], 1)
@@ -44,15 +45,23 @@ def _posthoc_rows(run, role_cases: list, raw: Path, dataset_json: dict, targets,
     dirichlet = fit_dirichlet(probabilities, labels)
     rows = []
     for case_id in role_cases:
-        folder = run.folder / "predictions" / "test"
         truth, _ = read_image(raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}")
-        p, y = roi_voxels(np.load(folder / f"{case_id}.npz")["probabilities"].astype(np.float32), truth,
+        p, y = roi_voxels(np.load(test_folder / f"{case_id}.npz")["probabilities"].astype(np.float32), truth,
                           _image_paths(raw, case_id, dataset_json), targets)
         for suffix, calibrated in (("TS", apply_temperature(p, temperature)), ("Dirichlet", apply_dirichlet(p, dirichlet))):
             base = {k: v for k, v in base_rows[case_id].items() if not k.startswith(("DSC", "IoU", "HD95", "NSD"))
                     and not k.startswith("conf_")}
-            rows.append({**base, "method": f"{run.method} + {suffix}", **calibration_metrics(calibrated, y)})
+            rows.append({**base, "method": f"{label} + {suffix}", **calibration_metrics(calibrated, y)})
     return rows, {"temperature": temperature, "dirichlet": dirichlet}
+
+
+def _own_prompts(record: dict) -> str:
+    """What a run's own predictions were prompted with: "none" (no prompts), "default" (CalSAM's points) or
+    "B100" (the ground-truth box, vanilla SAM)."""
+    if record.get("backbone") is None:
+        return "none"
+    from calibnet.trainers.methods import method_of_trainer
+    return "B100" if getattr(method_of_trainer(record["trainer"]).trainer_class(), "use_box", False) else "default"
 
 
 def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split: str, dataset_id: int | None = None,
@@ -70,32 +79,41 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
         fold = get_fold(splits, split, run.fold)
         source_vendor = fold.get("source", {}).get("vendor", "")
         targets = label_targets(dataset_json, run.record)
-        samples, base_rows = [], {}
-        for role, folder_name in (("source", "val"), ("target", "test")):
-            folder = run.folder / "predictions" / folder_name
-            confidence = json.loads((folder / "confidence.json").read_text())
-            for case_id in fold[folder_name]:
-                prediction = folder / f"{case_id}{dataset_json['file_ending']}"
-                if not prediction.is_file():
-                    missing.append(f"{run.method} fold {run.fold} seed {run.seed}: no prediction for {case_id}")
-                    continue
-                result = evaluate_case(prediction, folder / f"{case_id}.npz",
-                                       raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}",
-                                       _image_paths(raw, case_id, dataset_json), targets, rng)
-                row = {"method": run.method, "split": split, "fold": run.fold, "seed": run.seed, "case_id": case_id,
-                       "role": role, **domains.loc[case_id].to_dict(), "source_vendor": source_vendor,
-                       **result.metrics, **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items()
-                          if not isinstance(v, dict)},
-                       "note": run.note}
-                rows.append(row)
-                base_rows[case_id] = row
-                bins_by.setdefault(run.method, {}).setdefault(role, []).append(result.bins)
-                if role == "source":
-                    samples.append((result.sample_probabilities, result.sample_labels))
-        if samples:
-            extra, parameters = _posthoc_rows(run, fold["test"], raw, dataset_json, targets, samples, base_rows)
-            posthoc_rows += extra
-            posthoc_parameters[f"{run.method} fold {run.fold} seed {run.seed}"] = parameters
+        for setting in [None] + prompt_settings_of(run.folder):
+            if setting is not None and not all((prediction_folder(run.folder, r, setting) / "confidence.json").is_file()
+                                               for r in ("val", "test")):
+                missing.append(f"{run.method} fold {run.fold} seed {run.seed}: prompts {setting} lacks val or test "
+                               f"predictions")
+                continue
+            label = run.method if setting is None else f"{run.method} [{setting}]"
+            samples, base_rows = [], {}
+            for role, folder_name in (("source", "val"), ("target", "test")):
+                folder = prediction_folder(run.folder, folder_name, setting)
+                confidence = json.loads((folder / "confidence.json").read_text())
+                for case_id in fold[folder_name]:
+                    prediction = folder / f"{case_id}{dataset_json['file_ending']}"
+                    if not prediction.is_file():
+                        missing.append(f"{label} fold {run.fold} seed {run.seed}: no prediction for {case_id}")
+                        continue
+                    result = evaluate_case(prediction, folder / f"{case_id}.npz",
+                                           raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}",
+                                           _image_paths(raw, case_id, dataset_json), targets, rng)
+                    row = {"method": label, "prompts": setting or _own_prompts(run.record), "split": split,
+                           "fold": run.fold, "seed": run.seed, "case_id": case_id, "role": role,
+                           **domains.loc[case_id].to_dict(), "source_vendor": source_vendor, **result.metrics,
+                           **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items()
+                              if not isinstance(v, dict)},
+                           "note": run.note}
+                    rows.append(row)
+                    base_rows[case_id] = row
+                    bins_by.setdefault(label, {}).setdefault(role, []).append(result.bins)
+                    if role == "source":
+                        samples.append((result.sample_probabilities, result.sample_labels))
+            if samples:
+                extra, parameters = _posthoc_rows(label, prediction_folder(run.folder, "test", setting), fold["test"],
+                                                  raw, dataset_json, targets, samples, base_rows)
+                posthoc_rows += extra
+                posthoc_parameters[f"{label} fold {run.fold} seed {run.seed}"] = parameters
     per_case = pd.DataFrame(rows + posthoc_rows)
     per_center = per_domain(per_case, split)
     dgg_runs, dgg = domain_generalisation_gap(per_case[~per_case["method"].str.contains(r" \+ ")])

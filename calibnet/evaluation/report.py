@@ -40,6 +40,19 @@ def calibration_table(per_case: pd.DataFrame) -> pd.DataFrame:
     return _mean_std(target, ["method"], [m for m in ("ECE", "Brier", "ACE") if m in target])
 
 
+def prompt_quality_table(per_case: pd.DataFrame) -> pd.DataFrame:
+    """Table-I style (MedSAM-U): Dice, IoU and calibration of each prompted method under each prompt setting,
+    on the target cases; empty unless some run was predicted with a prompt-quality setting."""
+    if "prompts" not in per_case:
+        return per_case[:0]
+    prompted = per_case[(per_case["prompts"] != "none") & ~per_case["method"].str.contains(r" \+ ")
+                        & (per_case["role"] == "target")]
+    if prompted["prompts"].nunique() < 2:
+        return per_case[:0]
+    prompted = prompted.assign(method=prompted["method"].str.replace(r" \[.*\]$", "", regex=True))
+    return _mean_std(prompted, ["method", "prompts"], [m for m in ("DSC", "IoU", "ECE", "Brier") if m in prompted])
+
+
 def ablation_tables(per_case: pd.DataFrame) -> list:
     tables = []
     for family in ABLATIONS:
@@ -72,6 +85,14 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
               "## Accuracy, boundary error and calibration per domain", "", _markdown(main), ""]
     for table in ablations:
         lines += ["## Ablation (target cases)", "", _markdown(table), ""]
+    prompt_quality = prompt_quality_table(per_case)
+    if not prompt_quality.empty:
+        lines += ["## Prompt quality (target cases)", "",
+                  "Each prompted method under each prompt-quality setting (docs/prompt_quality.md): kP random "
+                  "foreground points, kB(r) boxes at IoU r with the ground-truth box (several boxes: one prediction "
+                  "per box, probabilities averaged), P<d> one point displaced by d % of the object radius, B<s> the "
+                  "ground-truth box scaled to s %; `default` = centroid + background point, `B100` = the exact box.",
+                  "", _markdown(prompt_quality), ""]
     lines += ["## Calibration with post-hoc rows (target cases)", "",
               "`+ TS`: temperature scaling, `+ Dirichlet`: Dirichlet calibration, both fitted on the source "
               "validation voxels of the same run.", "", _markdown(calibration), ""]

@@ -24,7 +24,8 @@ def domain_columns(split: str) -> list:
 
 def per_domain(per_case: pd.DataFrame, split: str) -> pd.DataFrame:
     """mean, std and n of every metric per method, role and domain (plus condition when present)."""
-    keys = ["method", "role"] + domain_columns(split) + (["condition"] if "condition" in per_case else [])
+    keys = ["method"] + (["prompts"] if "prompts" in per_case else []) + ["role"] + domain_columns(split) + \
+        (["condition"] if "condition" in per_case else [])
     metrics = metric_columns(per_case)
     grouped = per_case.groupby(keys, dropna=False)[metrics]
     table = grouped.agg(["mean", "std"])

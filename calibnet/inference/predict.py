@@ -199,9 +199,30 @@ def _prompt_rng(seed: int, case_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
 
 
-def _preprocessed_case(model: LoadedModel, case: CaseInput, prompt_seed: int) -> tuple:
+def prediction_folder(run_folder: Path, role: str, prompt_setting: str | None = None) -> Path:
+    """``predictions/<role>`` of a run, or ``predictions/prompts_<SETTING>/<role>`` for a prompt-quality
+    setting other than the method's own prompts."""
+    base = Path(run_folder) / "predictions"
+    return base / role if prompt_setting is None else base / f"prompts_{prompt_setting}" / role
+
+
+def prompt_settings_of(run_folder: Path) -> list:
+    """The prompt-quality settings a run has predictions for (besides its own prompts)."""
+    base = Path(run_folder) / "predictions"
+    return sorted(p.name[len("prompts_"):] for p in base.glob("prompts_*") if p.is_dir())
+
+
+def _setting_prompts(model: LoadedModel, foreground: np.ndarray, case_id: str, seed: int, setting) -> list:
+    """Per slice of a 3-D target mask: the SlicePrompts of ``setting`` (None for empty slices)."""
+    from calibnet.prompt_quality import prompt_rng, slice_prompts
+
+    return [slice_prompts(mask, setting, prompt_rng(seed, case_id, z, setting)) for z, mask in enumerate(foreground)]
+
+
+def _preprocessed_case(model: LoadedModel, case: CaseInput, prompt_seed: int, prompt_setting=None) -> tuple:
     """(network input, nnU-Net properties) of one case: nnU-Net's preprocessing, plus the prompt channels of
-    prompt-guided models; SAM models get the whole case as one window."""
+    prompt-guided models; SAM models get the whole case as one window, and the prompts of
+    ``prompt_setting`` (a :class:`calibnet.prompt_quality.PromptSetting`) when one is given."""
     from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
     needs_label = model.trainer_class.requires_prompts
@@ -215,12 +236,14 @@ def _preprocessed_case(model: LoadedModel, case: CaseInput, prompt_seed: int) ->
                                                   model.dataset_json)
     data = torch.from_numpy(data).float()
     if needs_label:
-        prompts = model.trainer_class.prompt_inputs(model.prompt_foreground(seg[0]),
-                                                    _prompt_rng(prompt_seed, case.case_id))
+        foreground = model.prompt_foreground(seg[0])
+        prompts = model.trainer_class.prompt_inputs(foreground, _prompt_rng(prompt_seed, case.case_id))
         data = torch.cat([data, prompts.to(data.dtype)], 0)
     if model.is_sam:  # whole slices in one window: SAM sees each slice entire, with its prompt
         model.predictor.configuration_manager = ConfigurationManager(
             dict(model.configuration_manager.configuration, patch_size=list(data.shape[1:])))
+        model.predictor.network.prompt_override = None if prompt_setting is None else \
+            [_setting_prompts(model, foreground, case.case_id, prompt_seed, prompt_setting)]
     return data, properties
 
 
@@ -234,11 +257,23 @@ def head_scores(model: LoadedModel) -> dict:
 
 def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_probabilities: bool = True,
                   prompt_seed: int = 0, progress: bool = True, description: str = "predicting",
-                  mc_samples: int = 0) -> dict:
+                  mc_samples: int = 0, prompt_setting: str | None = None) -> dict:
     """Predict ``cases`` into ``output_folder``; returns and writes the per-case confidence scores
     (with MC-dropout scores from ``mc_samples`` stochastic passes when it is at least 2, and the predicted
-    Dice/NSD of every confidence head trained on the model)."""
+    Dice/NSD of every confidence head trained on the model). SAM models take the prompts of
+    ``prompt_setting`` (prompt-quality protocol) instead of their own, predicted without mirroring since
+    the prompts are drawn in the image's own orientation; the setting is written to ``prompts.json``."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    from calibnet.prompt_quality import parse_setting
+
+    setting = None
+    if prompt_setting is not None:
+        if not model.is_sam:
+            raise CalibnetError(f"--prompts applies to SAM methods; {model.trainer_class.__name__} takes no prompts "
+                                f"or only its own.")
+        setting = parse_setting(prompt_setting)
+        model.predictor.use_mirroring = False
 
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
@@ -248,7 +283,7 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
     confidence_path = output_folder / CONFIDENCE_FILENAME
     confidences = json.loads(confidence_path.read_text()) if confidence_path.is_file() else {}
     for case in tqdm(cases, desc=description, unit="case", disable=not progress):
-        data, properties = _preprocessed_case(model, case, prompt_seed)
+        data, properties = _preprocessed_case(model, case, prompt_seed, setting)
         mc_scores = mc_dropout_scores(model, data, mc_samples, len(case.images)) if mc_samples >= 2 else {}
         logits = model.predictor.predict_logits_from_preprocessed_data(data).cpu()
         predicted_quality = head_scores(model)
@@ -264,6 +299,8 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
                 shutil.move(truncated + ".npz", output_folder / f"{case.case_id}.npz")
             shutil.move(truncated + ending, output_folder / f"{case.case_id}{ending}")
         atomic_write_json(confidence_path, confidences)
+    if setting is not None:
+        atomic_write_json(output_folder / "prompts.json", {"setting": setting.name, "seed": prompt_seed})
     return confidences
 
 
@@ -312,16 +349,24 @@ def raw_case_inputs(raw_dataset_folder: Path, case_ids: list, dataset_json: dict
 
 
 def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path, device: str = "cpu",
-                       use_mirroring: bool = True, progress: bool = True, mc_samples: int = 0) -> dict:
-    """Predict the val (source) and test (target) cases of a run's fold into ``predictions/{val,test}``.
+                       use_mirroring: bool = True, progress: bool = True, mc_samples: int = 0,
+                       prompt_setting: str | None = None) -> dict:
+    """Predict the val (source) and test (target) cases of a run's fold into ``predictions/{val,test}``
+    (``predictions/prompts_<SETTING>/{val,test}`` with a prompt-quality setting).
 
     Returns {"val": folder, "test": folder}.
     """
     from calibnet.planners.splits import get_fold, load_calib_splits
     from calibnet.trainers.training_run import read_run
 
+    from calibnet.prompt_quality import parse_setting
+
     run_folder = Path(run_folder)
     record = read_run(run_folder)
+    if prompt_setting is not None:
+        parse_setting(prompt_setting)  # a bad name fails before anything is removed
+        if record.get("backbone") is None:
+            raise CalibnetError(f"--prompts applies to SAM methods, not {record['spec']['method']}.")
     spec = record["spec"]
     dataset_name = record["dataset_name"]
     fold = get_fold(load_calib_splits(Path(preprocessed_root) / dataset_name), spec["split"], spec["fold"])
@@ -329,11 +374,12 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
     written = {}
     for role in ("val", "test"):
         cases = raw_case_inputs(Path(raw_root) / dataset_name, fold[role], model.dataset_json)
-        folder = run_folder / "predictions" / role
+        folder = prediction_folder(run_folder, role, prompt_setting)
         if folder.exists():
             shutil.rmtree(folder)  # a re-prediction replaces the old one entirely
         predict_cases(model, cases, folder, prompt_seed=spec["seed"], progress=progress,
-                      description=f"predicting {role} ({len(cases)} cases)", mc_samples=mc_samples)
+                      description=f"predicting {role} ({len(cases)} cases)", mc_samples=mc_samples,
+                      prompt_setting=prompt_setting)
         written[role] = folder
     return written
 

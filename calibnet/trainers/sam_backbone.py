@@ -132,6 +132,7 @@ class SamSliceSegmenter(torch.nn.Module):
     """
 
     train_prompt_encoder = False  # MedSAM-U's MPA trains it; every other method keeps it frozen
+    prompt_override = None  # per batch item, per slice: SlicePrompts of a prompt-quality setting
 
     def __init__(self, sam: Sam, use_box: bool = False):
         super().__init__()
@@ -212,11 +213,34 @@ class SamSliceSegmenter(torch.nn.Module):
             prompts.append({"points": [list(map(int, p)) for p in points], "labels": labels})
         return prompts
 
+    def decode_prompt_sets(self, embeddings: torch.Tensor, prompt_sets: list, slice_shape: tuple) -> torch.Tensor:
+        """Foreground logits (N, Y, X) for slices prompted with a prompt-quality setting: one
+        :class:`calibnet.prompt_quality.SlicePrompts` (or None) per slice. A slice with several boxes is
+        decoded once per box, each with all the slice's points, and the probabilities are averaged."""
+        outputs = []
+        for embedding, prompts in zip(embeddings, prompt_sets):
+            if prompts is None:
+                outputs.append(self.decode(embedding[None], [None], slice_shape)[0])
+                continue
+            points = {"points": [list(p) for p in prompts.points], "labels": list(prompts.labels)} \
+                if prompts.points else {}
+            variants = [{**points, "box": box} for box in prompts.boxes] or [points]
+            logits = self.decode(embedding[None].expand(len(variants), *embedding.shape), variants, slice_shape)
+            mean = torch.sigmoid(logits).mean(0).clamp(1e-7, 1 - 1e-7)
+            outputs.append(torch.log(mean) - torch.log1p(-mean))
+        return torch.stack(outputs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Two-class logits (B, 2, Z, Y, X); the prompts come from the prompt channels, or from
+        ``prompt_override`` (one list of per-slice prompt sets per batch item) when it is set."""
         images, prompt_channels = x[:, :-3], x[:, -3:]
         logits = []
-        for volume, maps in zip(images, prompt_channels):
+        for index, (volume, maps) in enumerate(zip(images, prompt_channels)):
             slices = to_three_channels(volume).transpose(0, 1)  # (Z, 3, Y, X)
-            foreground = self.decode(self.embed(slices), self.prompts_from_channels(maps), tuple(volume.shape[-2:]))
+            shape = tuple(volume.shape[-2:])
+            if self.prompt_override is not None:
+                foreground = self.decode_prompt_sets(self.embed(slices), self.prompt_override[index], shape)
+            else:
+                foreground = self.decode(self.embed(slices), self.prompts_from_channels(maps), shape)
             logits.append(torch.stack([torch.zeros_like(foreground), foreground]))
         return torch.stack(logits)
