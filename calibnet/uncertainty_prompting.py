@@ -1,5 +1,6 @@
 """MedSAM-U's uncertainty-guided prompting on one 2-D slice (MedSAM-U §III-B/C, Eqs. 4–14), independent of
-the model: the caller supplies ``predict(boxes, points) -> probability map`` for one box and a point set.
+the model: the caller supplies ``predict(box, points, labels) -> probability map`` for one box (or None)
+and a labelled point set.
 
 - UGMP (Eqs. 4–8): N boxes jittered around the initial box (each corner coordinate + δ, δ ~ N(0, σ) pixels),
   one prediction per box (with the same points), ȳ = their mean, Ū = the binary entropy of ȳ (bits).
@@ -82,22 +83,34 @@ def mean_uncertainty(result: UGMPResult, roi: np.ndarray | None = None) -> float
     return float(result.uncertainty.mean())
 
 
-def run_ugmp(predict, box, points: list, n: int, sigma: float, shape, rng: np.random.Generator) -> UGMPResult:
-    """UGMP with the model: one prediction per jittered box, each with the same ``points``."""
-    return ugmp([predict(jittered, points) for jittered in jittered_boxes(box, n, sigma, shape, rng)])
+def run_ugmp(predict, boxes: list, points: list, labels: list) -> UGMPResult:
+    """UGMP with the model: one prediction per box, each with the same points (one prediction when there
+    is no box)."""
+    return ugmp([predict(box, points, labels) for box in (boxes or [None])])
 
 
-def run_ugpa(predict, box, points: list, shape, rng: np.random.Generator, n: int = DEFAULT_N_BOXES,
-             sigma: float = DEFAULT_SIGMA, k: int = DEFAULT_TOP_K, edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
-             compare_on: str = "slice") -> UGPAResult:
-    """UGMP from the initial prompts, then UGPA (Eq. 14: keep y* only when its uncertainty is lower)."""
-    initial = run_ugmp(predict, box, points, n, sigma, shape, rng)
+def adapt(predict, initial: UGMPResult, points: list, labels: list, shape, rng: np.random.Generator,
+          sigma: float = DEFAULT_SIGMA, k: int = DEFAULT_TOP_K, edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
+          compare_on: str = "slice") -> UGPAResult:
+    """UGPA from a UGMP result: the uncertainty box re-jittered into ``k`` boxes, the ``k`` most uncertain
+    pixels added as point prompts — labelled foreground where ȳ ≥ 0.5, else background (our choice; the
+    paper does not say) — then UGMP again, and Eq. 14."""
     adapted_box = uncertainty_box(initial.uncertainty, edge_threshold)
     if adapted_box is None:  # nothing uncertain: nothing to adapt
         return UGPAResult(initial.probability, initial.uncertainty, False, initial, None)
-    adapted_points = list(points) + most_uncertain_points(initial.uncertainty, k)
-    adapted = run_ugmp(predict, adapted_box, adapted_points, k, sigma, shape, rng)
+    extra = most_uncertain_points(initial.uncertainty, k)
+    extra_labels = [int(initial.probability[int(r), int(c)] >= 0.5) for r, c in extra]
+    boxes = jittered_boxes(adapted_box, k, sigma, shape, rng)
+    adapted = run_ugmp(predict, boxes, list(points) + extra, list(labels) + extra_labels)
     return choose(initial, adapted, compare_on)
+
+
+def run_ugpa(predict, box, points: list, labels: list, shape, rng: np.random.Generator, n: int = DEFAULT_N_BOXES,
+             sigma: float = DEFAULT_SIGMA, k: int = DEFAULT_TOP_K, edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
+             compare_on: str = "slice") -> UGPAResult:
+    """MedSAM-U from one initial box: UGMP over ``n`` boxes jittered around it, then UGPA."""
+    initial = run_ugmp(predict, jittered_boxes(box, n, sigma, shape, rng), points, labels)
+    return adapt(predict, initial, points, labels, shape, rng, sigma, k, edge_threshold, compare_on)
 
 
 def choose(initial: UGMPResult, adapted: UGMPResult, compare_on: str = "slice") -> UGPAResult:

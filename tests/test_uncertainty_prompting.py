@@ -53,27 +53,29 @@ def test_ugpa_reruns_with_adapted_prompts_and_accepts_only_improvements(more_poi
     shape = (16, 16)
     calls = []
 
-    def predict(box, points):
-        calls.append((box, list(points)))
+    def predict(box, points, labels):
+        calls.append((box, list(points), list(labels)))
         adapted = len(points) > 1
         sharp = adapted == more_points_help
         p = np.full(shape, 0.02)
         p[4:12, 4:12] = 0.98 if sharp else 0.55
         return p
 
-    result = run_ugpa(predict, (4, 4, 11, 11), [(8.0, 8.0)], shape, np.random.default_rng(0), n=3, k=2,
+    result = run_ugpa(predict, (4, 4, 11, 11), [(8.0, 8.0)], [1], shape, np.random.default_rng(0), n=3, k=2,
                       edge_threshold=0.1)
     assert len(calls) == 3 + 2  # N initial boxes, then K adapted boxes
-    assert all(len(points) == 1 for _, points in calls[:3]) and all(len(points) == 3 for _, points in calls[3:])
+    assert all(len(points) == 1 for _, points, _ in calls[:3]) and all(len(points) == 3 for _, points, _ in calls[3:])
+    # the added points are the most uncertain pixels, labelled by the initial mean prediction
+    assert all(labels[0] == 1 and len(labels) == 3 for _, _, labels in calls[3:])
     assert result.accepted is more_points_help
     expected = result.adapted if more_points_help else result.initial
     np.testing.assert_array_equal(result.probability, expected.probability)
 
 
 def test_ugpa_without_uncertain_pixels_keeps_the_ugmp_result():
-    def predict(box, points):
+    def predict(box, points, labels):
         return np.zeros((8, 8))
 
-    result = run_ugpa(predict, (2, 2, 5, 5), [], (8, 8), np.random.default_rng(0))
+    result = run_ugpa(predict, (2, 2, 5, 5), [], [], (8, 8), np.random.default_rng(0))
     assert not result.accepted and result.adapted is None
     np.testing.assert_array_equal(result.probability, np.zeros((8, 8)))

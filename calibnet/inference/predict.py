@@ -107,7 +107,8 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     label_manager = plans_manager.get_label_manager(dataset_json)
     if record.get("backbone") is not None:
         from calibnet.trainers.sam_backbone import SamConfig
-        network = trainer_class.network_for(SamConfig(**record["backbone"]), load_weights=False)
+        network = trainer_class.network_for(SamConfig(**record["backbone"]), load_weights=False,
+                                            **record.get("network_options", {}))
     else:
         network = trainer_class.build_network_architecture(
             plans_manager, configuration_manager,
@@ -119,6 +120,7 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
         raise CalibnetError(f"{checkpoint_path} does not fit the {trainer_class.__name__} architecture of this "
                             f"dataset's plans ({str(e).splitlines()[0]}).") from None
     device = torch.device(device)
+    use_mirroring = use_mirroring and getattr(trainer_class, "predicts_with_mirroring", True)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=device.type == "cuda", device=device,
                                 allow_tqdm=False)
@@ -287,6 +289,8 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
         mc_scores = mc_dropout_scores(model, data, mc_samples, len(case.images)) if mc_samples >= 2 else {}
         logits = model.predictor.predict_logits_from_preprocessed_data(data).cpu()
         predicted_quality = head_scores(model)
+        if hasattr(model.predictor.network, "prediction_summary"):  # medsam_u: UGMP uncertainty, UGPA decisions
+            predicted_quality.update(model.predictor.network.prediction_summary())
         with tempfile.TemporaryDirectory(prefix=".partial-", dir=output_folder) as tmp:
             truncated = str(Path(tmp) / case.case_id)
             export_prediction_from_logits(logits, properties, model.configuration_manager, model.plans_manager,
@@ -294,6 +298,11 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
             probabilities = np.load(truncated + ".npz")["probabilities"]
             confidences[case.case_id] = {**case_confidence(probabilities, regions), **mc_scores,
                                          **predicted_quality}
+            if hasattr(model.predictor.network, "prediction_summary"):  # Ū = H(ȳ): the entropy of the output
+                foreground = np.clip(probabilities[1].astype(np.float64), 1e-12, 1 - 1e-12)
+                entropy = -(foreground * np.log2(foreground) + (1 - foreground) * np.log2(1 - foreground))
+                np.savez_compressed(truncated + "_uncertainty.npz", uncertainty=entropy.astype(np.float16))
+                shutil.move(truncated + "_uncertainty.npz", output_folder / f"{case.case_id}_uncertainty.npz")
             if save_probabilities:
                 np.savez_compressed(truncated + ".npz", probabilities=probabilities.astype(np.float16))
                 shutil.move(truncated + ".npz", output_folder / f"{case.case_id}.npz")

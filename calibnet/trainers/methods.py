@@ -53,6 +53,9 @@ METHODS = {m.alias: m for m in (
            ("lambda_cmp", "cmp_tau", "cmp_gamma"), uses_sam=True),
     Method("vanilla_sam", "nnUNetTrainerSAM", "nnUNetTrainerVanillaSAM",
            "zero-shot SAM with the slice's ground-truth box (no training: calib_train only predicts)", uses_sam=True),
+    Method("medsam_u", "nnUNetTrainerMedSAMU", "nnUNetTrainerMedSAMU",
+           "MedSAM-U: adapters in the image encoder + prompt encoder trained (focal + Dice, points and jittered "
+           "boxes); UGMP + UGPA at prediction", uses_sam=True),
     Method("medsam", "nnUNetTrainerSAM", "nnUNetTrainerMedSAM",
            "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", uses_sam=True),
 )}

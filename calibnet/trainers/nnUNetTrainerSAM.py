@@ -82,6 +82,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     cmp_gamma = DEFAULT_CMP_GAMMA
     slices_per_batch = 8
     seed = 0
+    caches_embeddings = True  # the image encoder is frozen, so each slice is encoded once
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
@@ -92,14 +93,14 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
 
     # --- network and optimiser -------------------------------------------------------------------------
     @classmethod
-    def network_for(cls, sam_config: SamConfig, load_weights: bool = True) -> SamSliceSegmenter:
+    def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **_options) -> SamSliceSegmenter:
         return SamSliceSegmenter(build_sam(sam_config, load_weights), use_box=cls.use_box)
 
     def initialize(self):
         if self.was_initialized:
             raise RuntimeError("trainer already initialised")
         self._set_batch_size_and_oversample()
-        self.network = self.network_for(self.sam_config).to(self.device)
+        self.network = self.network_for(self.sam_config, **getattr(self, "network_options", {})).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss = None  # the SAM objective is computed in calib_train_step
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -107,9 +108,12 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         self.was_initialized = True
         self.print_to_log_file(f"SAM backbone: {self.sam_config.describe()}; image and prompt encoders frozen")
 
+    def trainable_parameters(self) -> list:
+        """What the optimiser updates: SAM's mask decoder."""
+        return list(self.network.sam.mask_decoder.parameters())
+
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.network.sam.mask_decoder.parameters(), lr=self.initial_lr,
-                                     betas=(0.9, 0.999))
+        optimizer = torch.optim.Adam(self.trainable_parameters(), lr=self.initial_lr, betas=(0.9, 0.999))
         return optimizer, CosineLR(optimizer, self.initial_lr, self.num_epochs)
 
     # --- data ------------------------------------------------------------------------------------------
@@ -134,10 +138,11 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
             keys = [(case_id, int(z)) for case_id in ids for z in np.flatnonzero(self.volumes[case_id][1].any((1, 2)))]
             batches.append(SliceBatches(keys, self.slices_per_batch, self.seed + offset))
             all_keys += keys
-        for start in range(0, len(all_keys), 32):  # encode every slice once, before the first step
-            self.embeddings(all_keys[start:start + 32])
-        self.print_to_log_file(f"embedding cache: {len(self.embedding_cache.store)} slices encoded once "
-                               f"({self.sam_config.describe()})")
+        if self.caches_embeddings:
+            for start in range(0, len(all_keys), 32):  # encode every slice once, before the first step
+                self.embeddings(all_keys[start:start + 32])
+            self.print_to_log_file(f"embedding cache: {len(self.embedding_cache.store)} slices encoded once "
+                                   f"({self.sam_config.describe()})")
         return batches[0], batches[1]
 
     def on_epoch_end(self):
@@ -207,7 +212,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     def calib_train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         total = self.loss_terms(batch["keys"])["total loss"]
-        self.backward_and_step(total, self.network.sam.mask_decoder.parameters())
+        self.backward_and_step(total, self.trainable_parameters())
         return {"loss": total.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:

@@ -50,6 +50,7 @@ class RunRecord:
     loss_options: dict = field(default_factory=dict)
     backbone: dict | None = None  # SAM methods: {"model", "checkpoint"}
     target_label: int | None = None  # SAM methods: the binary target (None = all foreground)
+    network_options: dict = field(default_factory=dict)  # architecture/prediction options (medsam_u)
     note: str = ""  # e.g. "tiny SAM, not pretrained", repeated wherever results are reported
 
 
@@ -179,7 +180,11 @@ def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, ta
                             "region-based dataset (e.g. --target 1), or leave it out on label datasets for the "
                             "union of all foreground.")
     trainer.sam_config, trainer.target_label, trainer.seed = config, target_label, spec.seed
+    options = {}
+    if hasattr(trainer, "network_options"):
+        options = trainer.network_options = {**trainer.network_options, "seed": spec.seed}
     return {"backbone": {"model": config.model, "checkpoint": config.checkpoint}, "target_label": target_label,
+            "network_options": options,
             "note": config.describe() if not config.pretrained else ""}
 
 

@@ -1,0 +1,188 @@
+"""medsam_u: MedSAM-U (MedSAM-U paper, §III, Algorithm 1) on the slice-wise SAM backbone.
+
+- MPA training: bottleneck adapters in the image encoder's blocks (``calibnet.trainers.sam_adapters``) and
+  the prompt encoder train; everything else — the pretrained encoder weights and the mask decoder — stays
+  frozen (checked when the trainer is initialised). Prompts per training slice: 1–3 random foreground
+  points and the ground-truth box jittered by δ ~ N(0, σ) per coordinate. Loss: binary focal (α = 0.25,
+  γ = 2) + Dice (Eq. 15). The encoder trains, so its embeddings are not cached.
+- Prediction: UGMP (N boxes jittered around the initial box, mean probability ȳ, entropy Ū) then UGPA
+  (uncertainty box re-jittered into K boxes plus the K most uncertain points; y* kept only when its
+  uncertainty is lower), per slice (``calibnet.uncertainty_prompting``). The initial box is the slice's
+  ground-truth box, or the boxes of a prompt-quality setting (two or more boxes are UGMP's multiple prompts
+  as they are).
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calibnet.errors import CalibnetError
+from calibnet.prompts import slice_box
+from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFT
+from calibnet.trainers.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adapter_parameters, insert_adapters,
+                                            parse_adapter_blocks)
+from calibnet.trainers.sam_backbone import EMPTY_LOGIT, SamConfig, SamSliceSegmenter, build_sam, to_three_channels
+from calibnet.uncertainty_prompting import (DEFAULT_EDGE_THRESHOLD, DEFAULT_N_BOXES, DEFAULT_SIGMA, DEFAULT_TOP_K,
+                                            UGMPResult, adapt, binary_entropy, jittered_boxes, run_ugmp)
+
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the usual binary focal-loss constants (the paper cites Lin et al.)
+TRAINING_BOX_SIGMA = 5.0  # pixels of jitter on the training boxes (ours; the paper does not state it)
+
+
+class MedSAMUSegmenter(SamSliceSegmenter):
+    """SAM with MPA adapters whose prediction runs UGMP and UGPA on each prompted slice."""
+
+    def __init__(self, sam, adapter_blocks: str = "all", adapter_ratio: float = DEFAULT_BOTTLENECK_RATIO,
+                 n_boxes: int = DEFAULT_N_BOXES, sigma: float = DEFAULT_SIGMA, top_k: int = DEFAULT_TOP_K,
+                 edge_threshold: float = DEFAULT_EDGE_THRESHOLD, compare_on: str = "slice", ugpa: bool = True,
+                 seed: int = 0):
+        super().__init__(sam, use_box=True)
+        self.adapters = insert_adapters(sam.image_encoder, parse_adapter_blocks(adapter_blocks,
+                                                                                len(sam.image_encoder.blocks)),
+                                        adapter_ratio)
+        sam.prompt_encoder.requires_grad_(True)
+        self.train_prompt_encoder = True
+        self.options = dict(n_boxes=n_boxes, sigma=sigma, top_k=top_k, edge_threshold=edge_threshold,
+                            compare_on=compare_on, ugpa=ugpa, seed=seed)
+        self.last_ugpa = []  # per slice of the last prediction: True/False (UGPA accepted), None (no prompt)
+        self.last_uncertainty = []  # per prompted slice: mean entropy (bits) of the kept prediction
+
+    def trainable_parameters(self) -> list:
+        return adapter_parameters(self) + list(self.sam.prompt_encoder.parameters())
+
+    def embed(self, slices: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            return self.sam.image_encoder(self.slices_to_sam_input(slices))
+
+    def _probability(self, embedding: torch.Tensor, slice_shape: tuple):
+        def predict(box, points, labels):
+            prompt = {"points": [list(p) for p in points], "labels": list(labels)} if points else {}
+            if box is not None:
+                prompt["box"] = box
+            with torch.no_grad():
+                logits = self.decode(embedding[None], [prompt], slice_shape)[0]
+            return torch.sigmoid(logits.float()).cpu().numpy()
+        return predict
+
+    def uncertainty_guided(self, embedding: torch.Tensor, boxes: list, points: list, labels: list,
+                           slice_shape: tuple, rng: np.random.Generator):
+        """(probability, accepted) of one slice: UGMP over ``boxes`` (N jittered copies of a single box),
+        then UGPA unless switched off."""
+        o = self.options
+        predict = self._probability(embedding, slice_shape)
+        if len(boxes) == 1:
+            boxes = jittered_boxes(boxes[0], o["n_boxes"], o["sigma"], slice_shape, rng)
+        initial: UGMPResult = run_ugmp(predict, boxes, points, labels)
+        if not o["ugpa"]:
+            return initial.probability, False
+        result = adapt(predict, initial, points, labels, slice_shape, rng, o["sigma"], o["top_k"],
+                       o["edge_threshold"], o["compare_on"])
+        return result.probability, result.accepted
+
+    def prediction_summary(self) -> dict:
+        """confidence.json entries of the last prediction: mean uncertainty over the prompted slices and
+        UGPA's decision per slice (null for slices without a prompt)."""
+        decided = [a for a in self.last_ugpa if a is not None]
+        return {"ugmp_mean_uncertainty": float(np.mean(self.last_uncertainty)) if self.last_uncertainty else 0.0,
+                "ugpa_accepted_fraction": float(np.mean(decided)) if decided else 0.0,
+                "ugpa_accepted": list(self.last_ugpa)}
+
+    def decode_uncertainty_guided(self, embeddings: torch.Tensor, prompt_sets: list, slice_shape: tuple):
+        logits, self.last_ugpa, self.last_uncertainty = [], [], []
+        for z, (embedding, prompts) in enumerate(zip(embeddings, prompt_sets)):
+            if prompts is None:
+                logits.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device))
+                self.last_ugpa.append(None)
+                continue
+            rng = np.random.default_rng([self.options["seed"], z])
+            probability, accepted = self.uncertainty_guided(embedding, prompts["boxes"], prompts["points"],
+                                                            prompts["labels"], slice_shape, rng)
+            p = torch.from_numpy(probability).to(embeddings.device).clamp(1e-7, 1 - 1e-7)
+            logits.append(torch.log(p) - torch.log1p(-p))
+            self.last_ugpa.append(accepted)
+            self.last_uncertainty.append(float(binary_entropy(probability).mean()))
+        return torch.stack(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("MedSAMUSegmenter.forward is the prediction path; training decodes slices directly")
+        images, prompt_channels = x[:, :-3], x[:, -3:]
+        logits = []
+        for index, (volume, maps) in enumerate(zip(images, prompt_channels)):
+            slices = to_three_channels(volume).transpose(0, 1)
+            shape = tuple(volume.shape[-2:])
+            if self.prompt_override is not None:
+                sets = [None if p is None else {"boxes": list(p.boxes), "points": list(p.points),
+                                                "labels": list(p.labels)} for p in self.prompt_override[index]]
+            else:
+                sets = [None if p is None else {"boxes": [p["box"]], "points": [], "labels": []}
+                        for p in self.prompts_from_channels(maps)]
+            foreground = self.decode_uncertainty_guided(self.embed(slices), sets, shape)
+            logits.append(torch.stack([torch.zeros_like(foreground), foreground]))
+        return torch.stack(logits)
+
+
+class nnUNetTrainerMedSAMU(nnUNetTrainerSAMFT):
+    """MedSAM-U: MPA training (adapters + prompt encoder), UGMP + UGPA at prediction."""
+
+    use_box = True
+    caches_embeddings = False
+    predicts_with_mirroring = False  # UGMP's multiple prompts take the place of test-time augmentation
+    slices_per_batch = 4
+    network_options = {}  # adapter and UGMP/UGPA options, recorded in calibnet_run.json
+
+    @classmethod
+    def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **options) -> MedSAMUSegmenter:
+        return MedSAMUSegmenter(build_sam(sam_config, load_weights), **{**cls.network_options, **options})
+
+    def initialize(self):
+        super().initialize()
+        trainable = {id(p) for p in self.trainable_parameters()}
+        if not self.network.adapters or not trainable:
+            raise CalibnetError("MedSAM-U needs at least one adapter block to train.")
+        for parameter in self.network.parameters():  # the pretrained encoder and the mask decoder stay frozen
+            parameter.requires_grad_(id(parameter) in trainable)
+        self.print_to_log_file(f"MPA: {len(self.network.adapters)} adapters and the prompt encoder train "
+                               f"({sum(p.numel() for p in self.trainable_parameters())} parameters); the rest "
+                               f"is frozen")
+
+    def trainable_parameters(self) -> list:
+        return self.network.trainable_parameters()
+
+    def embeddings(self, keys: list) -> torch.Tensor:
+        """Fresh embeddings, with gradients into the adapters while training (nothing is cached)."""
+        # one slice at a time: cases differ in in-plane size, and each slice is resized to SAM's input anyway
+        return torch.cat([self.network.embed(self._slice(case_id, z)[None].to(self.device)) for case_id, z in keys])
+
+    def _slice(self, case_id: str, z: int) -> torch.Tensor:
+        return to_three_channels(self.volumes[case_id][0][:, z:z + 1])[:, 0]
+
+    def slice_prompts(self, keys: list) -> list:
+        """Training prompts: 1–3 random foreground points and the jittered ground-truth box per slice."""
+        prompts = []
+        for case_id, z in keys:
+            rng = np.random.default_rng([self.seed, zlib.crc32(case_id.encode()), z, self.current_epoch])
+            mask = self.volumes[case_id][1][z]
+            where = np.argwhere(mask)
+            chosen = where[rng.choice(len(where), size=int(rng.integers(1, 4)))]
+            box = jittered_boxes(slice_box(mask), 1, TRAINING_BOX_SIGMA, mask.shape, rng)[0]
+            prompts.append({"points": chosen.tolist(), "labels": [1] * len(chosen), "box": box})
+        return prompts
+
+    def loss_terms(self, keys: list) -> dict:
+        z = self.embeddings(keys)
+        logits, target = self._forward(keys, z)
+        probability = torch.sigmoid(logits)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        p_true = probability * target + (1 - probability) * (1 - target)
+        alpha = FOCAL_ALPHA * target + (1 - FOCAL_ALPHA) * (1 - target)
+        focal = (alpha * (1 - p_true) ** FOCAL_GAMMA * bce).mean()
+        dice = 1 - (2 * (probability * target).sum() + 1e-5) / (probability.sum() + target.sum() + 1e-5)
+        terms = {"focal loss": focal, "Dice loss": dice}
+        self.check_finite(terms)
+        terms["total loss"] = focal + dice
+        terms["logits"], terms["target"] = logits, target
+        return terms
