@@ -62,3 +62,30 @@ def test_prompt_settings_feed_ugmp_directly(tiny_dataset, medsam_u_run):
                              "--prompts", "3P+3B0.75"])
     confidence = json.loads((folder / "predictions" / "prompts_3P+3B0.75" / "test" / "confidence.json").read_text())
     assert all("ugpa_accepted" in scores for scores in confidence.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["medsam_u", 1, "--adapter-blocks", "9"], "--adapter-blocks '9': give 'all' or indices"),
+    (["samft", 1, "--ugmp-boxes", "5"], "--n-boxes apply to medsam_u, not samft"),
+])
+def test_bad_medsam_u_options_give_one_clear_message(tiny_dataset, args, message):
+    tiny_dataset.activate()
+    result = run_cli(train_cli.main, [511, "3d_fullres", *args, *SHORT], expect_ok=False)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_options_are_recorded_and_rebuild_the_same_network(tiny_dataset):
+    from calibnet.inference.predict import load_model
+
+    tiny_dataset.activate()
+    run_cli(train_cli.main, [511, "3d_fullres", "medsam_u", 3, *SHORT, "--adapter-blocks", "0", "--adapter-ratio",
+                             0.5, "--ugmp-boxes", 2, "--no-ugpa", "--disable-tta"])
+    folder = (tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / "nnUNetTrainerMedSAMU__CalibPlans__3d_fullres"
+              / "loco_fold3_seed42")
+    record = json.loads((folder / "calibnet_run.json").read_text())
+    assert record["network_options"] == {"adapter_blocks": "0", "adapter_ratio": 0.5, "n_boxes": 2, "ugpa": False,
+                                         "seed": 42}
+    network = load_model(folder, "cpu").predictor.network
+    assert len(network.adapters) == 1 and network.options["n_boxes"] == 2 and not network.options["ugpa"]
+    confidence = json.loads((folder / "predictions" / "test" / "confidence.json").read_text())
+    assert all(not any(d for d in scores["ugpa_accepted"] if d is not None) for scores in confidence.values())

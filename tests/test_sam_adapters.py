@@ -48,5 +48,5 @@ def test_block_selection(text, expected):
 
 @pytest.mark.parametrize("text", ["4", "a", "", "-5"])
 def test_bad_block_selection(text):
-    with pytest.raises(ValueError, match="adapter blocks"):
+    with pytest.raises(ValueError, match="adapter-blocks"):
         parse_adapter_blocks(text, 4)

@@ -48,6 +48,19 @@ def _list_methods(ctx, _param, value):
               help="SAM or MedSAM weights (.pth), loaded with weights_only=True.")
 @click.option("--target", "target_label", type=int, default=None,
               help="SAM methods: the label value to segment (default: the union of all foreground).")
+@click.option("--adapter-blocks", default=None, help="medsam_u: image-encoder blocks that get an adapter: 'all' "
+              "(default) or indices, e.g. 0,3,6,9.")
+@click.option("--adapter-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="medsam_u: adapter bottleneck width / block width (default 0.25).")
+@click.option("--ugmp-boxes", type=click.IntRange(1), default=None,
+              help="medsam_u: UGMP's N jittered boxes (default 3).")
+@click.option("--ugmp-sigma", type=click.FloatRange(0), default=None,
+              help="medsam_u: σ of the box jitter δ ~ N(0, σ), pixels (default 5).")
+@click.option("--ugpa-k", type=click.IntRange(1), default=None,
+              help="medsam_u: UGPA's K boxes and K most uncertain points (default 3).")
+@click.option("--ugpa-compare", type=click.Choice(["slice", "roi"]), default=None,
+              help="medsam_u: mean entropy compared over the slice (default) or the foreground ROI.")
+@click.option("--no-ugpa", is_flag=True, default=None, help="medsam_u: UGMP only, no prompt adaptation.")
 @click.option("--prompts", "prompt_settings", multiple=True,
               help="SAM methods: also predict val/test with this prompt-quality setting (3P, 3B0.5, 3P+3B0.5, P50, "
                    "B150, ...) into predictions/prompts_<SETTING>/; repeat for several. See docs/prompt_quality.md.")
@@ -67,7 +80,8 @@ def _list_methods(ctx, _param, value):
 def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per_epoch, device, num_workers,
          continue_training,
          predict_only, disable_tta, mc_samples, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma, sam_model,
-         sam_checkpoint, target_label, prompt_settings, base, no_adversarial, warmup_batches, patience):
+         sam_checkpoint, target_label, adapter_blocks, adapter_ratio, ugmp_boxes, ugmp_sigma, ugpa_k, ugpa_compare,
+         no_ugpa, prompt_settings, base, no_adversarial, warmup_batches, patience):
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
     from calibnet.inference.predict import predict_run_splits
@@ -90,7 +104,10 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
         folder = train(spec, roots.preprocessed, roots.results, epochs, iters_per_epoch, device, continue_training,
                        {"lambda_fip": lambda_fip, "lambda_cmp": lambda_cmp, "cmp_tau": cmp_tau,
                         "cmp_gamma": cmp_gamma, "focal_gamma": focal_gamma, "dicepp_gamma": dicepp_gamma},
-                       num_workers, sam_model, sam_checkpoint, target_label, log=click.echo)
+                       num_workers, sam_model, sam_checkpoint, target_label, log=click.echo,
+                       network_options={"adapter_blocks": adapter_blocks, "adapter_ratio": adapter_ratio,
+                                        "n_boxes": ugmp_boxes, "sigma": ugmp_sigma, "top_k": ugpa_k,
+                                        "compare_on": ugpa_compare, "ugpa": False if no_ugpa else None})
         note = read_run(folder).get("note")
         click.echo(f"trained {method}: {folder}" + (f" ({note})" if note else ""))
     if not (predict_only and prompt_settings):  # the method's own prompts

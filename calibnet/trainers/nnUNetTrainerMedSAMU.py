@@ -40,9 +40,11 @@ class MedSAMUSegmenter(SamSliceSegmenter):
                  edge_threshold: float = DEFAULT_EDGE_THRESHOLD, compare_on: str = "slice", ugpa: bool = True,
                  seed: int = 0):
         super().__init__(sam, use_box=True)
-        self.adapters = insert_adapters(sam.image_encoder, parse_adapter_blocks(adapter_blocks,
-                                                                                len(sam.image_encoder.blocks)),
-                                        adapter_ratio)
+        try:
+            blocks = parse_adapter_blocks(str(adapter_blocks), len(sam.image_encoder.blocks))
+        except ValueError as e:
+            raise CalibnetError(f"--{e}") from None
+        self.adapters = insert_adapters(sam.image_encoder, blocks, adapter_ratio)
         sam.prompt_encoder.requires_grad_(True)
         self.train_prompt_encoder = True
         self.options = dict(n_boxes=n_boxes, sigma=sigma, top_k=top_k, edge_threshold=edge_threshold,

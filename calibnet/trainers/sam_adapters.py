@@ -48,10 +48,10 @@ def parse_adapter_blocks(text: str, depth: int) -> list:
         indices = sorted({int(part) % depth if -depth <= int(part) < depth else int("x")
                           for part in text.split(",") if part.strip()})
     except ValueError:
-        raise ValueError(f"adapter blocks {text!r}: give 'all' or indices between {-depth} and {depth - 1}, "
+        raise ValueError(f"adapter-blocks {text!r}: give 'all' or indices between {-depth} and {depth - 1}, "
                          f"e.g. 0,3,6,9") from None
     if not indices:
-        raise ValueError("adapter blocks: give 'all' or at least one block index")
+        raise ValueError("adapter-blocks: give 'all' or at least one block index")
     return indices
 
 

@@ -156,7 +156,8 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
     return trainer, method, dataset_folder.name, describe_fold(spec.split, fold), folder
 
 
-def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, target_label, log) -> dict:
+def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, target_label, log,
+                   network_options: dict | None = None) -> dict:
     """Backbone, target and prompt seed of a SAM method; returns what calibnet_run.json records."""
     from calibnet.trainers.sam_backbone import resolve_sam_config
 
@@ -180,9 +181,13 @@ def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, ta
                             "region-based dataset (e.g. --target 1), or leave it out on label datasets for the "
                             "union of all foreground.")
     trainer.sam_config, trainer.target_label, trainer.seed = config, target_label, spec.seed
+    given = {k: v for k, v in (network_options or {}).items() if v is not None}
+    if given and not hasattr(trainer, "network_options"):
+        raise CalibnetError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to medsam_u, "
+                            f"not {method.alias}.")
     options = {}
     if hasattr(trainer, "network_options"):
-        options = trainer.network_options = {**trainer.network_options, "seed": spec.seed}
+        options = trainer.network_options = {**trainer.network_options, **given, "seed": spec.seed}
     return {"backbone": {"model": config.model, "checkpoint": config.checkpoint}, "target_label": target_label,
             "network_options": options,
             "note": config.describe() if not config.pretrained else ""}
@@ -191,11 +196,13 @@ def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, ta
 def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: int | None = None,
           iterations_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
           loss_options: dict | None = None, num_workers: int | None = None, sam_model: str | None = None,
-          sam_checkpoint: str | None = None, target_label: int | None = None, log=print) -> Path:
+          sam_checkpoint: str | None = None, target_label: int | None = None, log=print,
+          network_options: dict | None = None) -> Path:
     """Train ``spec.method`` and return its run folder (checkpoints, logs, calibnet_run.json).
 
     ``num_workers`` sets nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main
-    process) for this training only. SAM methods take ``sam_model``/``sam_checkpoint`` and ``target_label``;
+    process) for this training only. SAM methods take ``sam_model``/``sam_checkpoint`` and ``target_label``
+    (medsam_u also ``network_options``: adapter and UGMP/UGPA settings, recorded in calibnet_run.json);
     a method that does not train (vanilla SAM) only writes its checkpoint.
     """
     if get_method(spec.method).trains_head:
@@ -207,7 +214,7 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
                             f"continue from; train without --continue.")
     trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
                                                                         continue_training)
-    sam_record = _configure_sam(trainer, method, spec, sam_model, sam_checkpoint, target_label, log)
+    sam_record = _configure_sam(trainer, method, spec, sam_model, sam_checkpoint, target_label, log, network_options)
     applied = _set_loss_options(trainer, method, loss_options or {})
     if epochs is not None:
         trainer.num_epochs = int(epochs)
