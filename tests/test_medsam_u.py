@@ -89,3 +89,29 @@ def test_options_are_recorded_and_rebuild_the_same_network(tiny_dataset):
     assert len(network.adapters) == 1 and network.options["n_boxes"] == 2 and not network.options["ugpa"]
     confidence = json.loads((folder / "predictions" / "test" / "confidence.json").read_text())
     assert all(not any(d for d in scores["ugpa_accepted"] if d is not None) for scores in confidence.values())
+
+
+def test_table_iii_rows_with_and_without_ugpa(tiny_dataset, medsam_u_run):
+    """Predicted with 3B0.5 with and without UGPA, the prompt-quality table has both rows."""
+    import pandas as pd
+
+    from calibnet.cli import evaluate as evaluate_cli
+
+    _, folder = medsam_u_run
+    tiny_dataset.activate()
+    common = [511, "3d_fullres", "medsam_u", 2, "--predict-only", "--device", "cpu", "--prompts", "3B0.5"]
+    run_cli(train_cli.main, common)
+    run_cli(train_cli.main, [*common, "--no-ugpa"])
+    without = folder / "predictions" / "prompts_3B0.5_noUGPA" / "test"
+    assert json.loads((without / "prompts.json").read_text()) == {"setting": "3B0.5", "seed": 42, "ugpa": False}
+    for scores in json.loads((without / "confidence.json").read_text()).values():
+        assert not any(scores["ugpa_accepted"])
+    result = run_cli(train_cli.main, [511, "3d_fullres", "medsam_u", 2, "--predict-only", "--no-ugpa"],
+                     expect_ok=False)
+    assert result.exit_code == 2 and "needs --prompts SETTING" in result.output
+    report = run_cli(evaluate_cli.main, ["--split", "loco", "--methods", "medsam_u", "--folds", 2]).output
+    assert "## Prompt quality (target cases)" in report
+    per_case = pd.read_csv(tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / "evaluation" / "loco" / "per_case.csv")
+    labels = set(per_case["method"])
+    assert {"medsam_u", "medsam_u [3B0.5]", "medsam_u w/o UGPA [3B0.5]"} <= labels
+    assert set(per_case.loc[per_case["method"] == "medsam_u", "prompts"]) == {"B100"}

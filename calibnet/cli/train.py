@@ -115,8 +115,12 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
                                      mc_samples=mc_samples)
         for role, predictions in written.items():
             click.echo(f"  {role} predictions: {predictions}")
+    if predict_only and no_ugpa and not prompt_settings:
+        raise click.UsageError("--no-ugpa with --predict-only needs --prompts SETTING (the run's own predictions "
+                               "follow its training options).")
     for setting in prompt_settings:
-        written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, prompt_setting=setting)
+        written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, prompt_setting=setting,
+                                     ugpa=not (predict_only and no_ugpa))
         for role, predictions in written.items():
             click.echo(f"  {role} predictions with prompts {setting}: {predictions}")
 

@@ -80,12 +80,17 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
         source_vendor = fold.get("source", {}).get("vendor", "")
         targets = label_targets(dataset_json, run.record)
         for setting in [None] + prompt_settings_of(run.folder):
-            if setting is not None and not all((prediction_folder(run.folder, r, setting) / "confidence.json").is_file()
-                                               for r in ("val", "test")):
+            if setting is not None and not all((prediction_folder(run.folder, r, setting) / name).is_file()
+                                               for r in ("val", "test") for name in ("confidence.json", "prompts.json")):
                 missing.append(f"{run.method} fold {run.fold} seed {run.seed}: prompts {setting} lacks val or test "
                                f"predictions")
                 continue
-            label = run.method if setting is None else f"{run.method} [{setting}]"
+            label, prompts = run.method, _own_prompts(run.record)
+            if setting is not None:
+                described = json.loads((prediction_folder(run.folder, "val", setting) / "prompts.json").read_text())
+                prompts = described["setting"]
+                variant = " w/o UGPA" if described.get("ugpa") is False else ""
+                label = f"{run.method}{variant} [{prompts}]"
             samples, base_rows = [], {}
             for role, folder_name in (("source", "val"), ("target", "test")):
                 folder = prediction_folder(run.folder, folder_name, setting)
@@ -98,7 +103,7 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
                     result = evaluate_case(prediction, folder / f"{case_id}.npz",
                                            raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}",
                                            _image_paths(raw, case_id, dataset_json), targets, rng)
-                    row = {"method": label, "prompts": setting or _own_prompts(run.record), "split": split,
+                    row = {"method": label, "prompts": prompts, "split": split,
                            "fold": run.fold, "seed": run.seed, "case_id": case_id, "role": role,
                            **domains.loc[case_id].to_dict(), "source_vendor": source_vendor, **result.metrics,
                            **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items()

@@ -201,15 +201,18 @@ def _prompt_rng(seed: int, case_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
 
 
+NO_UGPA = "noUGPA"  # prediction-set suffix of medsam_u predicted without prompt adaptation
+
+
 def prediction_folder(run_folder: Path, role: str, prompt_setting: str | None = None) -> Path:
-    """``predictions/<role>`` of a run, or ``predictions/prompts_<SETTING>/<role>`` for a prompt-quality
-    setting other than the method's own prompts."""
+    """``predictions/<role>`` of a run, or ``predictions/prompts_<SET>/<role>`` for a prediction set made
+    with a prompt-quality setting (SET = the setting, plus ``_noUGPA`` for medsam_u without UGPA)."""
     base = Path(run_folder) / "predictions"
     return base / role if prompt_setting is None else base / f"prompts_{prompt_setting}" / role
 
 
 def prompt_settings_of(run_folder: Path) -> list:
-    """The prompt-quality settings a run has predictions for (besides its own prompts)."""
+    """The prediction sets of a run besides its own prompts (``3B0.5``, ``3B0.5_noUGPA``, …)."""
     base = Path(run_folder) / "predictions"
     return sorted(p.name[len("prompts_"):] for p in base.glob("prompts_*") if p.is_dir())
 
@@ -309,7 +312,9 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
             shutil.move(truncated + ending, output_folder / f"{case.case_id}{ending}")
         atomic_write_json(confidence_path, confidences)
     if setting is not None:
-        atomic_write_json(output_folder / "prompts.json", {"setting": setting.name, "seed": prompt_seed})
+        options = getattr(model.predictor.network, "options", {})
+        atomic_write_json(output_folder / "prompts.json", {"setting": setting.name, "seed": prompt_seed,
+                                                           **({"ugpa": options["ugpa"]} if "ugpa" in options else {})})
     return confidences
 
 
@@ -359,10 +364,11 @@ def raw_case_inputs(raw_dataset_folder: Path, case_ids: list, dataset_json: dict
 
 def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path, device: str = "cpu",
                        use_mirroring: bool = True, progress: bool = True, mc_samples: int = 0,
-                       prompt_setting: str | None = None) -> dict:
+                       prompt_setting: str | None = None, ugpa: bool = True) -> dict:
     """Predict the val (source) and test (target) cases of a run's fold into ``predictions/{val,test}``
     (``predictions/prompts_<SETTING>/{val,test}`` with a prompt-quality setting).
 
+    ``ugpa=False`` predicts a medsam_u run with UGMP only, into ``prompts_<SETTING>_noUGPA``.
     Returns {"val": folder, "test": folder}.
     """
     from calibnet.planners.splits import get_fold, load_calib_splits
@@ -380,10 +386,17 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
     dataset_name = record["dataset_name"]
     fold = get_fold(load_calib_splits(Path(preprocessed_root) / dataset_name), spec["split"], spec["fold"])
     model = load_model(run_folder, device, use_mirroring)
+    prediction_set = prompt_setting
+    if not ugpa:
+        if prompt_setting is None or "ugpa" not in getattr(model.predictor.network, "options", {}):
+            raise CalibnetError("--no-ugpa at prediction time applies to medsam_u with --prompts SETTING (train with "
+                                "--no-ugpa for the run's own predictions).")
+        model.predictor.network.options["ugpa"] = False
+        prediction_set = f"{prompt_setting}_{NO_UGPA}"
     written = {}
     for role in ("val", "test"):
         cases = raw_case_inputs(Path(raw_root) / dataset_name, fold[role], model.dataset_json)
-        folder = prediction_folder(run_folder, role, prompt_setting)
+        folder = prediction_folder(run_folder, role, prediction_set)
         if folder.exists():
             shutil.rmtree(folder)  # a re-prediction replaces the old one entirely
         predict_cases(model, cases, folder, prompt_seed=spec["seed"], progress=progress,
