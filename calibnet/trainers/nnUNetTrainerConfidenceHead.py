@@ -16,7 +16,6 @@ Only the head is written: checkpoints hold its weights and configuration, never 
 """
 from __future__ import annotations
 
-import json
 from copy import deepcopy
 from pathlib import Path
 from time import time
@@ -274,6 +273,3 @@ def plot_head_training(history: list, path: Path, delta_s: float) -> None:
         figure.savefig(tmp, dpi=110)
     plt.close(figure)
 
-
-def read_head_history(folder: Path) -> dict:
-    return json.loads((Path(folder) / HISTORY_FILENAME).read_text())
