@@ -25,6 +25,7 @@ demo: $(STAMP)
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_plan_and_preprocess -d 501
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres nnunet 0 $(DEMO_TRAIN)
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres calunet 0 $(DEMO_TRAIN)
+	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres confidence_head 0 $(DEMO_TRAIN) --base nnunet --warmup-batches 10
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres samft 0 $(DEMO_TRAIN) --sam-model tiny
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_train 501 3d_fullres calsam 0 $(DEMO_TRAIN) --sam-model tiny
 	CALIBNET_DATA=$(DEMO_DATA) $(BIN)/calib_evaluate --split scanner
