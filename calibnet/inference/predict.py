@@ -302,8 +302,8 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
             confidences[case.case_id] = {**case_confidence(probabilities, regions), **mc_scores,
                                          **predicted_quality}
             if hasattr(model.predictor.network, "prediction_summary"):  # Ū = H(ȳ): the entropy of the output
-                foreground = np.clip(probabilities[1].astype(np.float64), 1e-12, 1 - 1e-12)
-                entropy = -(foreground * np.log2(foreground) + (1 - foreground) * np.log2(1 - foreground))
+                from calibnet.uncertainty_prompting import binary_entropy
+                entropy = binary_entropy(probabilities[1])
                 np.savez_compressed(truncated + "_uncertainty.npz", uncertainty=entropy.astype(np.float16))
                 shutil.move(truncated + "_uncertainty.npz", output_folder / f"{case.case_id}_uncertainty.npz")
             if save_probabilities:

@@ -56,6 +56,12 @@ def confidence_misalignment_penalty(logits: torch.Tensor, target: torch.Tensor, 
     return torch.sigmoid((voxel_cross_entropy(logits, target, regions) - tau) / gamma).mean()
 
 
+def binary_soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """1 − soft Dice of sigmoid(logits) against a binary target, over all elements."""
+    probabilities = torch.sigmoid(logits)
+    return 1 - (2 * (probabilities * target).sum() + smooth) / (probabilities.sum() + target.sum() + smooth)
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = DEFAULT_FOCAL_GAMMA,
                regions: bool = False) -> torch.Tensor:
     """Mean of −(1 − p_t)^γ · log p_t over voxels (and regions); γ = 0 gives cross-entropy."""

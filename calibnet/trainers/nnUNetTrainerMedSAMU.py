@@ -3,8 +3,8 @@
 - MPA training: bottleneck adapters in the image encoder's blocks (``calibnet.trainers.sam_adapters``) and
   the prompt encoder train; everything else — the pretrained encoder weights and the mask decoder — stays
   frozen (checked when the trainer is initialised). Prompts per training slice: 1–3 random foreground
-  points and the ground-truth box jittered by δ ~ N(0, σ) per coordinate. Loss: binary focal (α = 0.25,
-  γ = 2) + Dice (Eq. 15). The encoder trains, so its embeddings are not cached.
+  points and the ground-truth box jittered by δ ~ N(0, σ) per coordinate. Loss: α·binary focal (α = 0.25,
+  γ = 2) + soft Dice (Eq. 15). The encoder trains, so its embeddings are not cached.
 - Prediction: UGMP (N boxes jittered around the initial box, mean probability ȳ, entropy Ū) then UGPA
   (uncertainty box re-jittered into K boxes plus the K most uncertain points; y* kept only when its
   uncertainty is lower), per slice (``calibnet.uncertainty_prompting``). The initial box is the slice's
@@ -17,10 +17,10 @@ import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from calibnet.errors import CalibnetError
 from calibnet.prompts import slice_box
+from calibnet.trainers.losses import binary_soft_dice_loss, focal_loss
 from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFT
 from calibnet.trainers.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adapter_parameters, insert_adapters,
                                             parse_adapter_blocks)
@@ -28,7 +28,7 @@ from calibnet.trainers.sam_backbone import EMPTY_LOGIT, SamConfig, SamSliceSegme
 from calibnet.uncertainty_prompting import (DEFAULT_EDGE_THRESHOLD, DEFAULT_N_BOXES, DEFAULT_SIGMA, DEFAULT_TOP_K,
                                             UGMPResult, adapt, binary_entropy, jittered_boxes, run_ugmp)
 
-FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the usual binary focal-loss constants (the paper cites Lin et al.)
+FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # Eq. 15's scalar α and γ; the paper gives no values (Lin et al.'s usual ones)
 TRAINING_BOX_SIGMA = 5.0  # pixels of jitter on the training boxes (ours; the paper does not state it)
 
 
@@ -102,8 +102,7 @@ class MedSAMUSegmenter(SamSliceSegmenter):
             rng = np.random.default_rng([self.options["seed"], z])
             probability, accepted = self.uncertainty_guided(embedding, prompts["boxes"], prompts["points"],
                                                             prompts["labels"], slice_shape, rng)
-            p = torch.from_numpy(probability).to(embeddings.device).clamp(1e-7, 1 - 1e-7)
-            logits.append(torch.log(p) - torch.log1p(-p))
+            logits.append(torch.logit(torch.from_numpy(probability).to(embeddings.device), eps=1e-7))
             self.last_ugpa.append(accepted)
             self.last_uncertainty.append(float(binary_entropy(probability).mean()))
         return torch.stack(logits)
@@ -177,14 +176,9 @@ class nnUNetTrainerMedSAMU(nnUNetTrainerSAMFT):
     def loss_terms(self, keys: list) -> dict:
         z = self.embeddings(keys)
         logits, target = self._forward(keys, z)
-        probability = torch.sigmoid(logits)
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        p_true = probability * target + (1 - probability) * (1 - target)
-        alpha = FOCAL_ALPHA * target + (1 - FOCAL_ALPHA) * (1 - target)
-        focal = (alpha * (1 - p_true) ** FOCAL_GAMMA * bce).mean()
-        dice = 1 - (2 * (probability * target).sum() + 1e-5) / (probability.sum() + target.sum() + 1e-5)
-        terms = {"focal loss": focal, "Dice loss": dice}
+        terms = {"focal loss": FOCAL_ALPHA * focal_loss(logits, target, FOCAL_GAMMA, regions=True),
+                 "Dice loss": binary_soft_dice_loss(logits, target)}
         self.check_finite(terms)
-        terms["total loss"] = focal + dice
+        terms["total loss"] = terms["focal loss"] + terms["Dice loss"]
         terms["logits"], terms["target"] = logits, target
         return terms

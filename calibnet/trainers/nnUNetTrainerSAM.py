@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from calibnet.errors import CalibnetError
 from calibnet.prompts import sam_prompt_maps, sam_slice_prompts
 from calibnet.trainers.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
-                                      confidence_misalignment_penalty, fisher_information_penalty)
+                                      binary_soft_dice_loss, confidence_misalignment_penalty,
+                                      fisher_information_penalty)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
 from calibnet.trainers.sam_backbone import SamConfig, SamSliceSegmenter, build_sam, to_three_channels
 
@@ -189,9 +190,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
 
     @staticmethod
     def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.sigmoid(logits)
-        dice = 1 - (2 * (probabilities * target).sum() + 1e-5) / (probabilities.sum() + target.sum() + 1e-5)
-        return dice + F.binary_cross_entropy_with_logits(logits, target)
+        return binary_soft_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
 
     def loss_terms(self, keys: list) -> dict:
         z = self.embeddings(keys).detach().requires_grad_(self.lambda_fip > 0)

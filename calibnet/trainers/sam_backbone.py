@@ -226,8 +226,7 @@ class SamSliceSegmenter(torch.nn.Module):
                 if prompts.points else {}
             variants = [{**points, "box": box} for box in prompts.boxes] or [points]
             logits = self.decode(embedding[None].expand(len(variants), *embedding.shape), variants, slice_shape)
-            mean = torch.sigmoid(logits).mean(0).clamp(1e-7, 1 - 1e-7)
-            outputs.append(torch.log(mean) - torch.log1p(-mean))
+            outputs.append(torch.logit(torch.sigmoid(logits).mean(0), eps=1e-7))
         return torch.stack(outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
