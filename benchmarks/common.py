@@ -5,6 +5,26 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
+
+
+def timed(function, device: str) -> float:
+    """Seconds ``function()`` takes, with CUDA work finished before and after on a GPU."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def step_times(step, steps: int, device: str, warmup: int = 2) -> list:
+    """Seconds of ``steps`` calls of ``step()`` after ``warmup`` untimed ones."""
+    times = [timed(step, device) for _ in range(steps + warmup)]
+    return times[warmup:]
 
 
 @contextlib.contextmanager

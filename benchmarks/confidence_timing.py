@@ -15,19 +15,8 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
-
-
-def _timed(function, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -41,7 +30,7 @@ def main() -> None:
         raw_case_inputs
     from calibnet.planners.splits import get_fold, load_calib_splits
     from calibnet.trainers.training_run import HeadOptions, RunSpec, train, train_confidence_head
-    from common import temporary_benchmark_dataset
+    from common import temporary_benchmark_dataset, timed
 
     with temporary_benchmark_dataset(args.shape, cases_per_center=2) as (roots, _):
         spec = RunSpec(501, "3d_fullres", "nnunet_dropout", 0, "scanner")
@@ -61,13 +50,13 @@ def main() -> None:
                    "score_agreement_N15": []}
         for _ in range(args.repeats):
             for data in inputs:
-                timings["segmentation"].append(_timed(
+                timings["segmentation"].append(timed(
                     lambda d=data: plain.predictor.predict_logits_from_preprocessed_data(d), args.device))
-                timings["segmentation_and_head"].append(_timed(
+                timings["segmentation_and_head"].append(timed(
                     lambda d=data: (with_head.predictor.predict_logits_from_preprocessed_data(d),
                                     head_scores(with_head)), args.device))
                 for n in (2, 15):
-                    timings[f"score_agreement_N{n}"].append(_timed(
+                    timings[f"score_agreement_N{n}"].append(timed(
                         lambda d=data, n=n: mc_dropout_scores(plain, d, n, channels), args.device))
         shape = list(inputs[0].shape[1:])
     seconds = {name: round(statistics.median(values), 4) for name, values in timings.items()}

@@ -13,25 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 
 def _median_step(trainer, batch, steps: int, device: str, clear_cache: bool = False) -> float:
-    times = []
-    for step in range(steps + 2):
+    from common import step_times
+
+    def step():
         if clear_cache:
             trainer.embedding_cache.store.clear()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
         trainer.calib_train_step(batch)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return statistics.median(step_times(step, steps, device))
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 
@@ -37,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from calibnet.trainers.training_run import RunSpec, prepare_trainer
-    from common import temporary_benchmark_dataset
+    from common import step_times, temporary_benchmark_dataset
 
     results = {}
     with temporary_benchmark_dataset(args.shape, cases_per_center=2) as (roots, _):
@@ -48,16 +47,7 @@ def main() -> None:
             trainer.initialize()
             trainer.step_in_epoch = 0
             batch = batch or _batch(trainer)
-            times = []
-            for step in range(args.steps + 2):
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                trainer.train_step(batch)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                if step >= 2:
-                    times.append(time.perf_counter() - start)
+            times = step_times(lambda t=trainer, b=batch: t.train_step(b), args.steps, args.device)
             results[method] = {"median_step_seconds": round(statistics.median(times), 4),
                                "min_step_seconds": round(min(times), 4)}
             patch = list(trainer.configuration_manager.patch_size)
