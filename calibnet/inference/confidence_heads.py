@@ -102,7 +102,7 @@ class FeatureCapture:
         if tile.shape[1] != self.expected_channels:
             raise CalibnetError(f"the network gives {tile.shape[1]}-channel features but the head expects "
                                 f"{self.expected_channels}; the head was trained on another base network.")
-        spatial = [s for s in self.slicers[0][1:]]
+        spatial = list(self.slicers[0][1:])
         if len(spatial) != tile.ndim - 2 or not all(isinstance(s, slice) for s in spatial):
             raise CalibnetError("confidence heads score 3-D sliding-window predictions only (3d_fullres).")
         patch = [s.stop - s.start for s in spatial]

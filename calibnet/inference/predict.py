@@ -22,6 +22,7 @@ from calibnet.evaluation.metrics import case_metrics, overlap_metrics
 from calibnet.files import atomic_write_json
 from calibnet.paths import channel_files
 from calibnet.trainers.confidence_head import HEAD_FOLDERS
+from calibnet.uncertainty_prompting import binary_entropy
 
 CONFIDENCE_FILENAME = "confidence.json"
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -217,7 +218,7 @@ def prompt_settings_of(run_folder: Path) -> list:
     return sorted(p.name[len("prompts_"):] for p in base.glob("prompts_*") if p.is_dir())
 
 
-def _setting_prompts(model: LoadedModel, foreground: np.ndarray, case_id: str, seed: int, setting) -> list:
+def _setting_prompts(foreground: np.ndarray, case_id: str, seed: int, setting) -> list:
     """Per slice of a 3-D target mask: the SlicePrompts of ``setting`` (None for empty slices)."""
     from calibnet.prompt_quality import prompt_rng, slice_prompts
 
@@ -248,7 +249,7 @@ def _preprocessed_case(model: LoadedModel, case: CaseInput, prompt_seed: int, pr
         model.predictor.configuration_manager = ConfigurationManager(
             dict(model.configuration_manager.configuration, patch_size=list(data.shape[1:])))
         model.predictor.network.prompt_override = None if prompt_setting is None else \
-            [_setting_prompts(model, foreground, case.case_id, prompt_seed, prompt_setting)]
+            [_setting_prompts(foreground, case.case_id, prompt_seed, prompt_setting)]
     return data, properties
 
 
@@ -302,7 +303,6 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
             confidences[case.case_id] = {**case_confidence(probabilities, regions), **mc_scores,
                                          **predicted_quality}
             if hasattr(model.predictor.network, "prediction_summary"):  # Ū = H(ȳ): the entropy of the output
-                from calibnet.uncertainty_prompting import binary_entropy
                 entropy = binary_entropy(probabilities[1])
                 np.savez_compressed(truncated + "_uncertainty.npz", uncertainty=entropy.astype(np.float16))
                 shutil.move(truncated + "_uncertainty.npz", output_folder / f"{case.case_id}_uncertainty.npz")
@@ -339,10 +339,10 @@ def score_existing_predictions(model: LoadedModel, cases: list, output_folder: P
         raise CalibnetError(f"{confidence_path} is missing: predict the base run first (calib_train ... "
                             f"--predict-only).")
     confidences = json.loads(confidence_path.read_text())
+    head_prefixes = tuple(f"{prefix}_" for prefix in HEAD_FOLDERS.values())
     for case in tqdm(cases, desc=description, unit="case", disable=not progress):
         data, _ = _preprocessed_case(model, case, 0)
         model.predictor.predict_logits_from_preprocessed_data(data)
-        head_prefixes = tuple(f"{prefix}_" for prefix in HEAD_FOLDERS.values())
         entry = {k: v for k, v in confidences.get(case.case_id, {}).items() if not k.startswith(head_prefixes)}
         confidences[case.case_id] = {**entry, **head_scores(model)}
     atomic_write_json(confidence_path, confidences)
