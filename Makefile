@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.calibnet-installed
+SAM2_REQUIREMENT := sam2==1.1.0
 DEMO_DATA ?= $(CURDIR)/calibnet_data
 # a short training: enough to exercise the whole pipeline on 2 CPU cores, not to converge
 DEMO_TRAIN ?= --split scanner --epochs 2 --iters-per-epoch 10 --disable-tta
@@ -14,6 +15,9 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e ".[test]"
+	# sam2 is published as a source distribution whose build imports torch: build it against the installed
+	# torch (no isolation), without its optional CUDA extension
+	SAM2_BUILD_CUDA=0 $(BIN)/python -m pip install --no-build-isolation "$(SAM2_REQUIREMENT)"
 	touch $(STAMP)
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite itself.

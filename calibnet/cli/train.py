@@ -46,6 +46,17 @@ def _list_methods(ctx, _param, value):
                    "CALIBNET_SAM_CHECKPOINT, else tiny (random, not pretrained) with a warning.")
 @click.option("--sam-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="SAM or MedSAM weights (.pth), loaded with weights_only=True.")
+@click.option("--sam2-model", type=click.Choice(["hiera_t", "hiera_s", "hiera_b+", "hiera_l"]), default=None,
+              help="SAM 2 backbone (sam2_zeroshot, sam2ft, safeclick). Default: the architecture of "
+                   "--sam2-checkpoint / CALIBNET_SAM2_CHECKPOINT, else hiera_t with random weights (not "
+                   "pretrained) and a warning.")
+@click.option("--sam2-checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="SAM 2 / SAM 2.1 / MedSAM 2 weights (.pt), loaded with weights_only=True.")
+@click.option("--sam2-image-size", type=int, default=None,
+              help="SAM 2 input size, a multiple of 32 (default 1024, SAM 2's; MedSAM 2: 512; tests: 128).")
+@click.option("--no-e1", is_flag=True, help="safeclick ablation: without the cross-attention expert E1.")
+@click.option("--no-e2", is_flag=True, help="safeclick ablation: without the self-attention expert E2.")
+@click.option("--no-crl", is_flag=True, help="safeclick ablation: without the consensus reasoning layer.")
 @click.option("--target", "target_label", type=int, default=None,
               help="SAM methods: the label value to segment (default: the union of all foreground).")
 @click.option("--adapter-blocks", default=None, help="medsam_u: image-encoder blocks that get an adapter: 'all' "
@@ -80,15 +91,20 @@ def _list_methods(ctx, _param, value):
 def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per_epoch, device, num_workers,
          continue_training,
          predict_only, disable_tta, mc_samples, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma, sam_model,
-         sam_checkpoint, target_label, adapter_blocks, adapter_ratio, ugmp_boxes, ugmp_sigma, ugpa_k, ugpa_compare,
+         sam_checkpoint, sam2_model, sam2_checkpoint, sam2_image_size, no_e1, no_e2, no_crl, target_label,
+         adapter_blocks, adapter_ratio, ugmp_boxes, ugmp_sigma, ugpa_k, ugpa_compare,
          no_ugpa, prompt_settings, base, no_adversarial, warmup_batches, patience):
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
     from calibnet.inference.predict import predict_run_splits
-    from calibnet.trainers.methods import get_method
+    from calibnet.trainers.methods import get_method, safeclick_variant
     from calibnet.trainers.training_run import RunSpec, default_device, locate_run, read_run, train
 
     roots = data_roots()
+    ablated = safeclick_variant(method, [n for n, off in (("e1", no_e1), ("e2", no_e2), ("crl", no_crl)) if off])
+    if ablated != method:
+        click.echo(f"--no-{ablated.rsplit('_', 1)[1]}: method {ablated} (a SafeClick ablation)")
+        method = ablated
     spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
     device = device or default_device()
     head_flags = base is not None or no_adversarial or warmup_batches is not None or patience is not None
@@ -107,7 +123,8 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
                        num_workers, sam_model, sam_checkpoint, target_label, log=click.echo,
                        network_options={"adapter_blocks": adapter_blocks, "adapter_ratio": adapter_ratio,
                                         "n_boxes": ugmp_boxes, "sigma": ugmp_sigma, "top_k": ugpa_k,
-                                        "compare_on": ugpa_compare, "ugpa": False if no_ugpa else None})
+                                        "compare_on": ugpa_compare, "ugpa": False if no_ugpa else None},
+                       sam2={"model": sam2_model, "checkpoint": sam2_checkpoint, "image_size": sam2_image_size})
         note = read_run(folder).get("note")
         click.echo(f"trained {method}: {folder}" + (f" ({note})" if note else ""))
     if not (predict_only and prompt_settings):  # the method's own prompts

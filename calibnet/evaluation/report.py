@@ -53,6 +53,42 @@ def prompt_quality_table(per_case: pd.DataFrame) -> pd.DataFrame:
     return _mean_std(prompted, ["method", "prompts"], [m for m in ("DSC", "IoU", "ECE", "Brier") if m in prompted])
 
 
+POINT_SETTINGS = ("P0", "P25", "P50", "P75", "P100")  # SafeClick Table 2: P0 perfect, the rest imperfect
+BOX_SETTINGS = ("B100", "B50", "B75", "B125", "B150")  # B100 perfect
+
+
+def prompt_robustness_table(per_case: pd.DataFrame) -> pd.DataFrame:
+    """SafeClick Table-2 style: mean target DSC of each prompted method under perfect (P0, B100) and imperfect
+    point/box prompts, Avg. over the imperfect settings present, and the same average of ECE and Brier;
+    empty unless some method was predicted with two or more of these settings."""
+    if "prompts" not in per_case:
+        return per_case[:0]
+    wanted = POINT_SETTINGS + BOX_SETTINGS
+    chosen = per_case[per_case["prompts"].isin(wanted) & (per_case["role"] == "target")
+                      & ~per_case["method"].str.contains(r" \+ ")]
+    chosen = chosen.assign(method=chosen["method"].str.replace(r" \[.*\]$", "", regex=True))
+    if chosen.empty or chosen.groupby("method")["prompts"].nunique().max() < 2:
+        return per_case[:0]
+    means = chosen.groupby(["method", "prompts"])[[m for m in ("DSC", "ECE", "Brier") if m in chosen]].mean()
+    rows = []
+    for method in sorted(chosen["method"].unique()):
+        row = {"method": method}
+        for kind, settings in (("points", POINT_SETTINGS), ("boxes", BOX_SETTINGS)):
+            present = [s for s in settings if (method, s) in means.index]
+            for setting in present:
+                row[f"DSC {setting}"] = means.loc[(method, setting), "DSC"]
+            imperfect = [s for s in present if s != settings[0]]
+            if imperfect:
+                for metric in means.columns:
+                    row[f"{metric} Avg. IP {kind}"] = float(np.mean([means.loc[(method, s), metric] for s in imperfect]))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = ["method"] + [f"DSC {s}" for s in POINT_SETTINGS] + ["DSC Avg. IP points"] + \
+        [f"DSC {s}" for s in BOX_SETTINGS] + ["DSC Avg. IP boxes"] + \
+        [f"{m} Avg. IP {k}" for m in ("ECE", "Brier") for k in ("points", "boxes")]
+    return table[[c for c in order if c in table]]
+
+
 def ablation_tables(per_case: pd.DataFrame) -> list:
     tables = []
     for family in ABLATIONS:
@@ -93,6 +129,13 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
                   "per box, probabilities averaged), P<d> one point displaced by d % of the object radius, B<s> the "
                   "ground-truth box scaled to s %; `default` = centroid + background point, `B100` = the exact box.",
                   "", _markdown(prompt_quality), ""]
+    robustness = prompt_robustness_table(per_case)
+    if not robustness.empty:
+        lines += ["## Robustness to imperfect prompts (target cases; SafeClick Table 2 layout)", "",
+                  "Mean DSC per setting: P0 = one point at the centre of mass (perfect), P25–P100 = displaced by "
+                  "25–100 % of the object radius; B100 = the ground-truth box (perfect), B50–B150 = scaled to "
+                  "50–150 %. Avg. IP = mean over the imperfect settings shown; ECE and Brier averaged the same way.",
+                  "", _markdown(robustness), ""]
     lines += ["## Calibration with post-hoc rows (target cases)", "",
               "`+ TS`: temperature scaling, `+ Dirichlet`: Dirichlet calibration, both fitted on the source "
               "validation voxels of the same run.", "", _markdown(calibration), ""]

@@ -107,8 +107,7 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     configuration_manager = plans_manager.get_configuration(record["spec"]["configuration"])
     label_manager = plans_manager.get_label_manager(dataset_json)
     if record.get("backbone") is not None:
-        from calibnet.trainers.sam_backbone import SamConfig
-        network = trainer_class.network_for(SamConfig(**record["backbone"]), load_weights=False,
+        network = trainer_class.network_for(trainer_class.backbone_config(record["backbone"]), load_weights=False,
                                             **record.get("network_options", {}))
     else:
         network = trainer_class.build_network_architecture(

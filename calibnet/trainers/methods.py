@@ -14,11 +14,20 @@ class Method:
     class_name: str
     summary: str
     loss_options: tuple = ()  # trainer attributes that calib_train's loss flags may set
-    uses_sam: bool = False
+    uses_sam: bool = False  # a slice-wise SAM or SAM 2 method (binary target, prompts)
+    uses_sam2: bool = False  # its backbone comes from the sam2 package (--sam2-* flags)
     trains_head: bool = False  # trains a confidence head on a finished base run (--base) instead of a network
 
     def trainer_class(self):
-        return getattr(importlib.import_module(f"calibnet.trainers.{self.module}"), self.class_name)
+        try:
+            module = importlib.import_module(f"calibnet.trainers.{self.module}")
+        except ModuleNotFoundError as e:
+            if e.name != "sam2":
+                raise
+            raise CalibnetError(f"{self.alias} needs the sam2 package, which is not installed: run `make install`, "
+                                f"or SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2==1.1.0 (after torch)."
+                                ) from None
+        return getattr(module, self.class_name)
 
 
 METHODS = {m.alias: m for m in (
@@ -58,7 +67,35 @@ METHODS = {m.alias: m for m in (
            "boxes); UGMP + UGPA at prediction", uses_sam=True),
     Method("medsam", "nnUNetTrainerSAM", "nnUNetTrainerMedSAM",
            "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", uses_sam=True),
+    Method("sam2_zeroshot", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2ZeroShot",
+           "zero-shot SAM 2 (no training: calib_train only predicts)", uses_sam=True, uses_sam2=True),
+    Method("sam2ft", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2FT",
+           "SAM 2 with its mask decoder fine-tuned on imperfect prompts (AdamW, Dice + BCE)", uses_sam=True,
+           uses_sam2=True),
+    Method("safeclick", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClick",
+           "SafeClick: SAM 2's decoder + expert layers E1/E2 + consensus reasoning layer, trained on imperfect "
+           "prompts", uses_sam=True, uses_sam2=True),
+    Method("safeclick_no_e1", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoE1",
+           "ablation: SafeClick without E1 (same as safeclick --no-e1)", uses_sam=True, uses_sam2=True),
+    Method("safeclick_no_e2", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoE2",
+           "ablation: SafeClick without E2 (same as safeclick --no-e2)", uses_sam=True, uses_sam2=True),
+    Method("safeclick_no_crl", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoCRL",
+           "ablation: SafeClick without the CRL (same as safeclick --no-crl)", uses_sam=True, uses_sam2=True),
 )}
+
+SAFECLICK_ABLATIONS = {"e1": "safeclick_no_e1", "e2": "safeclick_no_e2", "crl": "safeclick_no_crl"}
+
+
+def safeclick_variant(method: str, removed: list) -> str:
+    """The method that ``calib_train METHOD --no-e1`` (etc.) trains: one ablation of safeclick at a time."""
+    if not removed:
+        return method
+    flags = ", ".join(f"--no-{r}" for r in removed)
+    if method != "safeclick":
+        raise CalibnetError(f"{flags} ablate parts of safeclick, not {method}.")
+    if len(removed) > 1:
+        raise CalibnetError(f"{flags}: one ablation at a time (the paper's Table 3); train each separately.")
+    return SAFECLICK_ABLATIONS[removed[0]]
 
 
 def get_method(alias: str) -> Method:

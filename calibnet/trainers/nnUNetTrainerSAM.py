@@ -94,6 +94,11 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
 
     # --- network and optimiser -------------------------------------------------------------------------
     @classmethod
+    def backbone_config(cls, record: dict) -> SamConfig:
+        """The backbone recorded in calibnet_run.json ("backbone")."""
+        return SamConfig(**record)
+
+    @classmethod
     def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **_options) -> SamSliceSegmenter:
         return SamSliceSegmenter(build_sam(sam_config, load_weights), use_box=cls.use_box)
 
@@ -111,7 +116,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
 
     def trainable_parameters(self) -> list:
         """What the optimiser updates: SAM's mask decoder."""
-        return list(self.network.sam.mask_decoder.parameters())
+        return self.network.decoder_parameters()
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.trainable_parameters(), lr=self.initial_lr, betas=(0.9, 0.999))
@@ -162,7 +167,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         return prompts
 
     def embeddings(self, keys: list) -> torch.Tensor:
-        preprocessing = f"{self.configuration_manager.data_identifier}|{self.sam_config.model}|{self.sam_config.checkpoint}"
+        preprocessing = f"{self.configuration_manager.data_identifier}|{self.sam_config}"
 
         def compute(missing):
             by_shape = {}  # cases differ in size: encode the slices of one shape together

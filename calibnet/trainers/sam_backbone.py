@@ -138,9 +138,25 @@ class SamSliceSegmenter(torch.nn.Module):
         super().__init__()
         self.sam = sam
         self.use_box = use_box
-        self.decoder = sam.mask_decoder  # nnU-Net toggles .decoder.deep_supervision; SAM has none
-        for module in (sam.image_encoder, sam.prompt_encoder):
+        self.decoder = self.mask_decoder  # nnU-Net toggles .decoder.deep_supervision; SAM has none
+        for module in (self.image_encoder, self.prompt_encoder):
             module.requires_grad_(False)
+
+    @property
+    def image_encoder(self) -> torch.nn.Module:
+        return self.sam.image_encoder
+
+    @property
+    def prompt_encoder(self) -> torch.nn.Module:
+        return self.sam.prompt_encoder
+
+    @property
+    def mask_decoder(self) -> torch.nn.Module:
+        return self.sam.mask_decoder
+
+    def decoder_parameters(self) -> list:
+        """What fine-tuning the decoder trains (SAM-FT and the methods built on it)."""
+        return list(self.mask_decoder.parameters())
 
     @property
     def image_size(self) -> int:
@@ -181,14 +197,19 @@ class SamSliceSegmenter(torch.nn.Module):
                 r0, c0, r1, c1 = prompt["box"]
                 boxes = torch.tensor([[c0, r0, c1 + 1, r1 + 1]], dtype=dtype, device=embeddings.device)
                 boxes = boxes * scale.repeat(2)
-            with torch.set_grad_enabled(self.train_prompt_encoder and torch.is_grad_enabled()):
-                sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-            low_res, _ = self.sam.mask_decoder(image_embeddings=embedding[None],
-                                               image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                               multimask_output=False)
+            low_res = self.decode_low_res(embedding[None], points, boxes)
             outputs.append(F.interpolate(low_res, size=slice_shape, mode="bilinear", align_corners=False)[0, 0])
         return torch.stack(outputs)
+
+    def decode_low_res(self, embedding: torch.Tensor, points, boxes) -> torch.Tensor:
+        """SAM's (1, 1, h, w) low-resolution logits of one slice embedding; ``points`` = (coords (1, P, 2),
+        labels (1, P)) and ``boxes`` (1, 4), both as (x, y) at the encoder's input size, or None."""
+        with torch.set_grad_enabled(self.train_prompt_encoder and torch.is_grad_enabled()):
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        low_res, _ = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                       multimask_output=False)
+        return low_res
 
     def prompts_from_channels(self, prompt_channels: torch.Tensor) -> list:
         """Per slice of (3, Z, Y, X) prompt maps: {"points", "labels"} and/or {"box"}, or None."""

@@ -48,7 +48,7 @@ class RunRecord:
     iterations_per_epoch: int
     device: str
     loss_options: dict = field(default_factory=dict)
-    backbone: dict | None = None  # SAM methods: {"model", "checkpoint"}
+    backbone: dict | None = None  # SAM methods: {"model", "checkpoint"} (SAM 2 also "image_size", "version")
     target_label: int | None = None  # SAM methods: the binary target (None = all foreground)
     network_options: dict = field(default_factory=dict)  # architecture/prediction options (medsam_u)
     note: str = ""  # e.g. "tiny SAM, not pretrained", repeated wherever results are reported
@@ -156,16 +156,32 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
     return trainer, method, dataset_folder.name, describe_fold(spec.split, fold), folder
 
 
-def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, target_label, log,
-                   network_options: dict | None = None) -> dict:
-    """Backbone, target and prompt seed of a SAM method; returns what calibnet_run.json records."""
+def _resolve_backbone(method, sam_model, sam_checkpoint, sam2: dict | None):
+    """(config, warning) of the SAM or SAM 2 backbone the flags describe; refuses the other family's flags."""
+    from calibnet.trainers.sam2_backbone import resolve_sam2_config
     from calibnet.trainers.sam_backbone import resolve_sam_config
 
+    sam2 = {k: v for k, v in (sam2 or {}).items() if v is not None}
+    if method.uses_sam2:
+        if sam_model or sam_checkpoint:
+            raise CalibnetError(f"{method.alias} runs on SAM 2: use --sam2-model/--sam2-checkpoint, not "
+                                f"--sam-model/--sam-checkpoint.")
+        return resolve_sam2_config(sam2.get("model"), sam2.get("checkpoint"), sam2.get("image_size"))
+    if sam2:
+        raise CalibnetError(f"--sam2-model, --sam2-checkpoint and --sam2-image-size apply to SAM 2 methods "
+                            f"(sam2_zeroshot, sam2ft, safeclick), not {method.alias}.")
+    return resolve_sam_config(sam_model, sam_checkpoint)
+
+
+def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, target_label, log,
+                   network_options: dict | None = None, sam2: dict | None = None) -> dict:
+    """Backbone, target and prompt seed of a SAM method; returns what calibnet_run.json records."""
     if not method.uses_sam:
-        if sam_model or sam_checkpoint or target_label is not None:
-            raise CalibnetError(f"--sam-model, --sam-checkpoint and --target apply to SAM methods, not {method.alias}.")
+        if sam_model or sam_checkpoint or target_label is not None or any(v is not None for v in (sam2 or {}).values()):
+            raise CalibnetError(f"--sam-model, --sam-checkpoint, --sam2-* and --target apply to SAM methods, not "
+                                f"{method.alias}.")
         return {}
-    config, warning = resolve_sam_config(sam_model, sam_checkpoint)
+    config, warning = _resolve_backbone(method, sam_model, sam_checkpoint, sam2)
     if getattr(trainer, "requires_checkpoint", None) and not config.pretrained:
         raise CalibnetError(f"{method.alias} fine-tunes {trainer.requires_checkpoint} weights: download "
                             f"medsam_vit_b.pth (the MedSAM release) and pass --sam-checkpoint PATH or set "
@@ -182,13 +198,14 @@ def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, ta
                             "union of all foreground.")
     trainer.sam_config, trainer.target_label, trainer.seed = config, target_label, spec.seed
     given = {k: v for k, v in (network_options or {}).items() if v is not None}
-    if given and not hasattr(trainer, "network_options"):
+    accepted = getattr(trainer, "accepted_network_options", ())
+    if any(k not in accepted for k in given):
         raise CalibnetError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to medsam_u, "
                             f"not {method.alias}.")
     options = {}
     if hasattr(trainer, "network_options"):
         options = trainer.network_options = {**trainer.network_options, **given, "seed": spec.seed}
-    return {"backbone": {"model": config.model, "checkpoint": config.checkpoint}, "target_label": target_label,
+    return {"backbone": asdict(config), "target_label": target_label,
             "network_options": options,
             "note": config.describe() if not config.pretrained else ""}
 
@@ -197,12 +214,13 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
           iterations_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
           loss_options: dict | None = None, num_workers: int | None = None, sam_model: str | None = None,
           sam_checkpoint: str | None = None, target_label: int | None = None, log=print,
-          network_options: dict | None = None) -> Path:
+          network_options: dict | None = None, sam2: dict | None = None) -> Path:
     """Train ``spec.method`` and return its run folder (checkpoints, logs, calibnet_run.json).
 
     ``num_workers`` sets nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main
     process) for this training only. SAM methods take ``sam_model``/``sam_checkpoint`` and ``target_label``
     (medsam_u also ``network_options``: adapter and UGMP/UGPA settings, recorded in calibnet_run.json);
+    SAM 2 methods take ``sam2`` = {"model", "checkpoint", "image_size"} instead of the SAM flags;
     a method that does not train (vanilla SAM) only writes its checkpoint.
     """
     if get_method(spec.method).trains_head:
@@ -214,7 +232,8 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
                             f"continue from; train without --continue.")
     trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
                                                                         continue_training)
-    sam_record = _configure_sam(trainer, method, spec, sam_model, sam_checkpoint, target_label, log, network_options)
+    sam_record = _configure_sam(trainer, method, spec, sam_model, sam_checkpoint, target_label, log, network_options,
+                                sam2)
     applied = _set_loss_options(trainer, method, loss_options or {})
     if epochs is not None:
         trainer.num_epochs = int(epochs)
