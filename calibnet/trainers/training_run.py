@@ -156,12 +156,18 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
     return trainer, method, dataset_folder.name, describe_fold(spec.split, fold), folder
 
 
-def _resolve_backbone(method, sam_model, sam_checkpoint, sam2: dict | None):
-    """(config, warning) of the SAM or SAM 2 backbone the flags describe; refuses the other family's flags."""
+def _resolve_backbone(method, sam_model, sam_checkpoint, target_label, sam2: dict | None):
+    """(config, warning) of the SAM or SAM 2 backbone the flags describe, None for other methods; refuses
+    flags of the other family (checked before anything is written)."""
     from calibnet.trainers.sam2_backbone import resolve_sam2_config
     from calibnet.trainers.sam_backbone import resolve_sam_config
 
     sam2 = {k: v for k, v in (sam2 or {}).items() if v is not None}
+    if not method.uses_sam:
+        if sam_model or sam_checkpoint or target_label is not None or sam2:
+            raise CalibnetError(f"--sam-model, --sam-checkpoint, --sam2-* and --target apply to SAM methods, not "
+                                f"{method.alias}.")
+        return None
     if method.uses_sam2:
         if sam_model or sam_checkpoint:
             raise CalibnetError(f"{method.alias} runs on SAM 2: use --sam2-model/--sam2-checkpoint, not "
@@ -173,15 +179,12 @@ def _resolve_backbone(method, sam_model, sam_checkpoint, sam2: dict | None):
     return resolve_sam_config(sam_model, sam_checkpoint)
 
 
-def _configure_sam(trainer, method, spec: RunSpec, sam_model, sam_checkpoint, target_label, log,
-                   network_options: dict | None = None, sam2: dict | None = None) -> dict:
+def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
+                   network_options: dict | None = None) -> dict:
     """Backbone, target and prompt seed of a SAM method; returns what calibnet_run.json records."""
-    if not method.uses_sam:
-        if sam_model or sam_checkpoint or target_label is not None or any(v is not None for v in (sam2 or {}).values()):
-            raise CalibnetError(f"--sam-model, --sam-checkpoint, --sam2-* and --target apply to SAM methods, not "
-                                f"{method.alias}.")
+    if backbone is None:
         return {}
-    config, warning = _resolve_backbone(method, sam_model, sam_checkpoint, sam2)
+    config, warning = backbone
     if getattr(trainer, "requires_checkpoint", None) and not config.pretrained:
         raise CalibnetError(f"{method.alias} fine-tunes {trainer.requires_checkpoint} weights: download "
                             f"medsam_vit_b.pth (the MedSAM release) and pass --sam-checkpoint PATH or set "
@@ -230,10 +233,10 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
     if continue_training and checkpoint is None:
         raise CalibnetError(f"--continue: no checkpoint in {locate_run(spec, preprocessed_root, results_root)} to "
                             f"continue from; train without --continue.")
+    backbone = _resolve_backbone(get_method(spec.method), sam_model, sam_checkpoint, target_label, sam2)
     trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
                                                                         continue_training)
-    sam_record = _configure_sam(trainer, method, spec, sam_model, sam_checkpoint, target_label, log, network_options,
-                                sam2)
+    sam_record = _configure_sam(trainer, method, spec, backbone, target_label, log, network_options)
     applied = _set_loss_options(trainer, method, loss_options or {})
     if epochs is not None:
         trainer.num_epochs = int(epochs)
