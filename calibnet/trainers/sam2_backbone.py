@@ -13,14 +13,13 @@ that the SAM module's embedding cache and decoding loop serve both backbones.
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from calibnet.errors import CalibnetError
-from calibnet.trainers.sam_backbone import SamSliceSegmenter
+from calibnet.trainers.sam_backbone import SamSliceSegmenter, read_state_dict
 
 SAM2_MODELS = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")
 DEFAULT_SAM2_IMAGE_SIZE = 1024  # SAM 2's own input size; MedSAM 2 checkpoints are trained at 512
@@ -74,23 +73,10 @@ def resolve_sam2_config(model: str | None, checkpoint: str | None, image_size: i
 
 
 def load_sam2_state_dict(path: os.PathLike) -> dict:
-    """The state dict of a SAM 2 / MedSAM 2 checkpoint ({"model": ...} or bare), one message per way it can
-    be wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CalibnetError(f"SAM 2 checkpoint {path} does not exist; download it (SAM 2.1: sam2.1_hiera_tiny.pt "
-                            f"etc., MedSAM 2: MedSAM2_latest.pt) and pass its path.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, not a torch file at all
-        raise CalibnetError(f"{path} cannot be read as a SAM 2 checkpoint ({type(e).__name__}); is the download "
-                            f"complete?") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or "image_encoder.trunk.patch_embed.proj.weight" not in state:
-        raise CalibnetError(f"{path} is not a SAM 2 checkpoint (no image_encoder.trunk.patch_embed weights); SAM 1 "
-                            f"checkpoints go to --sam-checkpoint.")
-    return state
+    """The state dict of a SAM 2 / MedSAM 2 checkpoint."""
+    return read_state_dict(path, "SAM 2", "image_encoder.trunk.patch_embed.proj.weight",
+                           "SAM 2.1: sam2.1_hiera_tiny.pt etc., MedSAM 2: MedSAM2_latest.pt",
+                           "; SAM 1 checkpoints go to --sam-checkpoint")
 
 
 def detect_sam2_architecture(state: dict, path="checkpoint") -> str:
@@ -178,14 +164,8 @@ class Sam2SliceSegmenter(SamSliceSegmenter):
         return features
 
     def slices_to_sam_input(self, slices: torch.Tensor) -> torch.Tensor:
-        """(N, 3, Y, X) normalised intensities -> SAM 2's (N, 3, S, S) input: each slice rescaled to [0, 1] by
-        its 0.5–99.5th percentiles, resized to the encoder size, normalised with ImageNet mean/std."""
-        flat = slices.reshape(slices.shape[0], -1).float()
-        low = torch.quantile(flat, 0.005, dim=1)[:, None, None, None]
-        high = torch.quantile(flat, 0.995, dim=1)[:, None, None, None]
-        scaled = ((slices - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
-        resized = F.interpolate(scaled, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return (resized - self.pixel_mean) / self.pixel_std
+        """SAM 2's (N, 3, S, S) input: :meth:`unit_range_slices`, normalised with ImageNet mean/std."""
+        return (self.unit_range_slices(slices) - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
     def embed(self, slices: torch.Tensor) -> torch.Tensor:
@@ -224,5 +204,4 @@ class Sam2SliceSegmenter(SamSliceSegmenter):
 
     def decoder_context(self, embedding: torch.Tensor):
         """What a decoder plug-in needs to know about the slice being decoded (nothing for plain SAM 2)."""
-        from contextlib import nullcontext
         return nullcontext()

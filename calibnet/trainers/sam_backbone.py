@@ -59,22 +59,29 @@ def resolve_sam_config(model: str | None, checkpoint: str | None) -> tuple[SamCo
     return SamConfig(detected, str(checkpoint)), None
 
 
-def load_sam_state_dict(path: os.PathLike) -> dict:
-    """The state dict in a SAM/MedSAM checkpoint, with one clear message for every way it can be wrong."""
+def read_state_dict(path: os.PathLike, family: str, required_key: str, releases: str, elsewhere: str = "") -> dict:
+    """The state dict of a ``family`` checkpoint ({"model": ...} or bare, read with ``weights_only=True``), with
+    one clear message for every way it can be wrong; ``required_key`` identifies the family."""
     path = Path(path)
     if not path.is_file():
-        raise CalibnetError(f"SAM checkpoint {path} does not exist; download it (SAM: sam_vit_b_01ec64.pth etc., "
-                            f"MedSAM: medsam_vit_b.pth) and pass its path.")
+        raise CalibnetError(f"{family} checkpoint {path} does not exist; download it ({releases}) and pass its path.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code, not a torch file at all
-        raise CalibnetError(f"{path} cannot be read as a SAM checkpoint ({type(e).__name__}); is the download "
+        raise CalibnetError(f"{path} cannot be read as a {family} checkpoint ({type(e).__name__}); is the download "
                             f"complete?") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict) or "image_encoder.patch_embed.proj.weight" not in state:
-        raise CalibnetError(f"{path} is not a SAM checkpoint (no image_encoder.patch_embed weights).")
+    if not isinstance(state, dict) or required_key not in state:
+        raise CalibnetError(f"{path} is not a {family} checkpoint (no {required_key.rsplit('.', 2)[0]} weights)"
+                            f"{elsewhere}.")
     return state
+
+
+def load_sam_state_dict(path: os.PathLike) -> dict:
+    """The state dict in a SAM/MedSAM checkpoint."""
+    return read_state_dict(path, "SAM", "image_encoder.patch_embed.proj.weight",
+                           "SAM: sam_vit_b_01ec64.pth etc., MedSAM: medsam_vit_b.pth")
 
 
 def detect_sam_architecture(state: dict, path="checkpoint") -> str:
@@ -162,15 +169,18 @@ class SamSliceSegmenter(torch.nn.Module):
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
 
-    def slices_to_sam_input(self, slices: torch.Tensor) -> torch.Tensor:
-        """(N, 3, Y, X) normalised intensities -> SAM's (N, 3, S, S) input: each slice rescaled to 0–255 by
-        its 0.5–99.5th percentiles, resized to the encoder size, normalised with SAM's pixel mean/std."""
+    def unit_range_slices(self, slices: torch.Tensor) -> torch.Tensor:
+        """(N, 3, Y, X) normalised intensities -> (N, 3, S, S) in [0, 1]: each slice rescaled by its 0.5–99.5th
+        percentiles and resized to the encoder's input size."""
         flat = slices.reshape(slices.shape[0], -1).float()
         low = torch.quantile(flat, 0.005, dim=1)[:, None, None, None]
         high = torch.quantile(flat, 0.995, dim=1)[:, None, None, None]
-        scaled = ((slices - low) / (high - low).clamp_min(1e-6)).clamp(0, 1) * 255
-        resized = F.interpolate(scaled, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        return (resized - self.sam.pixel_mean) / self.sam.pixel_std
+        scaled = ((slices - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+        return F.interpolate(scaled, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+
+    def slices_to_sam_input(self, slices: torch.Tensor) -> torch.Tensor:
+        """SAM's (N, 3, S, S) input: :meth:`unit_range_slices` on 0–255, normalised with SAM's pixel mean/std."""
+        return (self.unit_range_slices(slices) * 255 - self.sam.pixel_mean) / self.sam.pixel_std
 
     @torch.no_grad()
     def embed(self, slices: torch.Tensor) -> torch.Tensor:
