@@ -275,3 +275,20 @@ def test_missing_sam2_package_is_reported_with_the_install_command(monkeypatch):
     monkeypatch.setattr(methods.importlib, "import_module", no_sam2)
     with pytest.raises(CalibnetError, match="needs the sam2 package.*--no-build-isolation sam2==1.1.0"):
         methods.get_method("safeclick").trainer_class()
+
+
+@pytest.mark.slow
+def test_calib_predict_runs_a_safeclick_model_on_new_images(tiny_dataset, safeclick_run, tmp_path):
+    from calibnet.cli import predict as predict_cli
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for channel in ("0000", "0001"):
+        source = tiny_dataset.raw / "imagesTr" / f"C1_000_{channel}.nii.gz"
+        (images / source.name).write_bytes(source.read_bytes())
+    output = run_cli(predict_cli.main, ["-d", 511, "-m", "safeclick", "-f", FOLD, "-i", images, "-o", tmp_path / "out",
+                                        "--prompts-from", tiny_dataset.raw / "labelsTr", "--prompts", "B150",
+                                        "--disable-tta"]).output
+    assert "SAM 2.1 hiera_t at 128², not pretrained" in output
+    assert json.loads((tmp_path / "out" / "prompts.json").read_text())["setting"] == "B150"
+    assert np.load(tmp_path / "out" / "C1_000.npz")["probabilities"].shape == (2, 32, 32, 32)

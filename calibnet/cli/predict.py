@@ -62,7 +62,9 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
     cases = folder_case_inputs(input_dir, model.dataset_json, prompts_from)
     confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed,
                                 mc_samples=mc_samples, prompt_setting=prompt_setting)
-    click.echo(f"predicted {len(cases)} case(s) with {method} ({folder}) into {output_dir}")
+    note = model.record.get("note")
+    click.echo(f"predicted {len(cases)} case(s) with {method} ({folder}) into {output_dir}"
+               + (f" — {note}" if note else ""))
     for case_id, scores in confidences.items():
         predicted = [f"{name.replace('_', ' ')} {value:.3f}" for name, value in scores.items()
                      if "_predicted_" in f"_{name}" and not isinstance(value, dict)]
