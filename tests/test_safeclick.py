@@ -281,6 +281,7 @@ def test_missing_sam2_package_is_reported_with_the_install_command(monkeypatch):
 def test_calib_predict_runs_a_safeclick_model_on_new_images(tiny_dataset, safeclick_run, tmp_path):
     from calibnet.cli import predict as predict_cli
 
+    tiny_dataset.activate()
     images = tmp_path / "in"
     images.mkdir()
     for channel in ("0000", "0001"):
