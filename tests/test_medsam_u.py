@@ -66,7 +66,7 @@ def test_prompt_settings_feed_ugmp_directly(tiny_dataset, medsam_u_run):
 
 @pytest.mark.parametrize("args, message", [
     (["medsam_u", 1, "--adapter-blocks", "9"], "--adapter-blocks '9': give 'all' or indices"),
-    (["samft", 1, "--ugmp-boxes", "5"], "--n-boxes apply to medsam_u, not samft"),
+    (["samft", 1, "--ugmp-boxes", "5"], "--ugmp-boxes apply to medsam_u, not samft"),
 ])
 def test_bad_medsam_u_options_give_one_clear_message(tiny_dataset, args, message):
     tiny_dataset.activate()

@@ -12,6 +12,7 @@ from calibnet.cli import train as train_cli
 from calibnet.errors import CalibnetError
 from calibnet.prompt_quality import object_radius
 from calibnet.prompts import slice_box
+from calibnet.trainers.methods import get_method
 from calibnet.trainers.nnUNetTrainerSAM2 import imperfect_prompt
 from calibnet.trainers.safeclick import ConsensusReasoning, SafeClickOptions, SafeClickSegmenter
 from calibnet.trainers.sam2_backbone import (Sam2Config, Sam2SliceSegmenter, build_sam2_model, resolve_sam2_config)
@@ -256,6 +257,8 @@ def test_sam2_baselines_train_or_not_and_evaluate_in_the_table_2_layout(tiny_dat
     (["samft", "--sam2-model", "hiera_t"], "apply to SAM 2 methods"),
     (["safeclick", "--sam2-checkpoint", "/nonexistent/sam2.pt"], "does not exist"),
     (["safeclick", "--sam2-image-size", "100"], "multiple of 32"),
+    (["safeclick", "--ugpa-k", "2"], "--ugpa-k apply to medsam_u, not safeclick"),
+    (["nnunet", "--ugmp-sigma", "2"], "--ugmp-sigma apply to medsam_u, not nnunet"),
 ])
 def test_bad_sam2_requests_get_one_message_and_leave_no_run(tiny_dataset, args, message):
     tiny_dataset.activate()
@@ -263,7 +266,8 @@ def test_bad_sam2_requests_get_one_message_and_leave_no_run(tiny_dataset, args, 
     result = run_cli(train_cli.main, [511, "3d_fullres", method, 2, "--device", "cpu", *flags], expect_ok=False)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     results = tiny_dataset.data_dir / "results" / "Dataset511_Tiny"
-    assert not list(results.glob("*SAM2*/loco_fold2_seed42")) and not list(results.glob("*SafeClick*/loco_fold2_*"))
+    trainer = get_method(method).class_name
+    assert not (results / f"{trainer}__CalibPlans__3d_fullres" / "loco_fold2_seed42").exists()
 
 
 def test_missing_sam2_package_is_reported_with_the_install_command(monkeypatch):

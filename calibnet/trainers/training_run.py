@@ -179,6 +179,16 @@ def _resolve_backbone(method, sam_model, sam_checkpoint, target_label, sam2: dic
     return resolve_sam_config(sam_model, sam_checkpoint)
 
 
+def _check_network_options(method, network_options: dict | None) -> None:
+    """Refuse medsam_u's network flags on any other method (before anything is written)."""
+    given = [k for k, v in (network_options or {}).items() if v is not None]
+    accepted = {} if method.trains_head else getattr(method.trainer_class(), "accepted_network_options", {})
+    if any(k not in accepted for k in given):
+        from calibnet.trainers.nnUNetTrainerMedSAMU import nnUNetTrainerMedSAMU
+        flags = ", ".join(nnUNetTrainerMedSAMU.accepted_network_options.get(k, k) for k in given)
+        raise CalibnetError(f"{flags} apply to medsam_u, not {method.alias}.")
+
+
 def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
                    network_options: dict | None = None) -> dict:
     """Backbone, target and prompt seed of a SAM method; returns what calibnet_run.json records."""
@@ -201,10 +211,6 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
                             "union of all foreground.")
     trainer.sam_config, trainer.target_label, trainer.seed = config, target_label, spec.seed
     given = {k: v for k, v in (network_options or {}).items() if v is not None}
-    accepted = getattr(trainer, "accepted_network_options", ())
-    if any(k not in accepted for k in given):
-        raise CalibnetError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to medsam_u, "
-                            f"not {method.alias}.")
     options = {}
     if hasattr(trainer, "network_options"):
         options = trainer.network_options = {**trainer.network_options, **given, "seed": spec.seed}
@@ -234,6 +240,7 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
         raise CalibnetError(f"--continue: no checkpoint in {locate_run(spec, preprocessed_root, results_root)} to "
                             f"continue from; train without --continue.")
     backbone = _resolve_backbone(get_method(spec.method), sam_model, sam_checkpoint, target_label, sam2)
+    _check_network_options(get_method(spec.method), network_options)
     trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
                                                                         continue_training)
     sam_record = _configure_sam(trainer, method, spec, backbone, target_label, log, network_options)
