@@ -16,7 +16,7 @@ from calibnet.evaluation.calibration import calibration_metrics, pool_bins
 from calibnet.evaluation.case_evaluation import evaluate_case, label_targets, read_image, roi_voxels
 from calibnet.evaluation.discovery import discover_runs
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
-from calibnet.evaluation.report import plot_all, prompt_robustness_table, write_report
+from calibnet.evaluation.report import plot_all, write_report
 from calibnet.evaluation.tables import domain_generalisation_gap, failure_detection, per_domain, significance
 from calibnet.files import atomic_output_dir
 from calibnet.inference.predict import prediction_folder, prompt_settings_of
@@ -146,8 +146,5 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
         (folder / "posthoc_parameters.json").write_text(json.dumps(posthoc_parameters, indent=2))
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         plots = plot_all(folder, per_case, pooled, split)
-        robustness = prompt_robustness_table(per_case)
-        if not robustness.empty:
-            robustness.to_csv(folder / "prompt_robustness.csv", index=False)
         report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes, plots)
     return Evaluation(final, report, per_case, missing)

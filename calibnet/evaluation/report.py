@@ -40,16 +40,22 @@ def calibration_table(per_case: pd.DataFrame) -> pd.DataFrame:
     return _mean_std(target, ["method"], [m for m in ("ECE", "Brier", "ACE") if m in target])
 
 
+def _prompted_target_rows(per_case: pd.DataFrame, settings=None) -> pd.DataFrame:
+    """Target rows of prompted methods (without post-hoc rows), limited to ``settings`` when given, with the
+    " [SETTING]" suffix dropped from the method label (the prompts column holds it)."""
+    if "prompts" not in per_case:
+        return per_case[:0]
+    chosen = per_case["prompts"].isin(settings) if settings is not None else per_case["prompts"] != "none"
+    rows = per_case[chosen & (per_case["role"] == "target") & ~per_case["method"].str.contains(r" \+ ")]
+    return rows.assign(method=rows["method"].str.replace(r" \[.*\]$", "", regex=True))
+
+
 def prompt_quality_table(per_case: pd.DataFrame) -> pd.DataFrame:
     """Table-I style (MedSAM-U): Dice, IoU and calibration of each prompted method under each prompt setting,
     on the target cases; empty unless some run was predicted with a prompt-quality setting."""
-    if "prompts" not in per_case:
-        return per_case[:0]
-    prompted = per_case[(per_case["prompts"] != "none") & ~per_case["method"].str.contains(r" \+ ")
-                        & (per_case["role"] == "target")]
+    prompted = _prompted_target_rows(per_case)
     if prompted["prompts"].nunique() < 2:
         return per_case[:0]
-    prompted = prompted.assign(method=prompted["method"].str.replace(r" \[.*\]$", "", regex=True))
     return _mean_std(prompted, ["method", "prompts"], [m for m in ("DSC", "IoU", "ECE", "Brier") if m in prompted])
 
 
@@ -61,12 +67,7 @@ def prompt_robustness_table(per_case: pd.DataFrame) -> pd.DataFrame:
     """SafeClick Table-2 style: mean target DSC of each prompted method under perfect (P0, B100) and imperfect
     point/box prompts, Avg. over the imperfect settings present, and the same average of ECE and Brier;
     empty unless some method was predicted with two or more of these settings."""
-    if "prompts" not in per_case:
-        return per_case[:0]
-    wanted = POINT_SETTINGS + BOX_SETTINGS
-    chosen = per_case[per_case["prompts"].isin(wanted) & (per_case["role"] == "target")
-                      & ~per_case["method"].str.contains(r" \+ ")]
-    chosen = chosen.assign(method=chosen["method"].str.replace(r" \[.*\]$", "", regex=True))
+    chosen = _prompted_target_rows(per_case, POINT_SETTINGS + BOX_SETTINGS)
     if chosen.empty or chosen.groupby("method")["prompts"].nunique().max() < 2:
         return per_case[:0]
     means = chosen.groupby(["method", "prompts"])[[m for m in ("DSC", "ECE", "Brier") if m in chosen]].mean()
@@ -108,7 +109,8 @@ def _markdown(table: pd.DataFrame) -> str:
 
 def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame, dgg: pd.DataFrame,
                  failure: pd.DataFrame, significance: pd.DataFrame, notes: list, plots: list) -> str:
-    """Write report.md and tables.tex; returns the Markdown."""
+    """Write report.md and tables.tex (and prompt_robustness.csv when there is that table); returns the
+    Markdown."""
     main = main_table(per_case, dgg, split)
     calibration = calibration_table(per_case)
     ablations = ablation_tables(per_case)
@@ -131,6 +133,7 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
                   "", _markdown(prompt_quality), ""]
     robustness = prompt_robustness_table(per_case)
     if not robustness.empty:
+        robustness.to_csv(folder / "prompt_robustness.csv", index=False)
         lines += ["## Robustness to imperfect prompts (target cases; SafeClick Table 2 layout)", "",
                   "Mean DSC per setting: P0 = one point at the centre of mass (perfect), P25–P100 = displaced by "
                   "25–100 % of the object radius; B100 = the ground-truth box (perfect), B50–B150 = scaled to "

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import torch
@@ -168,7 +167,7 @@ class nnUNetTrainerMedSAMU(nnUNetTrainerSAMFT):
         """Training prompts: 1–3 random foreground points and the jittered ground-truth box per slice."""
         prompts = []
         for case_id, z in keys:
-            rng = np.random.default_rng([self.seed, zlib.crc32(case_id.encode()), z, self.current_epoch])
+            rng = self.slice_rng(case_id, z, per_epoch=True)
             mask = self.volumes[case_id][1][z]
             where = np.argwhere(mask)
             chosen = where[rng.choice(len(where), size=int(rng.integers(1, 4)))]

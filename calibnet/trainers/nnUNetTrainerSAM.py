@@ -11,6 +11,7 @@ extra input channels (see ``calibnet.prompts.sam_prompt_maps``).
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -157,12 +158,16 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
                                f"{cache.misses} misses")
         super().on_epoch_end()
 
+    def slice_rng(self, case_id: str, z: int, per_epoch: bool = False) -> np.random.Generator:
+        """The generator of one training slice's prompts: seed, case, slice (and epoch when they are redrawn)."""
+        key = [self.seed, zlib.crc32(case_id.encode()), z] + ([self.current_epoch] if per_epoch else [])
+        return np.random.default_rng(key)
+
     def slice_prompts(self, keys: list) -> list:
         """Prompts of each (case, slice), reproducible from the seed, case and slice."""
-        import zlib
         prompts = []
         for case_id, z in keys:
-            rng = np.random.default_rng([self.seed, zlib.crc32(case_id.encode()), z])
+            rng = self.slice_rng(case_id, z)
             prompts.append(sam_slice_prompts(self.volumes[case_id][1][z:z + 1], rng, self.use_box)[0])
         return prompts
 

@@ -10,7 +10,6 @@ by U(0, 1) × the object radius or the ground-truth box scaled by U(0.5, 1.5), e
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -55,7 +54,7 @@ class nnUNetTrainerSAM2FT(nnUNetTrainerSAMFT):
         """Imperfect training prompts, reproducible from the seed, case, slice and epoch."""
         prompts = []
         for case_id, z in keys:
-            rng = np.random.default_rng([self.seed, zlib.crc32(case_id.encode()), z, self.current_epoch])
+            rng = self.slice_rng(case_id, z, per_epoch=True)
             prompts.append(imperfect_prompt(self.volumes[case_id][1][z], rng))
         return prompts
 

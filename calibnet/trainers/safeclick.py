@@ -192,7 +192,7 @@ class SafeClickSegmenter(Sam2SliceSegmenter):
         super().__init__(sam2, use_box)
         self.needs_intermediate = options.e1
         decoder = self.mask_decoder
-        middle_channels, middle_size = self.feature_shapes()[3][:2] if options.e1 else (0, self.image_size // 16)
+        middle_channels, middle_size = self.middle_shape[:2]
         self.plugin = SafeClickTransformer(decoder.transformer, middle_channels, middle_size // (self.image_size // 16),
                                            options)
         decoder.transformer = self.plugin

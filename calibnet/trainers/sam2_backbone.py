@@ -120,7 +120,11 @@ class Sam2SliceSegmenter(SamSliceSegmenter):
     def __init__(self, sam2: torch.nn.Module, use_box: bool = False):
         super().__init__(sam2, use_box)
         trunk = self.image_encoder.trunk
-        self._middle_block = trunk.blocks[len(trunk.blocks) // 2 - 1]  # the m/2-th of m blocks (SafeClick §2)
+        middle = len(trunk.blocks) // 2 - 1  # the m/2-th of m blocks (SafeClick §2)
+        self._middle_block = trunk.blocks[middle]
+        stage = next(i for i, end in enumerate(trunk.stage_ends) if end >= middle)
+        side = self.image_size // 2 ** (stage + 2)  # Hiera stage k works at stride 4·2^k
+        self.middle_shape = (self._middle_block.dim_out, side, side)
         self.register_buffer("pixel_mean", torch.tensor(_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
         for module in (self.mask_decoder.conv_s0, self.mask_decoder.conv_s1):
@@ -149,11 +153,7 @@ class Sam2SliceSegmenter(SamSliceSegmenter):
         decoder = self.mask_decoder
         shapes = [(decoder.transformer_dim, s // 16, s // 16), (decoder.conv_s1.out_channels, s // 8, s // 8),
                   (decoder.conv_s0.out_channels, s // 4, s // 4)]
-        if self.needs_intermediate:
-            stage = next(i for i, end in enumerate(self.image_encoder.trunk.stage_ends)
-                         if end >= len(self.image_encoder.trunk.blocks) // 2 - 1)
-            shapes.append((self._middle_block.dim_out, s // 2 ** (stage + 2), s // 2 ** (stage + 2)))
-        return shapes
+        return shapes + [self.middle_shape] if self.needs_intermediate else shapes
 
     def unpack(self, embedding: torch.Tensor) -> list:
         """Flat embeddings (N, D) -> [(N, C, H, W), ...] in the order of :meth:`feature_shapes`."""
