@@ -5,12 +5,18 @@ and a labelled point set.
 - UGMP (Eqs. 4–8): N boxes jittered around the initial box (each corner coordinate + δ, δ ~ N(0, σ) pixels),
   one prediction per box (with the same points), ȳ = their mean, Ū = the binary entropy of ȳ (bits).
 - UGPA (Eqs. 9–14): the box enclosing the edge of the uncertainty map (the pixels where Ū exceeds
-  ``edge_threshold`` — our reading of Edge(U)), re-jittered into K boxes; the K most uncertain pixels as
-  extra foreground points; UGMP again gives (y*, U*); y* is kept only if its uncertainty is lower than Ū's
-  (mean entropy over the slice, or over the ROI = where either prediction is foreground, ``compare_on``).
+  ``edge_threshold`` — our reading of Edge(U)), re-jittered into K boxes; K refinement points — the most
+  uncertain pixel, then each next most uncertain pixel at least ``min_distance`` pixels from those already
+  chosen (:func:`most_uncertain_points`) — each labelled foreground where ȳ ≥ 0.5, else background
+  (:func:`refinement_points`); UGMP again gives (y*, U*); y* is kept only if its uncertainty is lower than
+  Ū's (mean entropy over the slice, or over the ROI = where either prediction is foreground, ``compare_on``).
+
+The jitter of one slice is drawn from :func:`jitter_rng` (seed, case, slice, prompt setting), so cases never
+share it and the same (case, slice, setting) always gets the same boxes.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +25,10 @@ DEFAULT_N_BOXES = 3
 DEFAULT_SIGMA = 5.0  # pixels; the paper does not state it
 DEFAULT_TOP_K = 3
 DEFAULT_EDGE_THRESHOLD = 0.5  # bits; the paper does not state how Edge(U) is found
+# UGPA's refinement points lie at least this fraction of the slice's shorter side apart (ours; the paper's
+# Eq. 12 takes the raw top-K pixels, which are usually neighbours on one ridge of the uncertainty map)
+DEFAULT_POINT_SPACING = 0.05
+JITTER_STREAM = zlib.crc32(b"ugmp-jitter")  # keeps the jitter apart from the prompt draws of prompt_rng
 
 
 @dataclass
@@ -40,6 +50,15 @@ def binary_entropy(probability: np.ndarray) -> np.ndarray:
     """H(p) = −p log₂ p − (1 − p) log₂(1 − p), 0 at p ∈ {0, 1}."""
     p = np.clip(np.asarray(probability, float), 1e-12, 1 - 1e-12)
     return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+
+
+def jitter_rng(seed: int, case_key: str, slice_index: int, setting: str) -> np.random.Generator:
+    """The generator of one slice's UGMP/UGPA box jitter: the same (seed, case, slice, prompt setting) always
+    gives the same boxes, and different cases (or settings) of the same slice index different ones. Built
+    like :func:`calibnet.prompt_quality.prompt_rng` (case and setting names by zlib.crc32), plus a stream tag
+    so that the jitter is not a replay of that slice's prompt draws."""
+    return np.random.default_rng([int(seed), zlib.crc32(str(case_key).encode()), int(slice_index),
+                                  zlib.crc32(str(setting).encode()), JITTER_STREAM])
 
 
 def jittered_boxes(box, n: int, sigma: float, shape, rng: np.random.Generator) -> list:
@@ -70,10 +89,43 @@ def uncertainty_box(uncertainty: np.ndarray, edge_threshold: float = DEFAULT_EDG
     return float(r0), float(c0), float(r1), float(c1)
 
 
-def most_uncertain_points(uncertainty: np.ndarray, k: int) -> list:
-    """Eq. 12: the ``k`` pixels with the highest uncertainty, most uncertain first (ties: row-major order)."""
-    order = np.argsort(-uncertainty.ravel(), kind="stable")[:k]
-    return [(float(r), float(c)) for r, c in zip(*np.unravel_index(order, uncertainty.shape))]
+def default_min_distance(shape, spacing: float = DEFAULT_POINT_SPACING) -> float:
+    """UGPA's minimum distance between refinement points on a slice of ``shape``: ``spacing`` × the shorter
+    side, and never below 1 pixel (at 1 the rule is the plain top-K of Eq. 12)."""
+    return max(1.0, float(spacing) * min(shape[:2]))
+
+
+def most_uncertain_points(uncertainty: np.ndarray, k: int, min_distance: float | None = None) -> list:
+    """Eq. 12, spread out: up to ``k`` pixels (row, col), most uncertain first. The first is the most
+    uncertain pixel; each next one is the most uncertain pixel whose Euclidean distance to every pixel
+    already chosen is at least ``min_distance`` (default :func:`default_min_distance` of the map's shape).
+    Ties go to the first pixel in row-major order. Fewer than ``k`` points when the slice has no room for
+    more; ``min_distance`` ≤ 1 gives the ``k`` most uncertain pixels as they are."""
+    u = np.asarray(uncertainty, float)
+    if min_distance is None:
+        min_distance = default_min_distance(u.shape)
+    if min_distance < 0:
+        raise ValueError(f"min_distance must be >= 0, not {min_distance}")
+    rows, cols = np.indices(u.shape)
+    available = np.ones(u.shape, bool)
+    points = []
+    for _ in range(k):
+        if not available.any():
+            break
+        r, c = np.unravel_index(int(np.argmax(np.where(available, u, -np.inf))), u.shape)
+        points.append((float(r), float(c)))
+        available &= (rows - r) ** 2 + (cols - c) ** 2 >= min_distance ** 2
+        available[r, c] = False
+    return points
+
+
+def refinement_points(initial: UGMPResult, k: int, min_distance: float | None = None) -> tuple:
+    """UGPA's extra point prompts (points, labels): the ``k`` spread-out most uncertain pixels of Ū
+    (:func:`most_uncertain_points`), each labelled 1 (foreground) where UGMP's mean prediction ȳ at that
+    pixel is ≥ 0.5 and 0 (background) otherwise — our rule; the paper does not say how they are labelled."""
+    points = most_uncertain_points(initial.uncertainty, k, min_distance)
+    labels = [int(initial.probability[int(r), int(c)] >= 0.5) for r, c in points]
+    return points, labels
 
 
 def mean_uncertainty(result: UGMPResult, roi: np.ndarray | None = None) -> float:
@@ -91,15 +143,15 @@ def run_ugmp(predict, boxes: list, points: list, labels: list) -> UGMPResult:
 
 def adapt(predict, initial: UGMPResult, points: list, labels: list, shape, rng: np.random.Generator,
           sigma: float = DEFAULT_SIGMA, k: int = DEFAULT_TOP_K, edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
-          compare_on: str = "slice") -> UGPAResult:
-    """UGPA from a UGMP result: the uncertainty box re-jittered into ``k`` boxes, the ``k`` most uncertain
-    pixels added as point prompts — labelled foreground where ȳ ≥ 0.5, else background (our choice; the
+          compare_on: str = "slice", min_distance: float | None = None) -> UGPAResult:
+    """UGPA from a UGMP result: the uncertainty box re-jittered into ``k`` boxes, up to ``k`` refinement
+    points added to the slice's points — the most uncertain pixels at least ``min_distance`` apart, each
+    labelled foreground (1) where ȳ ≥ 0.5, else background (0) (:func:`refinement_points`; our rule, the
     paper does not say) — then UGMP again, and Eq. 14."""
     adapted_box = uncertainty_box(initial.uncertainty, edge_threshold)
     if adapted_box is None:  # nothing uncertain: nothing to adapt
         return UGPAResult(initial.probability, initial.uncertainty, False, initial, None)
-    extra = most_uncertain_points(initial.uncertainty, k)
-    extra_labels = [int(initial.probability[int(r), int(c)] >= 0.5) for r, c in extra]
+    extra, extra_labels = refinement_points(initial, k, min_distance)
     boxes = jittered_boxes(adapted_box, k, sigma, shape, rng)
     adapted = run_ugmp(predict, boxes, list(points) + extra, list(labels) + extra_labels)
     return choose(initial, adapted, compare_on)
@@ -107,10 +159,10 @@ def adapt(predict, initial: UGMPResult, points: list, labels: list, shape, rng: 
 
 def run_ugpa(predict, box, points: list, labels: list, shape, rng: np.random.Generator, n: int = DEFAULT_N_BOXES,
              sigma: float = DEFAULT_SIGMA, k: int = DEFAULT_TOP_K, edge_threshold: float = DEFAULT_EDGE_THRESHOLD,
-             compare_on: str = "slice") -> UGPAResult:
+             compare_on: str = "slice", min_distance: float | None = None) -> UGPAResult:
     """MedSAM-U from one initial box: UGMP over ``n`` boxes jittered around it, then UGPA."""
     initial = run_ugmp(predict, jittered_boxes(box, n, sigma, shape, rng), points, labels)
-    return adapt(predict, initial, points, labels, shape, rng, sigma, k, edge_threshold, compare_on)
+    return adapt(predict, initial, points, labels, shape, rng, sigma, k, edge_threshold, compare_on, min_distance)
 
 
 def choose(initial: UGMPResult, adapted: UGMPResult, compare_on: str = "slice") -> UGPAResult:

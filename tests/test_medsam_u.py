@@ -115,3 +115,62 @@ def test_table_iii_rows_with_and_without_ugpa(tiny_dataset, medsam_u_run):
     labels = set(per_case["method"])
     assert {"medsam_u", "medsam_u [3B0.5]", "medsam_u w/o UGPA [3B0.5]"} <= labels
     assert set(per_case.loc[per_case["method"] == "medsam_u", "prompts"]) == {"B100"}
+
+
+def _recording_network(monkeypatch, **options):
+    """The tiny MedSAM-U network with its decoder replaced by one that records the boxes of every call."""
+    from calibnet.trainers.nnUNetTrainerMedSAMU import MedSAMUSegmenter
+    from calibnet.trainers.sam_backbone import SamConfig, build_sam
+
+    network = MedSAMUSegmenter(build_sam(SamConfig("tiny")), ugpa=False, seed=42, **options).eval()
+    calls = []
+
+    def probability(embedding, slice_shape):
+        def predict(box, points, labels):
+            calls.append(box)
+            return np.full(slice_shape, 0.3)
+        return predict
+
+    monkeypatch.setattr(network, "_probability", probability)
+    monkeypatch.setattr(network, "embed", lambda slices: torch.zeros(len(slices), 1))
+    return network, calls
+
+
+def test_ugmp_jitter_is_seeded_by_case_slice_and_setting(monkeypatch):
+    from calibnet.prompt_quality import parse_setting
+
+    network, calls = _recording_network(monkeypatch)
+    sets = [{"boxes": [(4.0, 4.0, 20.0, 20.0)], "points": [], "labels": []}] * 2  # slices 0 and 1 alike
+
+    def jitter(case_id, setting=None):
+        network.set_case(case_id, setting)
+        calls.clear()
+        network.decode_uncertainty_guided(torch.zeros(2, 1), sets, (32, 32))
+        return calls[:3], calls[3:]  # N = 3 boxes per slice
+
+    case_a, case_b = jitter("case_a"), jitter("case_b")
+    assert len(case_a[0]) == 3 and len(case_a[1]) == 3
+    assert case_a[0] != case_b[0] and case_a[1] != case_b[1]  # same slice index, another case
+    assert jitter("case_a") == case_a  # the same case, slice and setting: the same jitter
+    assert case_a[0] != case_a[1]
+    with_setting = jitter("case_a", parse_setting("3B0.5"))
+    assert with_setting != case_a and jitter("case_a", "3B0.5") == with_setting
+
+
+def test_ugmp_jitter_of_an_unnamed_case_follows_its_input(monkeypatch):
+    """Without set_case the key comes from the case's images: two cases differ, one case repeats."""
+    network, calls = _recording_network(monkeypatch)
+    box = torch.zeros(1, 1, 24, 24)
+    box[0, 0, 4:17, 6:19] = 1
+
+    def jitter(image):
+        calls.clear()
+        x = torch.cat([image, torch.zeros(2, 1, 24, 24), box])[None]  # 1 image channel + 3 prompt channels
+        network(x)
+        return list(calls)
+
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.rand(1, 1, 24, 24, generator=generator), torch.rand(1, 1, 24, 24, generator=generator)
+    assert len(jitter(first)) == 3
+    assert jitter(first) != jitter(second)
+    assert jitter(first) == jitter(first.clone())

@@ -10,9 +10,13 @@
   uncertainty is lower), per slice (``calibnet.uncertainty_prompting``). The initial box is the slice's
   ground-truth box, or the boxes of a prompt-quality setting (two or more boxes are UGMP's multiple prompts
   as they are).
+- Jitter seeding: each slice's boxes come from ``jitter_rng(seed, case key, slice, setting)``. The caller
+  names the case before predicting it with :meth:`MedSAMUSegmenter.set_case` (case id and prompt setting);
+  a network never told gets a key derived from the case's image channels (see :meth:`case_key_for`).
 """
 from __future__ import annotations
 
+import zlib
 
 import numpy as np
 import torch
@@ -24,11 +28,13 @@ from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFT
 from calibnet.trainers.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adapter_parameters, insert_adapters,
                                             parse_adapter_blocks)
 from calibnet.trainers.sam_backbone import EMPTY_LOGIT, SamConfig, SamSliceSegmenter, build_sam, to_three_channels
-from calibnet.uncertainty_prompting import (DEFAULT_EDGE_THRESHOLD, DEFAULT_N_BOXES, DEFAULT_SIGMA, DEFAULT_TOP_K,
-                                            UGMPResult, adapt, binary_entropy, jittered_boxes, run_ugmp)
+from calibnet.uncertainty_prompting import (DEFAULT_EDGE_THRESHOLD, DEFAULT_N_BOXES, DEFAULT_POINT_SPACING,
+                                            DEFAULT_SIGMA, DEFAULT_TOP_K, UGMPResult, adapt, binary_entropy,
+                                            default_min_distance, jitter_rng, jittered_boxes, run_ugmp)
 
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # Eq. 15's scalar α and γ; the paper gives no values (Lin et al.'s usual ones)
 TRAINING_BOX_SIGMA = 5.0  # pixels of jitter on the training boxes (ours; the paper does not state it)
+OWN_PROMPTS = "own"  # the prompt-setting name of the jitter when the slices' own (ground-truth box) prompts are used
 
 
 class MedSAMUSegmenter(SamSliceSegmenter):
@@ -37,7 +43,7 @@ class MedSAMUSegmenter(SamSliceSegmenter):
     def __init__(self, sam, adapter_blocks: str = "all", adapter_ratio: float = DEFAULT_BOTTLENECK_RATIO,
                  n_boxes: int = DEFAULT_N_BOXES, sigma: float = DEFAULT_SIGMA, top_k: int = DEFAULT_TOP_K,
                  edge_threshold: float = DEFAULT_EDGE_THRESHOLD, compare_on: str = "slice", ugpa: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, point_spacing: float = DEFAULT_POINT_SPACING):
         super().__init__(sam, use_box=True)
         try:
             blocks = parse_adapter_blocks(str(adapter_blocks), len(sam.image_encoder.blocks))
@@ -47,12 +53,31 @@ class MedSAMUSegmenter(SamSliceSegmenter):
         sam.prompt_encoder.requires_grad_(True)
         self.train_prompt_encoder = True
         self.options = dict(n_boxes=n_boxes, sigma=sigma, top_k=top_k, edge_threshold=edge_threshold,
-                            compare_on=compare_on, ugpa=ugpa, seed=seed)
+                            compare_on=compare_on, ugpa=ugpa, seed=seed, point_spacing=point_spacing)
+        self.case_key = None  # the case being predicted (set_case); None: derived from the input (case_key_for)
+        self.prompt_setting_name = OWN_PROMPTS  # the prompt setting being predicted with (set_case)
         self.last_ugpa = []  # per slice of the last prediction: True/False (UGPA accepted), None (no prompt)
         self.last_uncertainty = []  # per prompted slice: mean entropy (bits) of the kept prediction
 
     def trainable_parameters(self) -> list:
         return adapter_parameters(self) + list(self.sam.prompt_encoder.parameters())
+
+    def set_case(self, case_id: str | None, setting=None) -> None:
+        """Name the case the next predictions are of, and the prompt setting they use (a
+        :class:`calibnet.prompt_quality.PromptSetting`, its name, or None for the slices' own prompts): each
+        slice's UGMP/UGPA jitter is drawn from ``jitter_rng(seed, case_id, slice, setting name)``. Holds until
+        set again; ``set_case(None)`` goes back to the key derived from the input (:meth:`case_key_for`)."""
+        self.case_key = None if case_id is None else str(case_id)
+        self.prompt_setting_name = OWN_PROMPTS if setting is None else str(getattr(setting, "name", setting))
+
+    def case_key_for(self, volume: torch.Tensor, index: int = 0) -> str:
+        """The case key of batch item ``index``: the id given to :meth:`set_case` (with ``#index`` after it
+        for items past the first), else ``input-<crc32>`` of the item's image channels as float32 — stable for
+        the same case and different between cases, for callers that do not name the case."""
+        if self.case_key is not None:
+            return self.case_key if index == 0 else f"{self.case_key}#{index}"
+        data = volume.detach().float().cpu().contiguous().numpy()
+        return f"input-{zlib.crc32(data.tobytes()):08x}"
 
     def embed(self, slices: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
@@ -80,7 +105,7 @@ class MedSAMUSegmenter(SamSliceSegmenter):
         if not o["ugpa"]:
             return initial.probability, False
         result = adapt(predict, initial, points, labels, slice_shape, rng, o["sigma"], o["top_k"],
-                       o["edge_threshold"], o["compare_on"])
+                       o["edge_threshold"], o["compare_on"], default_min_distance(slice_shape, o["point_spacing"]))
         return result.probability, result.accepted
 
     def prediction_summary(self) -> dict:
@@ -91,14 +116,20 @@ class MedSAMUSegmenter(SamSliceSegmenter):
                 "ugpa_accepted_fraction": float(np.mean(decided)) if decided else 0.0,
                 "ugpa_accepted": list(self.last_ugpa)}
 
-    def decode_uncertainty_guided(self, embeddings: torch.Tensor, prompt_sets: list, slice_shape: tuple):
+    def decode_uncertainty_guided(self, embeddings: torch.Tensor, prompt_sets: list, slice_shape: tuple,
+                                  case_key: str | None = None):
+        """Foreground logits (Z, Y, X) of one case, UGMP + UGPA per prompted slice; slice z's jitter comes from
+        ``jitter_rng(seed, case_key, z, prompt setting)`` (``case_key`` defaults to the one of set_case)."""
+        case_key = self.case_key if case_key is None else case_key
+        if case_key is None:
+            raise ValueError("decode_uncertainty_guided needs a case key: call set_case or pass case_key")
         logits, self.last_ugpa, self.last_uncertainty = [], [], []
         for z, (embedding, prompts) in enumerate(zip(embeddings, prompt_sets)):
             if prompts is None:
                 logits.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device))
                 self.last_ugpa.append(None)
                 continue
-            rng = np.random.default_rng([self.options["seed"], z])
+            rng = jitter_rng(self.options["seed"], case_key, z, self.prompt_setting_name)
             probability, accepted = self.uncertainty_guided(embedding, prompts["boxes"], prompts["points"],
                                                             prompts["labels"], slice_shape, rng)
             logits.append(torch.logit(torch.from_numpy(probability).to(embeddings.device), eps=1e-7))
@@ -120,7 +151,8 @@ class MedSAMUSegmenter(SamSliceSegmenter):
             else:
                 sets = [None if p is None else {"boxes": [p["box"]], "points": [], "labels": []}
                         for p in self.prompts_from_channels(maps)]
-            foreground = self.decode_uncertainty_guided(self.embed(slices), sets, shape)
+            foreground = self.decode_uncertainty_guided(self.embed(slices), sets, shape,
+                                                        self.case_key_for(volume, index))
             logits.append(torch.stack([torch.zeros_like(foreground), foreground]))
         return torch.stack(logits)
 
