@@ -1,5 +1,6 @@
 """Evaluation metrics against hand-computed values and against MONAI's own metric functions."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
@@ -51,7 +52,8 @@ LABELS = np.array([1, 1, 0, 1])  # confidences .95 (right), .95 (wrong), .65 (ri
 def test_ece_ace_brier_exact_values():
     metrics = calibration_metrics(PROBABILITIES, LABELS)
     assert metrics["ECE"] == pytest.approx(0.5 * abs(0.5 - 0.95) + 0.5 * abs(1 - 0.65))  # 0.4
-    assert metrics["ACE"] == pytest.approx((0.05 + 0.95 + 0.35 + 0.35) / 4)  # one voxel per non-empty bin
+    # equal-mass bins never split the tied pairs: one bin of the two .95 voxels, one of the two .65 voxels
+    assert metrics["ACE"] == pytest.approx(0.5 * abs(0.5 - 0.95) + 0.5 * abs(1 - 0.65))
     assert metrics["Brier"] == pytest.approx((0.05 ** 2 + 0.95 ** 2 + 0.35 ** 2 + 0.35 ** 2) / 4)
     bins = calibration_bins(PROBABILITIES.max(0), PROBABILITIES.argmax(0) == LABELS)
     assert bins.count.sum() == 4 and bins.count[14] == 2 and bins.count[9] == 2
@@ -81,3 +83,95 @@ def test_posthoc_fits_do_not_increase_the_nll_they_minimise():
     assert nll(apply_temperature(overconfident, temperature), labels) <= nll(overconfident, labels)
     parameters = fit_dirichlet(overconfident, labels)
     assert nll(apply_dirichlet(overconfident, parameters), labels) <= nll(overconfident, labels)
+
+
+def _expected_aurc_over_orders(confidence, risk):
+    """Brute force: AURC averaged over every order of the cases that the confidences allow (ties permuted)."""
+    import itertools
+
+    values = []
+    for order in itertools.permutations(range(len(confidence))):
+        if all(confidence[a] >= confidence[b] for a, b in zip(order, order[1:])):
+            ranked = np.asarray(risk, float)[list(order)]
+            values.append(np.mean(np.cumsum(ranked) / np.arange(1, len(ranked) + 1)))
+    return np.mean(values)
+
+
+def test_aurc_of_tied_confidences_is_the_block_mean_and_independent_of_case_order():
+    confidence = np.array([1.0, 1.0, 0.5])
+    risk = np.array([0.0, 1.0, 0.5])
+    # the tied pair shares its mean risk 0.5: coverage 1, 2, 3 -> 0.5, 0.5, 0.5 (in stable order it was 0, .5, .5)
+    assert aurc(confidence, risk) == pytest.approx(0.5, abs=1e-12)
+    rng = np.random.default_rng(0)
+    confidence = np.round(rng.random(7) * 3) / 3  # many ties, as MC score agreement of 1.0 gives
+    risk = rng.random(7)
+    expected = _expected_aurc_over_orders(confidence, risk)
+    for _ in range(20):
+        order = rng.permutation(7)
+        assert aurc(confidence[order], risk[order]) == pytest.approx(expected, abs=1e-12)
+        assert eaurc(confidence[order], risk[order]) == pytest.approx(eaurc(confidence, risk), abs=1e-12)
+    unique = rng.random(7)  # without ties: the plain definition
+    ranked = risk[np.argsort(-unique)]
+    assert aurc(unique, risk) == pytest.approx(np.mean(np.cumsum(ranked) / np.arange(1, 8)), abs=1e-12)
+
+
+def test_ace_is_independent_of_voxel_order_when_ties_straddle_a_bin_edge():
+    rng = np.random.default_rng(1)
+    confidence = np.float16(rng.uniform(0.5, 1, 3000)).astype(np.float64)  # float16 maps: many exact ties
+    confidence[:700] = 0.75  # a block of ties larger than one equal-mass bin (200 voxels)
+    correct = rng.random(3000) < confidence
+    reference = calibration_bins(confidence, correct, equal_mass=True)
+    assert reference.count.sum() == 3000
+    for _ in range(10):
+        order = rng.permutation(3000)
+        shuffled = calibration_bins(confidence[order], correct[order], equal_mass=True)
+        assert shuffled.expected_calibration_error() == pytest.approx(reference.expected_calibration_error(),
+                                                                      abs=1e-12)
+        np.testing.assert_array_equal(shuffled.count, reference.count)
+    # every tied block in exactly one bin
+    index = np.searchsorted(np.cumsum(reference.count), np.arange(3000), "right")
+    values = np.sort(confidence)
+    for value in np.unique(values):
+        assert len(set(index[values == value])) == 1
+
+
+def _per_case_with_scores(dsc):
+    n = len(dsc)
+    return pd.DataFrame({"method": "m", "role": "target", "vendor": ["GE", "Philips"] * (n // 2), "DSC": dsc,
+                         "conf_mean_max_probability_foreground": 0.5 + 0.5 * dsc,  # a confidence, monotone in DSC
+                         "conf_entropy_foreground": 1 - dsc ** 2,  # an uncertainty, anti-monotone in DSC
+                         "conf_ugpa_accepted_fraction": np.linspace(0, 1, n),  # a decision rate, not a score
+                         "conf_predicted_foreground_voxels": np.arange(n)})
+
+
+def test_uncertainties_are_negated_before_ranking_and_non_scores_are_not_ranked():
+    from calibnet.evaluation.tables import failure_detection
+
+    dsc = np.array([0.9, 0.1, 0.5, 0.7, 0.3, 0.8])
+    table = failure_detection(_per_case_with_scores(dsc), "scanner")
+    pooled = table[table.domain == "pooled"].set_index("score")
+    assert set(pooled.index) == {"mean_max_probability_foreground", "entropy_foreground"}
+    for score in pooled.index:  # a perfect ranking either way: eAURC 0, positive correlation of the oriented score
+        assert pooled.loc[score, "eAURC"] == pytest.approx(0.0, abs=1e-12)
+        assert pooled.loc[score, "pearson_r"] > 0.9
+    assert pooled.loc["entropy_foreground", "direction"] == "↓ uncertainty"
+    assert pooled.loc["mean_max_probability_foreground", "direction"] == "↑ confidence"
+    oracle = aurc(dsc, 1 - dsc)
+    assert pooled.loc["entropy_foreground", "AURC"] == pytest.approx(oracle, abs=1e-12)
+
+
+def test_score_registry_declares_every_score_calibnet_writes():
+    from calibnet.metrics.confidence_scores import CONFIDENCE, NOT_A_SCORE, UNCERTAINTY, as_confidence, score_kind
+
+    expected = {"mean_max_probability_foreground": CONFIDENCE, "entropy_foreground": UNCERTAINTY,
+                "predicted_foreground_voxels": NOT_A_SCORE, "mc_dice_agreement_n15": CONFIDENCE,
+                "mc_nsd_agreement_n2": CONFIDENCE, "mc_mean_entropy_n15": UNCERTAINTY,
+                "adversarial_head_predicted_dice": CONFIDENCE, "plain_head_predicted_nsd": CONFIDENCE,
+                "ugmp_mean_uncertainty": UNCERTAINTY, "ugpa_accepted_fraction": NOT_A_SCORE}
+    for name, direction in expected.items():
+        assert score_kind(name).direction == direction, name
+    assert score_kind("mc_nsd_agreement_n2").quality == "NSD" and score_kind("plain_head_predicted_nsd").estimates_quality
+    assert score_kind("my_own_score") is None
+    np.testing.assert_array_equal(as_confidence("entropy_foreground", [0.1, 0.4]), [-0.1, -0.4])
+    with pytest.raises(ValueError):
+        as_confidence("ugpa_accepted_fraction", [0.5])

@@ -28,16 +28,24 @@ class CalibrationBins:
 
 def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS,
                      equal_mass: bool = False) -> CalibrationBins:
-    """Bin voxels by confidence: ``n_bins`` equal-width bins on [0, 1], or equal-mass bins (quantiles)."""
+    """Bin voxels by confidence: ``n_bins`` equal-width bins on [0, 1], or equal-mass bins (quantiles).
+
+    Equal-mass bins never split voxels of equal confidence: each nominal bin edge (after every n/n_bins
+    voxels in confidence order) moves to the nearer end of the block of tied confidences it falls in, so a
+    voxel's bin depends on its value only, not on the order of the voxels (bins may then hold unequal
+    counts, or none)."""
     confidence = np.asarray(confidence, np.float64).ravel()
     correct = np.asarray(correct, np.float64).ravel()
-    if equal_mass:
-        order = np.argsort(confidence, kind="stable")
-        groups = np.array_split(order, n_bins)
-        edges = np.array([confidence[g[0]] if len(g) else np.nan for g in groups] + [confidence.max(initial=1.0)])
-        index = np.empty(len(confidence), int)
-        for i, g in enumerate(groups):
-            index[g] = i
+    if equal_mass and confidence.size:
+        values = np.sort(confidence)
+        sizes = np.full(n_bins, len(values) // n_bins) + (np.arange(n_bins) < len(values) % n_bins)
+        nominal = np.cumsum(sizes)[:-1]  # the positions array_split would cut at
+        at = values[np.minimum(nominal, len(values) - 1)]
+        start, end = np.searchsorted(values, at, "left"), np.searchsorted(values, at, "right")
+        cuts = np.where(nominal - start <= end - nominal, start, end)
+        # a voxel goes to the bin whose cut range holds its first occurrence in sorted order
+        index = np.searchsorted(cuts, np.searchsorted(values, confidence, "left"), "right")
+        edges = np.array([values[c] if c < len(values) else np.nan for c in np.r_[0, cuts]] + [values[-1]])
     else:
         edges = np.linspace(0, 1, n_bins + 1)
         index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
@@ -50,6 +58,8 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 
 
 def top_label(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, correct) of class probabilities (C, N) against integer labels (N,)."""
+    if not labels.size:
+        return np.zeros(0), np.zeros(0, bool)
     return probabilities.max(0), probabilities.argmax(0) == labels
 
 
@@ -61,10 +71,19 @@ def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 def calibration_metrics(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
     """ECE (equal-width bins), ACE (equal-mass bins) and Brier of one case's ROI voxels."""
+    return calibration_summary(probabilities, labels, n_bins)[0]
+
+
+def calibration_summary(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> tuple:
+    """(ECE/ACE/Brier, equal-width CalibrationBins) of (C, N) probabilities against (N,) labels; NaN metrics
+    and empty bins when there is no voxel."""
     confidence, correct = top_label(probabilities, labels)
-    return {"ECE": calibration_bins(confidence, correct, n_bins).expected_calibration_error(),
-            "ACE": calibration_bins(confidence, correct, n_bins, equal_mass=True).expected_calibration_error(),
-            "Brier": brier_score(probabilities, labels)}
+    bins = calibration_bins(confidence, correct, n_bins)
+    if not labels.size:
+        return {"ECE": np.nan, "ACE": np.nan, "Brier": np.nan}, bins
+    return ({"ECE": bins.expected_calibration_error(),
+             "ACE": calibration_bins(confidence, correct, n_bins, equal_mass=True).expected_calibration_error(),
+             "Brier": brier_score(probabilities, labels)}, bins)
 
 
 def pool_bins(bins: list) -> CalibrationBins:

@@ -7,6 +7,7 @@ import pandas as pd
 from scipy import stats
 
 from calibnet.evaluation.failure_detection import failure_detection_metrics
+from calibnet.metrics.confidence_scores import as_confidence, score_kind
 
 LOWER_IS_BETTER = ("HD95", "ECE", "ACE", "Brier")
 PROPOSED = ("calsam", "calunet", "sam_fip", "sam_cmp", "unet_fip", "unet_cmp")
@@ -24,7 +25,7 @@ def domain_columns(split: str) -> list:
 
 def per_domain(per_case: pd.DataFrame, split: str) -> pd.DataFrame:
     """mean, std and n of every metric per method, role and domain (plus condition when present)."""
-    keys = ["method"] + (["prompts"] if "prompts" in per_case else []) + ["role"] + domain_columns(split) + \
+    keys = ["method"] + [c for c in ("configuration", "prompts") if c in per_case] + ["role"] + domain_columns(split) + \
         (["condition"] if "condition" in per_case else [])
     metrics = metric_columns(per_case)
     grouped = per_case.groupby(keys, dropna=False)[metrics]
@@ -53,9 +54,6 @@ def domain_generalisation_gap(per_case: pd.DataFrame) -> tuple[pd.DataFrame, pd.
     return per_run, summary.reset_index()
 
 
-NOT_SCORES = ("conf_mc_samples", "conf_predicted_foreground_voxels")  # counts, not confidence scores
-
-
 def _quality(per_case: pd.DataFrame, metric: str) -> pd.Series:
     """Per-case DSC or NSD@1mm: the column itself for one foreground label, else the mean over labels."""
     name = {"DSC": "DSC", "NSD": "NSD@1mm"}[metric]
@@ -65,50 +63,78 @@ def _quality(per_case: pd.DataFrame, metric: str) -> pd.Series:
     return per_case[columns].mean(axis=1) if columns else pd.Series(np.nan, index=per_case.index)
 
 
+def ranked_scores(per_case: pd.DataFrame) -> tuple[list, list]:
+    """(ranked, unranked) ``conf_*`` score names of a per-case table: ranked are the declared confidences and
+    uncertainties (calibnet.metrics.confidence_scores) that vary; unranked the rest with a reason each."""
+    ranked, unranked = [], []
+    for column in (c for c in per_case.columns if c.startswith("conf_")):
+        name = column[len("conf_"):]
+        kind = score_kind(name)
+        if not pd.api.types.is_numeric_dtype(per_case[column]):
+            continue  # per-slice lists and other non-scalar entries
+        if kind is None:
+            unranked.append(f"{name} (direction not declared)")
+        elif not kind.ranked:
+            unranked.append(f"{name} (not a confidence score)")
+        else:
+            ranked.append(name)
+    return ranked, unranked
+
+
 def failure_detection(per_case: pd.DataFrame, split: str) -> pd.DataFrame:
     """Pearson r, AURC, eAURC (risk = 1 − quality, 0–1 scale) and MAE (scores that predict the quality) of
-    every confidence score on the target cases, pooled and per target domain. The quality is DSC, except for
-    NSD scores (predicted NSD, NSD score agreement), which are held to the case's NSD@1mm."""
+    every declared confidence score on the target cases, pooled and per target domain. Uncertainties are
+    negated before ranking, so Pearson r is that of the oriented score (positive = higher confidence goes with
+    better quality) for both kinds; ``direction`` says which kind a score is. The quality is DSC (the mean over
+    labels for several), except for NSD scores (predicted NSD, NSD score agreement), held to NSD@1mm."""
     target = per_case[per_case["role"] == "target"].assign(quality_DSC=lambda t: _quality(t, "DSC"),
                                                            quality_NSD=lambda t: _quality(t, "NSD"))
-    scores = [c for c in per_case.columns if c.startswith("conf_") and c not in NOT_SCORES
-              and pd.api.types.is_numeric_dtype(per_case[c]) and per_case[c].nunique() > 1]
     domain = domain_columns(split)[-1 if split == "scanner" else 0]
     rows = []
     for method, group in target.groupby("method"):
-        for score in scores:
-            name = score[len("conf_"):]
-            quality = "NSD" if "nsd" in name.lower() else "DSC"
-            valid = group[group[score].notna() & group[f"quality_{quality}"].notna()]
-            if len(valid) < 2:
-                continue
+        for name in ranked_scores(per_case)[0]:
+            kind, score = score_kind(name), f"conf_{name}"
+            quality = f"quality_{kind.quality}"
+            valid = group[group[score].notna() & group[quality].notna()]
+            if len(valid) < 2 or valid[score].nunique() < 2:
+                continue  # a score that is constant over the cases ranks nothing
             subsets = [("pooled", valid)] + [(str(d), g) for d, g in valid.groupby(domain)]
             for domain_name, subset in subsets:
                 if len(subset) >= 2:
-                    rows.append({"method": method, "score": name, "quality": quality, "domain": domain_name,
-                                 **failure_detection_metrics(subset[score], subset[f"quality_{quality}"],
-                                                             "_predicted_" in f"_{name}")})
+                    rows.append({"method": method, "score": name, "direction": kind.arrow, "quality": kind.quality,
+                                 "domain": domain_name,
+                                 **failure_detection_metrics(as_confidence(name, subset[score]), subset[quality],
+                                                             kind.estimates_quality)})
     return pd.DataFrame(rows)
 
 
 def stars(p: float) -> str:
-    """The papers' convention: * p < 0.05."""
-    return "*" if np.isfinite(p) and p < 0.05 else ""
+    """** p < 0.01, * p < 0.05."""
+    return "" if not np.isfinite(p) else "**" if p < 0.01 else "*" if p < 0.05 else ""
 
 
-def significance(per_case: pd.DataFrame, metrics=("DSC", "ECE")) -> pd.DataFrame:
+def significance_metrics(per_case: pd.DataFrame) -> list:
+    """DSC (the mean over labels where there are several) and each label's DSC, ECE in both views."""
+    labels = sorted(c for c in per_case.columns if c.startswith("DSC_"))
+    return [m for m in ["DSC", *labels, "ECE", "ECE_boundary"] if m in per_case]
+
+
+def significance(per_case: pd.DataFrame, metrics=None) -> pd.DataFrame:
     """Paired t-test and Wilcoxon of each method against the strongest baseline on the target cases: over
-    seeds (means per seed) when at least two seeds are shared, else over cases."""
+    seeds (means per seed) when at least two seeds are shared, else over cases. The baseline pool holds the
+    methods that are not proposed ones and not prompt-setting variants ("samft [3P]") or post-hoc rows."""
     target = per_case[(per_case["role"] == "target") & ~per_case["method"].str.contains(r" \+ ")]
     methods = sorted(target["method"].unique())
-    baselines = [m for m in methods if m not in PROPOSED] or methods
+    own = [m for m in methods if not m.endswith("]")]
+    baselines = [m for m in own if m.split(" (")[0] not in PROPOSED] or own
     rows = []
-    for metric in metrics:
+    for metric in metrics or significance_metrics(per_case):
         if metric not in target or target[metric].isna().all():
             continue
-        means = target.groupby("method")[metric].mean()
-        better_low = metric in LOWER_IS_BETTER
-        baseline = (means[baselines].idxmin() if better_low else means[baselines].idxmax())
+        means = target.groupby("method")[metric].mean()[baselines].dropna()
+        if means.empty:
+            continue
+        baseline = means.idxmin() if metric.startswith(LOWER_IS_BETTER) else means.idxmax()
         for method in methods:
             if method == baseline:
                 continue
@@ -120,6 +146,7 @@ def significance(per_case: pd.DataFrame, metrics=("DSC", "ECE")) -> pd.DataFrame
                 over = "seeds"
             else:
                 paired = a.merge(b, on=["case_id", "fold", "seed"], suffixes=("", "_baseline"))
+                paired = paired[paired[metric].notna() & paired[f"{metric}_baseline"].notna()]
                 x, y, over = paired[metric].values, paired[f"{metric}_baseline"].values, "cases"
             t_p = float(stats.ttest_rel(x, y).pvalue) if len(x) >= 2 and np.any(x != y) else float("nan")
             try:
@@ -127,6 +154,7 @@ def significance(per_case: pd.DataFrame, metrics=("DSC", "ECE")) -> pd.DataFrame
             except ValueError:
                 w_p = float("nan")
             rows.append({"metric": metric, "method": method, "baseline": baseline, "over": over, "n": len(x),
-                         "mean": float(np.mean(x)), "baseline_mean": float(np.mean(y)),
+                         "mean": float(np.mean(x)) if len(x) else float("nan"),
+                         "baseline_mean": float(np.mean(y)) if len(y) else float("nan"),
                          "t_test_p": t_p, "wilcoxon_p": w_p, "significant": stars(t_p)})
     return pd.DataFrame(rows)
