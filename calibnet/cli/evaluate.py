@@ -16,15 +16,18 @@ def _csv(value, cast=str):
 @click.option("--methods", default=None, help="Comma-separated method aliases (default: every trained one).")
 @click.option("--folds", default=None, help="Comma-separated folds (default: all).")
 @click.option("--seeds", default=None, help="Comma-separated seeds (default: all).")
+@click.option("--configuration", "configurations", default=None,
+              help="Comma-separated nnU-Net configurations (2d, 3d_fullres, ...; default: all, each in rows of its "
+                   "own).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the voxel subsampling for post-hoc fits.")
 @user_errors
-def main(split, dataset_id, methods, folds, seeds, seed):
+def main(split, dataset_id, methods, folds, seeds, configurations, seed):
     """Evaluate every trained method of a split; writes $nnUNet_results/DatasetXXX/evaluation/SPLIT/."""
     from calibnet.evaluation.evaluate import evaluate
 
     roots = data_roots()
     result = evaluate(roots.results, roots.raw, roots.preprocessed, split, dataset_id, _csv(methods),
-                      _csv(folds, int), _csv(seeds, int), seed)
+                      _csv(folds, int), _csv(seeds, int), seed, configurations=_csv(configurations))
     for message in result.missing:
         click.echo(f"missing: {message}", err=True)
     click.echo(result.report)

@@ -1,4 +1,11 @@
-"""Metrics of one predicted case against its raw ground truth, on the raw image's geometry."""
+"""Metrics of one predicted case against its raw ground truth, on the raw image's geometry.
+
+Calibration is computed in two views (DESIGN §7): ``ROI`` = the voxels where any input channel is non-zero
+(the whole image where none is), and ``boundary`` = the voxels within 5 mm of the union of ground truth and
+prediction, where a segmentation can be wrong and easy background cannot drown the differences. Region
+datasets (nnU-Net regions, sigmoid outputs) are calibrated on every region as a binary problem and
+averaged over regions; softmax datasets on the predicted class confidence max_c p_c.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,15 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
-from calibnet.evaluation.calibration import CalibrationBins, calibration_bins, calibration_metrics
+from calibnet.evaluation.calibration import calibration_summary, pool_bins
 from calibnet.evaluation.metrics import case_metrics
+
+BOUNDARY_MARGIN_MM = 5.0
+CALIBRATION_VIEWS = {"ROI": "", "boundary": "_boundary"}  # view -> suffix of its metric columns
+SEGMENTATION_METRICS = ("DSC", "IoU", "HD95", "NSD@1mm")
 
 
 @dataclass
 class CaseResult:
     metrics: dict
-    bins: CalibrationBins  # equal-width bins of the case's ROI voxels (for pooled ECE and reliability diagrams)
+    bins: dict  # view -> equal-width CalibrationBins of the case's voxels (merged over regions), for pooling
     sample_probabilities: np.ndarray  # (C, n) subsampled ROI voxels, for post-hoc calibration
     sample_labels: np.ndarray
 
@@ -43,39 +55,103 @@ def read_image(path: Path) -> tuple[np.ndarray, tuple]:
     return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
 
 
-def roi_voxels(probabilities: np.ndarray, truth: np.ndarray, image_paths: list, targets: LabelTargets):
-    """(C, N) class probabilities and (N,) class labels of the ROI voxels (any input channel non-zero; the
-    whole image when none is). Region datasets: the first region's sigmoid as two classes."""
+def load_probabilities(path: Path) -> np.ndarray:
+    """The ``probabilities`` of a prediction's .npz as float32 (float16 files of older runs are widened)."""
+    return np.load(path)["probabilities"].astype(np.float32, copy=False)
+
+
+def predicted_mask(prediction: np.ndarray, values: list, targets: LabelTargets) -> np.ndarray:
+    return prediction == 1 if targets.binary else np.isin(prediction, values)
+
+
+def calibration_tasks(probabilities: np.ndarray, truth: np.ndarray, targets: LabelTargets) -> dict:
+    """name -> ((C, *shape) class probabilities, (*shape) integer labels) of each calibration problem: one
+    softmax problem, one binary problem for a SAM run, or one binary problem per region."""
+    if targets.binary:
+        return {"all": (probabilities, np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64))}
+    if targets.regions:
+        return {name: (np.stack([1 - probabilities[i], probabilities[i]]), np.isin(truth, values).astype(np.int64))
+                for i, (name, values) in enumerate(targets.masks.items())}
+    return {"all": (probabilities, truth.astype(np.int64))}
+
+
+def calibration_rois(truth: np.ndarray, prediction: np.ndarray, image_paths: list, targets: LabelTargets,
+                     spacing, margin_mm: float = BOUNDARY_MARGIN_MM) -> dict:
+    """view -> boolean mask: ``ROI`` (any input channel non-zero; everything when none is) and ``boundary``
+    (within ``margin_mm`` of ground truth ∪ prediction, any foreground; empty when both are empty)."""
     roi = np.zeros(truth.shape, bool)
     for path in image_paths:
         roi |= read_image(path)[0] != 0
     if not roi.any():
         roi[:] = True
-    if targets.binary:
-        labels = np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
-    elif targets.regions:
-        probabilities = np.stack([1 - probabilities[0], probabilities[0]])
-        labels = np.isin(truth, next(iter(targets.masks.values()))).astype(np.int64)
-    else:
-        labels = truth.astype(np.int64)
-    return probabilities[:, roi], labels[roi]
+    values = sorted({v for vs in targets.masks.values() for v in vs})
+    union = np.isin(truth, values) | predicted_mask(prediction, values, targets)
+    boundary = ndimage.distance_transform_edt(~union, sampling=spacing) <= margin_mm if union.any() else union
+    return {"ROI": roi, "boundary": boundary}
+
+
+def restrict(tasks: dict, rois: dict) -> tuple[dict, dict]:
+    """Tasks and ROIs reduced to the voxels of any view (flattened), so that nothing else is read twice."""
+    used = np.logical_or.reduce(list(rois.values()))
+    return ({name: (p[:, used], y[used]) for name, (p, y) in tasks.items()},
+            {view: roi[used] for view, roi in rois.items()})
+
+
+def case_calibration(tasks: dict, rois: dict) -> tuple[dict, dict]:
+    """(metrics, view -> bins): ECE/ACE/Brier per view (``ECE``, ``ECE_boundary``, …), averaged over the
+    calibration problems, with per-region columns (``ECE_<region>``) where there are several."""
+    metrics, bins = {}, {}
+    for view, suffix in CALIBRATION_VIEWS.items():
+        roi = rois[view]
+        per_task, task_bins = {}, []
+        for name, (probabilities, labels) in tasks.items():
+            per_task[name], b = calibration_summary(probabilities[:, roi], labels[roi])
+            task_bins.append(b)
+        for metric in ("ECE", "ACE", "Brier"):
+            metrics[f"{metric}{suffix}"] = float(np.mean([m[metric] for m in per_task.values()]))
+            if len(tasks) > 1:
+                metrics.update({f"{metric}{suffix}_{name}": m[metric] for name, m in per_task.items()})
+        bins[view] = pool_bins(task_bins)
+    return metrics, bins
+
+
+def segmentation_metrics(prediction: np.ndarray, truth: np.ndarray, spacing, targets: LabelTargets) -> dict:
+    """DSC, IoU, HD95 and NSD@1mm per target (``DSC_<name>``) and their mean over targets (``DSC``) when there
+    are several; the plain names for one target."""
+    per_target = {name: case_metrics(predicted_mask(prediction, values, targets), np.isin(truth, values), spacing)
+                  for name, values in targets.masks.items()}
+    if len(per_target) == 1:
+        return next(iter(per_target.values()))
+    metrics = {f"{metric}_{name}": value for name, m in per_target.items() for metric, value in m.items()}
+    metrics.update({metric: float(np.mean([m[metric] for m in per_target.values()])) for metric in SEGMENTATION_METRICS})
+    return metrics
 
 
 def evaluate_case(prediction_path: Path, probabilities_path: Path, label_path: Path, image_paths: list,
                   targets: LabelTargets, rng: np.random.Generator, max_samples: int = 20000) -> CaseResult:
-    """DSC, IoU, HD95, NSD@1mm per target, and ECE, ACE, Brier on the ROI (non-zero input voxels)."""
+    """DSC, IoU, HD95, NSD@1mm per target, and ECE, ACE, Brier in the ROI and boundary views."""
     truth, spacing = read_image(label_path)
     prediction, _ = read_image(prediction_path)
-    probabilities = np.load(probabilities_path)["probabilities"].astype(np.float32)
-    metrics = {}
-    several = len(targets.masks) > 1
-    for name, values in targets.masks.items():
-        truth_mask = np.isin(truth, values)
-        predicted_mask = prediction == 1 if targets.binary else np.isin(prediction, values)
-        for metric, value in case_metrics(predicted_mask, truth_mask, spacing).items():
-            metrics[f"{metric}_{name}" if several else metric] = value
-    voxel_probabilities, voxel_labels = roi_voxels(probabilities, truth, image_paths, targets)
-    metrics.update(calibration_metrics(voxel_probabilities, voxel_labels))
-    bins = calibration_bins(voxel_probabilities.max(0), voxel_probabilities.argmax(0) == voxel_labels)
+    metrics = segmentation_metrics(prediction, truth, spacing, targets)
+    rois = calibration_rois(truth, prediction, image_paths, targets, spacing)
+    tasks, rois = restrict(calibration_tasks(load_probabilities(probabilities_path), truth, targets), rois)
+    calibration, bins = case_calibration(tasks, rois)
+    metrics.update(calibration)
+    roi = rois["ROI"]
+    voxel_probabilities = np.concatenate([p[:, roi] for p, _ in tasks.values()], 1)
+    voxel_labels = np.concatenate([y[roi] for _, y in tasks.values()])
     chosen = rng.choice(voxel_labels.size, size=min(max_samples, voxel_labels.size), replace=False)
     return CaseResult(metrics, bins, voxel_probabilities[:, chosen], voxel_labels[chosen])
+
+
+def recalibrated_case_metrics(prediction_path: Path, probabilities_path: Path, label_path: Path, image_paths: list,
+                              targets: LabelTargets, calibrate) -> dict:
+    """The calibration metrics of a case after ``calibrate`` ((C, N) -> (C, N) probabilities, a post-hoc map)
+    is applied to every calibration problem; views as in :func:`evaluate_case` (the run's own segmentation
+    defines the boundary view)."""
+    truth, spacing = read_image(label_path)
+    prediction, _ = read_image(prediction_path)
+    rois = calibration_rois(truth, prediction, image_paths, targets, spacing)
+    tasks, rois = restrict(calibration_tasks(load_probabilities(probabilities_path), truth, targets), rois)
+    calibrated = {name: (calibrate(p), y) for name, (p, y) in tasks.items()}
+    return case_calibration(calibrated, rois)[0]

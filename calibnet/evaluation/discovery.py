@@ -32,9 +32,38 @@ class Run:
     def note(self) -> str:
         return self.record.get("note", "")
 
+    @property
+    def configuration(self) -> str:
+        return self.record["spec"]["configuration"]
+
+    @property
+    def identity(self) -> dict:
+        """What changes the model besides fold and seed: configuration, backbone, loss and network options."""
+        backbone = self.record.get("backbone") or {}
+        return {"configuration": self.configuration,
+                **{f"backbone {k}": v for k, v in backbone.items() if v is not None},
+                **({"target": self.record["target_label"]} if self.record.get("target_label") is not None else {}),
+                **self.record.get("loss_options", {}),
+                **{k: v for k, v in self.record.get("network_options", {}).items() if k != "seed"}}
+
+
+def run_labels(runs: list) -> dict:
+    """Row label of each run (by folder): the method name, qualified by what differs between runs of the same
+    method ("nnunet (2d)", "nnunet (3d_fullres)"), so that different models are never pooled into one row."""
+    labels = {}
+    for method in {r.method for r in runs}:
+        of_method = [r for r in runs if r.method == method]
+        keys = sorted({k for r in of_method for k in r.identity})
+        varying = [k for k in keys if len({repr(r.identity.get(k)) for r in of_method}) > 1]
+        for run in of_method:
+            parts = [str(run.identity.get(k)) if k in ("configuration", "backbone model") else f"{k}={run.identity.get(k)}"
+                     for k in varying]
+            labels[run.folder] = f"{method} ({', '.join(parts)})" if parts else method
+    return labels
+
 
 def discover_runs(results_root: Path, split: str, dataset_id: int | None = None, methods=None, folds=None,
-                  seeds=None) -> tuple[str, list, list]:
+                  seeds=None, configurations=None) -> tuple[str, list, list]:
     """(dataset name, runs with predictions, messages about runs whose predictions are missing)."""
     results_root = Path(results_root)
     datasets = sorted(p.name for p in results_root.glob("Dataset[0-9][0-9][0-9]_*")
@@ -51,7 +80,8 @@ def discover_runs(results_root: Path, split: str, dataset_id: int | None = None,
     runs, missing = [], []
     for record_path in sorted((results_root / dataset).glob(f"*/{split}_fold*_seed*/calibnet_run.json")):
         run = Run(record_path.parent, json.loads(record_path.read_text()))
-        if methods and run.method not in methods or folds and run.fold not in folds or seeds and run.seed not in seeds:
+        if methods and run.method not in methods or folds and run.fold not in folds or seeds and run.seed not in seeds \
+                or configurations and run.configuration not in configurations:
             continue
         absent = [r for r in ("val", "test") if not (run.folder / "predictions" / r / "confidence.json").is_file()]
         if absent:

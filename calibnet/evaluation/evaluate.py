@@ -12,14 +12,16 @@ import pandas as pd
 from tqdm import tqdm
 
 from calibnet.domains import DOMAINS_FILENAME, read_domains
-from calibnet.evaluation.calibration import calibration_metrics, pool_bins
-from calibnet.evaluation.case_evaluation import evaluate_case, label_targets, read_image, roi_voxels
-from calibnet.evaluation.discovery import discover_runs
+from calibnet.evaluation.calibration import pool_bins
+from calibnet.evaluation.case_evaluation import evaluate_case, label_targets, recalibrated_case_metrics
+from calibnet.evaluation.discovery import discover_runs, run_labels
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
 from calibnet.evaluation.report import plot_all, write_report
-from calibnet.evaluation.tables import domain_generalisation_gap, failure_detection, per_domain, significance
+from calibnet.evaluation.tables import (domain_generalisation_gap, failure_detection, per_domain, ranked_scores,
+                                        significance)
 from calibnet.files import atomic_output_dir
 from calibnet.inference.predict import prediction_folder, prompt_settings_of
+from calibnet.metrics.confidence_scores import score_kind
 from calibnet.paths import channel_files
 from calibnet.planners.splits import get_fold, load_calib_splits
 
@@ -45,14 +47,47 @@ def _posthoc_rows(label: str, test_folder: Path, role_cases: list, raw: Path, da
     dirichlet = fit_dirichlet(probabilities, labels)
     rows = []
     for case_id in role_cases:
-        truth, _ = read_image(raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}")
-        p, y = roi_voxels(np.load(test_folder / f"{case_id}.npz")["probabilities"].astype(np.float32), truth,
-                          _image_paths(raw, case_id, dataset_json), targets)
-        for suffix, calibrated in (("TS", apply_temperature(p, temperature)), ("Dirichlet", apply_dirichlet(p, dirichlet))):
-            base = {k: v for k, v in base_rows[case_id].items() if not k.startswith(("DSC", "IoU", "HD95", "NSD"))
-                    and not k.startswith("conf_")}
-            rows.append({**base, "method": f"{label} + {suffix}", **calibration_metrics(calibrated, y)})
+        if case_id not in base_rows:
+            continue
+        ending = dataset_json["file_ending"]
+        base = {k: v for k, v in base_rows[case_id].items() if not k.startswith(("DSC", "IoU", "HD95", "NSD", "ECE",
+                                                                                 "ACE", "Brier", "conf_"))}
+        for suffix, calibrate in (("TS", lambda p: apply_temperature(p, temperature)),
+                                  ("Dirichlet", lambda p: apply_dirichlet(p, dirichlet))):
+            metrics = recalibrated_case_metrics(test_folder / f"{case_id}{ending}", test_folder / f"{case_id}.npz",
+                                                raw / "labelsTr" / f"{case_id}{ending}",
+                                                _image_paths(raw, case_id, dataset_json), targets, calibrate)
+            rows.append({**base, "method": f"{label} + {suffix}", **metrics})
     return rows, {"temperature": temperature, "dirichlet": dirichlet}
+
+
+def pooled_calibration(bins_by: dict) -> tuple[pd.DataFrame, dict]:
+    """ECE of all voxels pooled (equal-width bins merged exactly) per method, role and view: over all cases,
+    per center and per vendor (DESIGN §7's pooled value). Returns the table and the pooled bins over all
+    cases by (method, role, view), for the reliability diagrams."""
+    groups = {}
+    for (label, role, center, vendor, view), bins in bins_by.items():
+        for by, domain in (("all", "all"), ("center", center), ("vendor", vendor)):
+            groups.setdefault((label, role, view, by, domain), []).extend(bins)
+    pooled = {key: pool_bins(bins) for key, bins in sorted(groups.items())}
+    table = pd.DataFrame([{"method": label, "role": role, "view": view, "by": by, "domain": domain,
+                           "voxels": int(bins.count.sum()), "pooled ECE": bins.expected_calibration_error()}
+                          for (label, role, view, by, domain), bins in pooled.items()],
+                         columns=["method", "role", "view", "by", "domain", "voxels", "pooled ECE"])
+    overall = {(label, role, view): bins for (label, role, view, by, _), bins in pooled.items() if by == "all"}
+    return table, overall
+
+
+def _pooled_summary(table: pd.DataFrame) -> dict:
+    """summary.json's pooled ECE: method -> role -> view -> {"all": ECE, "center": {...}, "vendor": {...}}."""
+    summary = {}
+    for row in table.to_dict("records"):
+        view = summary.setdefault(row["method"], {}).setdefault(row["role"], {}).setdefault(row["view"], {})
+        if row["by"] == "all":
+            view["all"] = row["pooled ECE"]
+        else:
+            view.setdefault(row["by"], {})[row["domain"]] = row["pooled ECE"]
+    return summary
 
 
 def _own_prompts(record: dict) -> str:
@@ -65,16 +100,19 @@ def _own_prompts(record: dict) -> str:
 
 
 def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split: str, dataset_id: int | None = None,
-             methods=None, folds=None, seeds=None, seed: int = 0, progress: bool = True) -> Evaluation:
-    """Evaluate every run of ``split`` and write the evaluation folder; returns the report and tables."""
-    dataset, runs, missing = discover_runs(results_root, split, dataset_id, methods, folds, seeds)
+             methods=None, folds=None, seeds=None, seed: int = 0, progress: bool = True,
+             configurations=None) -> Evaluation:
+    """Evaluate every run of ``split`` and write the evaluation folder; returns the report and tables. Runs of
+    one method that differ in configuration, backbone or method options get rows of their own."""
+    dataset, runs, missing = discover_runs(results_root, split, dataset_id, methods, folds, seeds, configurations)
+    labels = run_labels(runs)
     raw = Path(raw_root) / dataset
     dataset_json = json.loads((raw / "dataset.json").read_text())
     domains = read_domains(raw / DOMAINS_FILENAME).set_index("case_id")
     splits = load_calib_splits(Path(preprocessed_root) / dataset)
     rng = np.random.default_rng(seed)
     rows, posthoc_rows, posthoc_parameters, bins_by = [], [], {}, {}
-    notes = sorted({f"{r.method}: {r.note}" for r in runs if r.note})
+    notes = sorted({f"{labels[r.folder]}: {r.note}" for r in runs if r.note})
     for run in tqdm(runs, desc="evaluating runs", unit="run", disable=not progress):
         fold = get_fold(splits, split, run.fold)
         source_vendor = fold.get("source", {}).get("vendor", "")
@@ -85,12 +123,12 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
                 missing.append(f"{run.method} fold {run.fold} seed {run.seed}: prompts {setting} lacks val or test "
                                f"predictions")
                 continue
-            label, prompts = run.method, _own_prompts(run.record)
+            label, prompts = labels[run.folder], _own_prompts(run.record)
             if setting is not None:
                 described = json.loads((prediction_folder(run.folder, "val", setting) / "prompts.json").read_text())
                 prompts = described["setting"]
                 variant = " w/o UGPA" if described.get("ugpa") is False else ""
-                label = f"{run.method}{variant} [{prompts}]"
+                label = f"{labels[run.folder]}{variant} [{prompts}]"
             samples, base_rows = [], {}
             for role, folder_name in (("source", "val"), ("target", "test")):
                 folder = prediction_folder(run.folder, folder_name, setting)
@@ -103,7 +141,7 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
                     result = evaluate_case(prediction, folder / f"{case_id}.npz",
                                            raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}",
                                            _image_paths(raw, case_id, dataset_json), targets, rng)
-                    row = {"method": label, "prompts": prompts, "split": split,
+                    row = {"method": label, "configuration": run.configuration, "prompts": prompts, "split": split,
                            "fold": run.fold, "seed": run.seed, "case_id": case_id, "role": role,
                            **domains.loc[case_id].to_dict(), "source_vendor": source_vendor, **result.metrics,
                            **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items()
@@ -111,7 +149,8 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
                            "note": run.note}
                     rows.append(row)
                     base_rows[case_id] = row
-                    bins_by.setdefault(label, {}).setdefault(role, []).append(result.bins)
+                    for view, bins in result.bins.items():
+                        bins_by.setdefault((label, role, row["center"], row["vendor"], view), []).append(bins)
                     if role == "source":
                         samples.append((result.sample_probabilities, result.sample_labels))
             if samples:
@@ -124,13 +163,14 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
     dgg_runs, dgg = domain_generalisation_gap(per_case[~per_case["method"].str.contains(r" \+ ")])
     failure = failure_detection(per_case[~per_case["method"].str.contains(r" \+ ")], split)
     tests = significance(per_case)
-    pooled = {m: {role: pool_bins(b) for role, b in by_role.items()} for m, by_role in bins_by.items()}
+    pooled, pooled_bins = pooled_calibration(bins_by)
+    ranked, unranked = ranked_scores(per_case)
     summary = {
         "dataset": dataset, "split": split, "runs": [str(r.folder) for r in runs], "notes": notes, "missing": missing,
         "metrics_mean": {f"{m} | {role}": g.drop(columns=["fold", "seed"], errors="ignore").mean(numeric_only=True)
                          .to_dict() for (m, role), g in per_case.groupby(["method", "role"])},
-        "pooled_ECE": {m: {role: b.expected_calibration_error() for role, b in by_role.items()}
-                       for m, by_role in pooled.items()},
+        "pooled_ECE": _pooled_summary(pooled),
+        "confidence_scores": {"ranked": {name: score_kind(name).arrow for name in ranked}, "not ranked": unranked},
         "DGG": dgg.to_dict(orient="records"),
         "posthoc_parameters": posthoc_parameters,
     }
@@ -142,9 +182,11 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
         dgg_runs.to_csv(folder / "dgg_per_fold.csv", index=False)
         dgg.to_csv(folder / "dgg.csv", index=False)
         failure.to_csv(folder / "failure_detection.csv", index=False)
+        pooled.to_csv(folder / "pooled_calibration.csv", index=False)
         tests.to_csv(folder / "significance.csv", index=False)
         (folder / "posthoc_parameters.json").write_text(json.dumps(posthoc_parameters, indent=2))
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        plots = plot_all(folder, per_case, pooled, split)
-        report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes, plots)
+        plots = plot_all(folder, per_case, pooled_bins, split)
+        report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes + [
+            f"not ranked for failure detection: {', '.join(unranked)}"] if unranked else notes, plots, pooled)
     return Evaluation(final, report, per_case, missing)

@@ -9,7 +9,8 @@ import pandas as pd
 from calibnet.evaluation.failure_detection import risk_coverage
 from calibnet.evaluation.tables import LOWER_IS_BETTER, domain_columns
 
-ABLATIONS = (("samft", "sam_fip", "sam_cmp", "calsam"), ("nnunet", "unet_fip", "unet_cmp", "calunet"))
+ABLATIONS = (("samft", "sam_fip", "sam_cmp", "calsam"), ("nnunet", "unet_fip", "unet_cmp", "calunet"),
+             ("samft", "samft_focal", "samft_dicepp", "calsam"))  # CalSAM Table 3: baselines on SAM-FT
 
 
 def _mean_std(table: pd.DataFrame, keys: list, metrics: list) -> pd.DataFrame:
@@ -23,8 +24,9 @@ def _mean_std(table: pd.DataFrame, keys: list, metrics: list) -> pd.DataFrame:
 
 
 def main_table(per_case: pd.DataFrame, dgg: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Table-1 style: DSC, HD95, ECE per method and domain (source rows, target rows) with DGG(DSC)."""
-    metrics = [m for m in ("DSC", "HD95", "ECE") if m in per_case]
+    """Table-1 style: DSC, HD95, ECE (ROI and boundary view) per method and domain (source rows, target rows)
+    with DGG(DSC)."""
+    metrics = [m for m in ("DSC", "HD95", "ECE", "ECE_boundary") if m in per_case]
     plain = per_case[~per_case["method"].str.contains(r" \+ ")]
     table = _mean_std(plain, ["method", "role", domain_columns(split)[-1]], metrics)
     if not dgg.empty and "DGG DSC mean" in dgg:
@@ -34,10 +36,25 @@ def main_table(per_case: pd.DataFrame, dgg: pd.DataFrame, split: str) -> pd.Data
     return table
 
 
+CALIBRATION_COLUMNS = ("ECE", "Brier", "ACE", "ECE_boundary", "Brier_boundary", "ACE_boundary")
+
+
 def calibration_table(per_case: pd.DataFrame) -> pd.DataFrame:
-    """Table-3 style: ECE, Brier, ACE on the target cases, post-hoc rows included."""
+    """Table-3 style: ECE, Brier, ACE on the target cases in the ROI and boundary views, post-hoc rows
+    included."""
     target = per_case[per_case["role"] == "target"]
-    return _mean_std(target, ["method"], [m for m in ("ECE", "Brier", "ACE") if m in target])
+    return _mean_std(target, ["method"], [m for m in CALIBRATION_COLUMNS if m in target])
+
+
+def pooled_table(pooled: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Pooled ECE (all voxels of a domain) per method and domain, ROI and boundary views side by side."""
+    by = "center" if split == "loco" else "vendor"
+    chosen = pooled[pooled["by"].isin(["all", by])]
+    if chosen.empty:
+        return chosen
+    table = chosen.pivot_table(index=["method", "role", "domain"], columns="view", values="pooled ECE").reset_index()
+    table.columns.name = None
+    return table.rename(columns={"ROI": "pooled ECE", "boundary": "pooled ECE_boundary"})
 
 
 def _prompted_target_rows(per_case: pd.DataFrame, settings=None) -> pd.DataFrame:
@@ -108,7 +125,8 @@ def _markdown(table: pd.DataFrame) -> str:
 
 
 def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame, dgg: pd.DataFrame,
-                 failure: pd.DataFrame, significance: pd.DataFrame, notes: list, plots: list) -> str:
+                 failure: pd.DataFrame, significance: pd.DataFrame, notes: list, plots: list,
+                 pooled: pd.DataFrame | None = None) -> str:
     """Write report.md and tables.tex (and prompt_robustness.csv when there is that table); returns the
     Markdown."""
     main = main_table(per_case, dgg, split)
@@ -118,8 +136,10 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
     lines += [f"> note: {n}" for n in notes] + ([""] if notes else [])
     lines += ["Source = in-domain validation cases of each fold, target = the held-out domain. Mean ± std over cases. "
               f"Lower is better for {', '.join(LOWER_IS_BETTER)}; DGG = source − target (for DSC, positive = "
-              "worse on the target). Calibration on the predicted class confidence, 15 bins, ROI = non-zero input "
-              "voxels. SAM methods are prompted from the ground truth.", "",
+              "worse on the target). Calibration on the predicted class confidence, 15 bins, in two views: ROI = "
+              "non-zero input voxels (columns without suffix) and boundary = within 5 mm of ground truth ∪ "
+              "prediction (`_boundary`), where easy background cannot drown the differences. SAM methods are "
+              "prompted from the ground truth.", "",
               "## Accuracy, boundary error and calibration per domain", "", _markdown(main), ""]
     for table in ablations:
         lines += ["## Ablation (target cases)", "", _markdown(table), ""]
@@ -142,10 +162,17 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
     lines += ["## Calibration with post-hoc rows (target cases)", "",
               "`+ TS`: temperature scaling, `+ Dirichlet`: Dirichlet calibration, both fitted on the source "
               "validation voxels of the same run.", "", _markdown(calibration), ""]
+    if pooled is not None and not pooled.empty:
+        lines += ["## Pooled calibration (all voxels of a domain)", "",
+                  "ECE of every voxel of the domain's cases together (equal-width bins merged exactly); `all` = "
+                  "every case of the role.", "", _markdown(pooled_table(pooled, split)), ""]
     lines += ["## Failure detection (target cases; risk = 1 − quality: DSC, or NSD@1mm for NSD scores; "
               "AURC/eAURC on a 0–1 scale)", "",
+              "`direction`: ↑ a confidence (higher = more likely right), ↓ an uncertainty (higher = more likely "
+              "wrong), negated before ranking, so Pearson r is that of the oriented score for both (positive = "
+              "good). Tied scores share the mean risk of their block.", "",
               _markdown(failure[failure["domain"] == "pooled"] if not failure.empty else failure), ""]
-    lines += ["## Significance against the strongest baseline (* p < 0.05, paired t-test)", "",
+    lines += ["## Significance against the strongest baseline (** p < 0.01, * p < 0.05, paired t-test)", "",
               _markdown(significance), ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     text = "\n".join(lines) + "\n"
@@ -166,19 +193,24 @@ def plot_all(folder: Path, per_case: pd.DataFrame, pooled_bins: dict, split: str
     import matplotlib.pyplot as plt
 
     written = []
-    methods = sorted(pooled_bins)
+    methods = sorted({label for label, _, _ in pooled_bins})
+    views = [v for v in ("ROI", "boundary") if any(view == v for _, _, view in pooled_bins)]
     if methods:
-        fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.2), squeeze=False)
-        for ax, method in zip(axes[0], methods):
-            ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-            for role, bins in sorted(pooled_bins[method].items()):
-                used = bins.count > 0
-                ax.plot(bins.confidence[used], bins.accuracy[used], "o-", ms=3,
-                        label=f"{role} (ECE {bins.expected_calibration_error():.3f})")
-            ax.set_title(method, fontsize=9)
-            ax.set_xlabel("confidence")
-            ax.set_ylabel("accuracy")
-            ax.legend(fontsize=7)
+        fig, axes = plt.subplots(len(views), len(methods), figsize=(3.2 * len(methods), 3.2 * len(views)),
+                                 squeeze=False)
+        for row, view in enumerate(views):
+            for ax, method in zip(axes[row], methods):
+                ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+                for (label, role, v), bins in sorted(pooled_bins.items()):
+                    if label != method or v != view:
+                        continue
+                    used = bins.count > 0
+                    ax.plot(bins.confidence[used], bins.accuracy[used], "o-", ms=3,
+                            label=f"{role} (ECE {bins.expected_calibration_error():.3f})")
+                ax.set_title(f"{method} ({view})", fontsize=9)
+                ax.set_xlabel("confidence")
+                ax.set_ylabel("accuracy")
+                ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(folder / "reliability.png")
         fig.savefig(written[-1], dpi=100)
