@@ -175,3 +175,79 @@ def test_score_registry_declares_every_score_calibnet_writes():
     np.testing.assert_array_equal(as_confidence("entropy_foreground", [0.1, 0.4]), [-0.1, -0.4])
     with pytest.raises(ValueError):
         as_confidence("ugpa_accepted_fraction", [0.5])
+
+
+def test_boundary_view_holds_the_voxels_within_5_mm_of_truth_or_prediction():
+    from calibnet.evaluation.case_evaluation import LabelTargets, calibration_rois, calibration_tasks, case_calibration
+
+    truth = np.zeros((1, 1, 21), np.int64)
+    prediction = np.zeros_like(truth)
+    truth[0, 0, 10] = 1  # 2 mm along the last axis: voxels 8..12 lie within 5 mm (0, 2, 4 mm)
+    prediction[0, 0, 14] = 1  # adds 12..16
+    targets = LabelTargets({"lesion": [1]}, regions=False)
+    rois = calibration_rois(truth, prediction, [], targets, (1.0, 1.0, 2.0))
+    np.testing.assert_array_equal(np.flatnonzero(rois["boundary"]), np.arange(8, 17))
+    assert rois["ROI"].all()  # no input channel given: the whole image
+    p = np.full((2, 1, 1, 21), 0.5)
+    p[1, 0, 0, 8:17] = np.linspace(0.1, 0.9, 9)
+    p[0] = 1 - p[1]
+    metrics, bins = case_calibration(calibration_tasks(p, truth, targets), rois)
+    inside = p[:, 0, 0, 8:17]
+    assert metrics["ECE_boundary"] == pytest.approx(calibration_metrics(inside, truth[0, 0, 8:17])["ECE"])
+    assert metrics["ECE"] == pytest.approx(calibration_metrics(p.reshape(2, -1), truth.ravel())["ECE"])
+    assert bins["boundary"].count.sum() == 9 and bins["ROI"].count.sum() == 21
+    empty = calibration_rois(np.zeros_like(truth), np.zeros_like(truth), [], targets, (1.0, 1.0, 2.0))
+    assert not empty["boundary"].any()
+    assert np.isnan(case_calibration(calibration_tasks(p, np.zeros_like(truth), targets), empty)[0]["ECE_boundary"])
+
+
+def test_region_datasets_are_calibrated_on_every_region():
+    from calibnet.evaluation.case_evaluation import LabelTargets, calibration_tasks, case_calibration
+
+    truth = np.array([0, 1, 2, 2, 0, 1])  # regions: whole = {1, 2}, core = {2}
+    targets = LabelTargets({"whole": [1, 2], "core": [2]}, regions=True)
+    sigmoid = np.array([[0.2, 0.9, 0.8, 0.6, 0.4, 0.7], [0.1, 0.3, 0.9, 0.2, 0.1, 0.6]])
+    rois = {"ROI": np.ones(6, bool), "boundary": np.ones(6, bool)}
+    metrics, _ = case_calibration(calibration_tasks(sigmoid, truth, targets), rois)
+    expected = {name: calibration_metrics(np.stack([1 - sigmoid[i], sigmoid[i]]), np.isin(truth, values).astype(int))
+                for i, (name, values) in enumerate(targets.masks.items())}
+    for metric in ("ECE", "ACE", "Brier"):
+        assert metrics[f"{metric}_core"] == pytest.approx(expected["core"][metric])
+        assert metrics[metric] == pytest.approx((expected["whole"][metric] + expected["core"][metric]) / 2)
+    assert metrics["Brier_core"] == pytest.approx(np.mean((sigmoid[1] - (truth == 2)) ** 2))
+
+
+def test_significance_stars_labels_and_baseline_pool():
+    from calibnet.evaluation.tables import significance, stars
+
+    assert (stars(0.005), stars(0.03), stars(0.2), stars(float("nan"))) == ("**", "*", "", "")
+    rng = np.random.default_rng(0)
+    rows = []
+    for method, shift in (("nnunet", 0.0), ("calunet", 0.05), ("samft", -0.3), ("samft [3P]", 0.4)):
+        for case in range(12):
+            a, b = 0.5 + shift + 0.01 * rng.standard_normal(), 0.4 + shift + 0.01 * rng.standard_normal()
+            rows.append({"method": method, "role": "target", "case_id": f"c{case}", "fold": 0, "seed": 42,
+                         "DSC_a": a, "DSC_b": b, "DSC": (a + b) / 2})
+    table = significance(pd.DataFrame(rows))
+    assert set(table["metric"]) == {"DSC", "DSC_a", "DSC_b"}  # multi-label: each label and the mean
+    assert set(table["baseline"]) == {"nnunet"}  # the prompt variant, although best, is no baseline
+    calunet = table[(table.metric == "DSC") & (table.method == "calunet")].iloc[0]
+    assert calunet["significant"] == "**" and calunet["over"] == "cases" and calunet["n"] == 12
+    assert calunet["t_test_p"] == pytest.approx(stats.ttest_rel(
+        [r["DSC"] for r in rows if r["method"] == "calunet"], [r["DSC"] for r in rows if r["method"] == "nnunet"]).pvalue)
+
+
+def test_runs_that_differ_in_configuration_or_options_get_rows_of_their_own(tmp_path):
+    from calibnet.evaluation.discovery import Run, run_labels
+
+    def run(name, method, configuration, **extra):
+        return Run(tmp_path / name, {"spec": {"method": method, "configuration": configuration, "fold": 0, "seed": 42},
+                                     "loss_options": {}, "network_options": {"seed": 42}, **extra})
+
+    runs = [run("a", "nnunet", "2d"), run("b", "nnunet", "3d_fullres"), run("c", "calunet", "2d"),
+            run("d", "calunet", "2d"), run("e", "calsam", "2d", loss_options={"lambda_fip": 0.3}),
+            run("f", "calsam", "2d", loss_options={"lambda_fip": 0.1})]
+    labels = run_labels(runs)
+    assert labels[tmp_path / "a"] == "nnunet (2d)" and labels[tmp_path / "b"] == "nnunet (3d_fullres)"
+    assert labels[tmp_path / "c"] == labels[tmp_path / "d"] == "calunet"  # the same model on two folders: one row
+    assert labels[tmp_path / "e"] == "calsam (lambda_fip=0.3)" and labels[tmp_path / "f"] == "calsam (lambda_fip=0.1)"
