@@ -57,7 +57,7 @@ def main() -> None:
                                     head_scores(with_head)), args.device))
                 for n in (2, 15):
                     timings[f"score_agreement_N{n}"].append(timed(
-                        lambda d=data, n=n: mc_dropout_scores(plain, d, n, channels), args.device))
+                        lambda d=data, n=n: mc_dropout_scores(plain, d, [n], channels), args.device))
         shape = list(inputs[0].shape[1:])
     seconds = {name: round(statistics.median(values), 4) for name, values in timings.items()}
     print(json.dumps({

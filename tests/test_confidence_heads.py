@@ -70,7 +70,7 @@ def test_head_scores_land_in_confidence_json_beside_the_other_scores(heads):
             for prefix in ("adversarial_head", "plain_head"):
                 for kind in ("dice", "nsd"):
                     assert 0 < scores[f"{prefix}_predicted_{kind}"] < 1
-            assert "mc_score_agreement_dice" in scores and "mc_score_agreement_nsd" in scores, \
+            assert "mc_dice_agreement_n2" in scores and "mc_nsd_agreement_n2" in scores, \
                 "adding head scores must keep the base's MC-dropout scores"
 
 
@@ -83,7 +83,7 @@ def test_failure_detection_table_has_head_rows_next_to_the_baselines(tiny_datase
     rows = pd.read_csv(table)
     pooled = rows[rows["domain"] == "pooled"].set_index("score")
     for score in ("adversarial_head_predicted_dice", "plain_head_predicted_dice", "mean_max_probability_foreground",
-                  "mc_score_agreement_dice"):
+                  "mc_dice_agreement_n2"):
         assert score in pooled.index
     assert pooled.loc["adversarial_head_predicted_nsd", "quality"] == "NSD"
     assert pooled.loc["adversarial_head_predicted_dice", "quality"] == "DSC"

@@ -27,16 +27,25 @@ def _fold(tiny_dataset, split, fold):
     return json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())[split]["folds"][fold]
 
 
+class _TrainedRuns(dict):
+    """{alias: (calib_train output, run folder)} of methods trained on loco fold 1 (holds out C2), each trained
+    on first use, so that a test selected alone trains only the methods it reads."""
+
+    def __init__(self, tiny_dataset):
+        super().__init__()
+        self.tiny_dataset = tiny_dataset
+
+    def __missing__(self, alias):
+        self.tiny_dataset.activate()
+        output = run_cli(train_cli.main, [511, "3d_fullres", alias, 1, *SHORT]).output
+        self[alias] = (output, _results(self.tiny_dataset, METHODS[alias].class_name, fold=1))
+        return self[alias]
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_dataset):
-    """Every method trained on loco fold 1 (holds out C2); returns {alias: (output, run folder)}."""
-    tiny_dataset.activate()
-    runs = {}
-    for alias in NNUNET_METHODS:
-        method = METHODS[alias]
-        output = run_cli(train_cli.main, [511, "3d_fullres", alias, 1, *SHORT]).output
-        runs[alias] = (output, _results(tiny_dataset, method.class_name, fold=1))
-    return runs
+    """Methods trained on loco fold 1 (holds out C2), on demand: {alias: (output, run folder)}."""
+    return _TrainedRuns(tiny_dataset)
 
 
 @pytest.mark.parametrize("alias", NNUNET_METHODS)
@@ -62,9 +71,15 @@ def test_each_method_trains_and_predicts_exactly_the_folds_val_and_test_cases(ti
             p32 = probabilities.astype(np.float32)
             decided = np.abs(p32[1] - p32[0]) > 1e-2
             assert np.array_equal(segmentation[decided], p32.argmax(0)[decided])
+            # the image-level scores, recomputed by hand from the written files: over the predicted foreground
+            # (the whole image where nothing is predicted), the mean of max_c p_c and of the entropy / log C
+            foreground = segmentation > 0
+            where = foreground if foreground.any() else np.ones_like(foreground)
+            entropy = -(p32 * np.log(np.clip(p32, 1e-7, 1))).sum(0) / np.log(2)
             scores = confidence[case_id]
-            assert 0.5 <= scores["mean_max_probability_foreground"] <= 1
-            assert 0 <= scores["entropy_foreground"] <= 1
+            assert scores["predicted_foreground_voxels"] == int(foreground.sum())
+            assert scores["mean_max_probability_foreground"] == pytest.approx(p32.max(0)[where].mean(), abs=1e-3)
+            assert scores["entropy_foreground"] == pytest.approx(entropy[where].mean(), abs=1e-3)
     assert not list(folder.parent.glob("fold_*")), "nnU-Net's default fold folder was left behind"
 
 
@@ -193,14 +208,118 @@ def test_continue_without_a_checkpoint_writes_nothing(tiny_dataset):
     assert not _results(tiny_dataset, "nnUNetTrainerDicePP", fold=2).exists()
 
 
-def test_mc_dropout_score_agreement(tiny_dataset, trained):
+def _band(columns=None):
+    """A 6 × 10 mask holding rows 2-3 of ``columns`` (start, stop); empty for None. Two rows thick, so every
+    voxel is a surface voxel."""
+    mask = np.zeros((6, 10), bool)
+    if columns:
+        mask[2:4, columns[0]:columns[1]] = True
+    return mask
+
+
+def test_mc_agreement_is_the_mean_over_labels_of_the_mean_pairwise_agreement():
+    """Three samples, two labels, 1 mm voxels; each N uses the first N samples.
+
+    Label a: columns 1-4 (8 voxels), 1-2 (4), 3-6 (8). Dice of the pairs (0,1), (0,2), (1,2): 2·4/12 = 2/3,
+    2·4/16 = 1/2, 0. NSD@1mm (voxels within 1 mm of the other surface): (6 + 4)/12 = 5/6, (6 + 6)/16 = 3/4,
+    (2 + 2)/12 = 1/3. Label b: empty, empty, columns 1-4: both empty = 1, then 0 and 0 for Dice and NSD alike.
+    """
+    from calibnet.inference.predict import mc_agreement_scores
+
+    samples = [(_band((1, 5)), _band()), (_band((1, 3)), _band()), (_band((3, 7)), _band((1, 5)))]
+    scores = mc_agreement_scores(np.array(samples), ["a", "b"], [3, 2], (1.0, 1.0))
+    expected = {
+        "mc_dice_agreement_n2_per_label": {"a": 2 / 3, "b": 1.0},
+        "mc_nsd_agreement_n2_per_label": {"a": 5 / 6, "b": 1.0},
+        "mc_dice_agreement_n3_per_label": {"a": (2 / 3 + 1 / 2 + 0) / 3, "b": 1 / 3},
+        "mc_nsd_agreement_n3_per_label": {"a": (5 / 6 + 3 / 4 + 1 / 3) / 3, "b": 1 / 3},
+    }
+    expected.update({name[:-len("_per_label")]: np.mean(list(per_label.values()))
+                     for name, per_label in list(expected.items())})
+    assert scores.keys() == expected.keys()
+    for name, value in expected.items():
+        assert scores[name] == pytest.approx(value, abs=1e-12), name
+    assert scores["mc_dice_agreement_n3"] == pytest.approx(13 / 36) and scores["mc_dice_agreement_n2"] == pytest.approx(5 / 6)
+
+
+def test_mc_sample_counts_need_two_samples_each():
+    from calibnet.errors import CalibnetError
+    from calibnet.inference.predict import mc_agreement_scores, mc_sample_counts
+
+    assert mc_sample_counts([15, 2, 15]) == (2, 15) and mc_sample_counts(()) == ()
+    with pytest.raises(CalibnetError, match="--mc-samples 1: .*N >= 2"):
+        mc_sample_counts([1, 15])
+    with pytest.raises(ValueError, match="for N up to 3"):
+        mc_agreement_scores(np.zeros((2, 1, 4, 4), bool), ["a"], [3], (1.0, 1.0))
+
+
+def test_mc_samples_are_single_unmirrored_dropout_forwards(tiny_dataset, trained):
+    """max(N) passes with dropout on and mirroring off, one network forward per sliding window each; the
+    scores of every N are those of the first N of these samples; mirroring and dropout are restored after."""
+    from calibnet.evaluation.metrics import case_metrics, overlap_metrics
+    from calibnet.inference.predict import _preprocessed_case, load_model, mc_dropout_scores, raw_case_inputs
+    from calibnet.trainers.nnUNetTrainerDropout import MCDropout
+
+    folder = trained["nnunet_dropout"][1]
+    model = load_model(folder, "cpu", use_mirroring=True)
+    predictor = model.predictor
+    assert predictor.use_mirroring and predictor.allowed_mirroring_axes, "the test needs a mirroring predictor"
+    case = raw_case_inputs(tiny_dataset.raw, [_fold(tiny_dataset, "loco", 1)["test"][0]], model.dataset_json)[0]
+    data, properties = _preprocessed_case(model, case, 0)
+    dropouts = [m for m in predictor.network.modules() if isinstance(m, MCDropout)]
+    forwards = []
+    predictor.network.register_forward_hook(
+        lambda *_: forwards.append((all(m.sampling for m in dropouts), predictor.use_mirroring)))
+    predictor.use_mirroring = False
+    predictor.predict_logits_from_preprocessed_data(data)
+    windows = len(forwards)  # forwards of one unmirrored pass
+    predictor.use_mirroring = True
+    forwards.clear()
+    predictor.predict_logits_from_preprocessed_data(data)
+    assert len(forwards) == windows * 2 ** len(predictor.allowed_mirroring_axes)  # what a mirrored sample cost
+
+    samples = []
+    predict = predictor.predict_logits_from_preprocessed_data
+    predictor.predict_logits_from_preprocessed_data = lambda x: samples.append(predict(x).float()) or samples[-1]
+    forwards.clear()
+    scores = mc_dropout_scores(model, data, [3, 2], len(case.images), properties)
+    assert forwards == [(True, False)] * (3 * windows)
+    assert len(samples) == 3 and predictor.use_mirroring and not any(m.sampling for m in dropouts)
+
+    spacing = model.configuration_manager.spacing
+    masks = [(torch.softmax(s, 0).argmax(0) == 1).numpy() for s in samples]
+    roi = (data[:len(case.images)] != 0).any(0)
+    for n in (2, 3):
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        dice = np.mean([overlap_metrics(masks[i], masks[j])["DSC"] for i, j in pairs])
+        nsd = np.mean([case_metrics(masks[i], masks[j], spacing)["NSD@1mm"] for i, j in pairs])
+        mean = torch.stack([torch.softmax(s, 0) for s in samples[:n]]).mean(0)
+        entropy = -(mean * mean.clamp_min(1e-7).log()).sum(0) / np.log(2)
+        assert scores[f"mc_dice_agreement_n{n}"] == pytest.approx(dice, abs=1e-9)
+        assert scores[f"mc_dice_agreement_n{n}_per_label"] == {"lesion": scores[f"mc_dice_agreement_n{n}"]}
+        assert scores[f"mc_nsd_agreement_n{n}"] == pytest.approx(nsd, abs=1e-9)
+        assert scores[f"mc_mean_entropy_n{n}"] == pytest.approx(float(entropy[roi].mean()), abs=1e-6)
+
+
+def test_mc_dropout_scores_of_several_n_in_one_prediction(tiny_dataset, trained):
     tiny_dataset.activate()
+    folder = trained["nnunet_dropout"][1]
     run_cli(train_cli.main, [511, "3d_fullres", "nnunet_dropout", 1, "--predict-only", "--device", "cpu",
-                             "--disable-tta", "--mc-samples", 3])
-    confidence = json.loads((trained["nnunet_dropout"][1] / "predictions" / "test" / "confidence.json").read_text())
-    for scores in confidence.values():
-        assert scores["mc_samples"] == 3
-        assert 0 <= scores["mc_score_agreement_dice"] <= 1 and 0 <= scores["mc_mean_entropy"] <= 1
+                             "--disable-tta", "--mc-samples", 3, "--mc-samples", 2])
+    names = {f"mc_{kind}_agreement_n{n}{suffix}" for kind in ("dice", "nsd") for n in (2, 3)
+             for suffix in ("", "_per_label")} | {"mc_mean_entropy_n2", "mc_mean_entropy_n3"}
+    for role in ("val", "test"):
+        confidence = json.loads((folder / "predictions" / role / "confidence.json").read_text())
+        for scores in confidence.values():
+            assert {k for k in scores if k.startswith("mc_")} == names
+            for n in (2, 3):
+                for kind in ("dice", "nsd"):
+                    assert scores[f"mc_{kind}_agreement_n{n}_per_label"] == \
+                        {"lesion": scores[f"mc_{kind}_agreement_n{n}"]}
+    result = run_cli(train_cli.main, [511, "3d_fullres", "nnunet_dropout", 1, "--predict-only", "--device", "cpu",
+                                      "--mc-samples", 1], expect_ok=False)
+    assert result.exit_code == 2 and "--mc-samples" in result.output and "x>=2" in result.output
+    trained["nnunet"]  # a finished run without dropout
     result = run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--predict-only", "--device", "cpu",
                                       "--disable-tta", "--mc-samples", 2], expect_ok=False)
     assert result.exit_code == 1 and "--mc-samples needs a model trained with dropout" in result.output

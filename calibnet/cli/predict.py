@@ -21,8 +21,10 @@ from calibnet.cli.common import data_roots, user_errors
 @click.option("--save-probabilities/--no-save-probabilities", default=True, show_default=True,
               help="Write CASE.npz with the softmax probabilities (float16).")
 @click.option("--disable-tta", is_flag=True, help="No mirroring test-time augmentation.")
-@click.option("--mc-samples", type=click.IntRange(0), default=0, show_default=True,
-              help="MC-dropout samples per case (nnunet_dropout models): adds score agreement and entropy.")
+@click.option("--mc-samples", type=click.IntRange(2), multiple=True,
+              help="N MC-dropout samples per case (nnunet_dropout models; N >= 2, one dropout forward each, no "
+                   "mirroring): adds mc_dice_agreement_nN, mc_nsd_agreement_nN and mc_mean_entropy_nN. Repeat for "
+                   "several N (--mc-samples 2 --mc-samples 15): max(N) samples, the first N for each.")
 @click.option("--confidence", is_flag=True,
               help="Require the run's confidence heads (calib_train ... confidence_head --base METHOD) and print "
                    "each case's predicted Dice and NSD; their scores go to confidence.json whenever heads exist.")
@@ -61,7 +63,7 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
             raise CalibnetError(f"--prompts applies to SAM methods, not {method}.")
     cases = folder_case_inputs(input_dir, model.dataset_json, prompts_from)
     confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed,
-                                mc_samples=mc_samples, prompt_setting=prompt_setting)
+                                mc_samples=sorted(set(mc_samples)), prompt_setting=prompt_setting)
     note = model.record.get("note")
     click.echo(f"predicted {len(cases)} case(s) with {method} ({folder}) into {output_dir}"
                + (f" — {note}" if note else ""))

@@ -32,9 +32,10 @@ def _list_methods(ctx, _param, value):
 @click.option("--continue", "continue_training", is_flag=True, help="Resume from the run's latest checkpoint.")
 @click.option("--predict-only", is_flag=True, help="Only (re)predict the val and test cases of a trained run.")
 @click.option("--disable-tta", is_flag=True, help="Predict without mirroring test-time augmentation.")
-@click.option("--mc-samples", type=click.IntRange(0), default=0, show_default=True,
-              help="MC-dropout samples per case for the score-agreement baseline (nnunet_dropout; 15 or 2 in "
-                   "the paper); 0 = off.")
+@click.option("--mc-samples", type=click.IntRange(2), multiple=True,
+              help="N MC-dropout samples per case for the score-agreement baseline (nnunet_dropout; N >= 2, one "
+                   "dropout forward each, no mirroring). Repeat for several N in one prediction, as the paper's "
+                   "--mc-samples 2 --mc-samples 15 (max(N) samples, the first N for each); default off.")
 @click.option("--lambda-fip", type=float, default=None, help="Weight of FIP (calunet, unet_fip; default 0.3).")
 @click.option("--lambda-cmp", type=float, default=None, help="Weight of CMP (calunet, unet_cmp; default 0.5).")
 @click.option("--cmp-tau", type=float, default=None, help="CMP threshold τ on the voxel CE (default ln 2).")
@@ -129,7 +130,7 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
         click.echo(f"trained {method}: {folder}" + (f" ({note})" if note else ""))
     if not (predict_only and prompt_settings):  # the method's own prompts
         written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, use_mirroring=not disable_tta,
-                                     mc_samples=mc_samples)
+                                     mc_samples=sorted(set(mc_samples)))
         for role, predictions in written.items():
             click.echo(f"  {role} predictions: {predictions}")
     if predict_only and no_ugpa and not prompt_settings:
