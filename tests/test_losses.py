@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from calibnet.trainers.losses import (confidence_misalignment_penalty, dice_plus_plus_loss,
-                                      fisher_information_penalty, focal_loss)
+                                      fisher_information_penalty, focal_loss, full_precision)
 
 torch.manual_seed(0)
 
@@ -23,27 +23,55 @@ def _seg_loss(decoder, z, target):
     return torch.nn.functional.cross_entropy(decoder(z), target)
 
 
-def test_fip_is_half_the_mean_squared_gradient_norm_checked_by_finite_differences():
+def _sample_losses(decoder, z, target):
+    """Each sample's own loss, shape (B,): the mean cross-entropy over its voxels."""
+    return torch.nn.functional.cross_entropy(decoder(z), target, reduction="none").flatten(1).mean(1)
+
+
+def test_fip_is_half_the_mean_of_each_samples_squared_gradient_norm_by_finite_differences():
     decoder = TinyDecoder().double()
-    z = torch.randn(2, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    target = torch.randint(0, 2, (2, 2, 2, 2))
-    fip = fisher_information_penalty(_seg_loss(decoder, z, target), [z])
-    # central differences of the loss with respect to every element of z
-    eps, grad = 1e-6, torch.zeros_like(z)
+    z = torch.randn(3, 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 2, (3, 2, 2, 2))
+    fip = fisher_information_penalty(_sample_losses(decoder, z, target), [z])
+    # central differences of sample b's own loss with respect to every element of that sample's z_b
+    eps, squared_norms = 1e-6, []
     with torch.no_grad():
-        for index in range(z.numel()):
-            step = torch.zeros(z.numel(), dtype=torch.float64)
-            step[index] = eps
-            step = step.view_as(z)
-            grad.view(-1)[index] = (_seg_loss(decoder, z + step, target) - _seg_loss(decoder, z - step, target)) / (2 * eps)
-    expected = 0.5 * grad.pow(2).reshape(2, -1).sum(1).mean()
-    assert fip.item() == pytest.approx(expected.item(), rel=1e-6)
+        for b in range(3):
+            z_b, grad = z[b:b + 1].detach(), torch.zeros(z[b].numel(), dtype=torch.float64)
+            for index in range(z_b.numel()):
+                step = torch.zeros(z_b.numel(), dtype=torch.float64)
+                step[index] = eps
+                step = step.view_as(z_b)
+                grad[index] = (_seg_loss(decoder, z_b + step, target[b:b + 1])
+                               - _seg_loss(decoder, z_b - step, target[b:b + 1])) / (2 * eps)
+            squared_norms.append(grad.pow(2).sum().item())
+    assert fip.item() == pytest.approx(0.5 * sum(squared_norms) / 3, rel=1e-6)
+
+
+def test_fip_of_a_batch_of_identical_samples_is_that_of_one_sample():
+    decoder = TinyDecoder()
+    z1 = torch.randn(1, 3, 4, 4, 4)
+    target1 = torch.randint(0, 2, (1, 4, 4, 4))
+    z = z1.clone().requires_grad_(True)
+    one = fisher_information_penalty(_sample_losses(decoder, z, target1), [z])
+    for batch in (2, 5):
+        zb = z1.repeat(batch, 1, 1, 1, 1).requires_grad_(True)
+        fip = fisher_information_penalty(_sample_losses(decoder, zb, target1.repeat(batch, 1, 1, 1)), [zb])
+        assert fip.item() == pytest.approx(one.item(), rel=1e-5)
+    assert one.item() > 0
+
+
+def test_fip_takes_one_loss_per_sample():
+    decoder = TinyDecoder()
+    z = torch.randn(2, 3, 2, 2, 2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"one loss per sample, shape \(2,\)"):
+        fisher_information_penalty(_seg_loss(decoder, z, torch.randint(0, 2, (2, 2, 2, 2))), [z])
 
 
 def test_fip_gradient_reaches_the_parameters_through_double_backward():
     decoder = TinyDecoder()
     z = torch.randn(2, 3, 2, 2, 2).detach().requires_grad_(True)
-    fip = fisher_information_penalty(_seg_loss(decoder, z, torch.randint(0, 2, (2, 2, 2, 2))), [z])
+    fip = fisher_information_penalty(_sample_losses(decoder, z, torch.randint(0, 2, (2, 2, 2, 2))), [z])
     fip.backward()
     assert decoder.conv.weight.grad is not None and decoder.conv.weight.grad.abs().sum() > 0
 
@@ -53,10 +81,42 @@ def test_fip_over_several_feature_maps_adds_their_squared_norms():
     z1 = torch.randn(2, 3, 2, 2, 2, requires_grad=True)
     z2 = torch.randn(2, 3, 2, 2, 2, requires_grad=True)
     target = torch.randint(0, 2, (2, 2, 2, 2))
-    loss = _seg_loss(decoder, z1, target) + 2 * _seg_loss(decoder, z2, target)
-    g1, g2 = torch.autograd.grad(loss, [z1, z2], retain_graph=True)
-    expected = 0.5 * (g1.pow(2).reshape(2, -1).sum(1) + g2.pow(2).reshape(2, -1).sum(1)).mean()
-    assert fisher_information_penalty(loss, [z1, z2]).item() == pytest.approx(expected.item(), rel=1e-5)
+    losses = _sample_losses(decoder, z1, target) + 2 * _sample_losses(decoder, z2, target)
+    expected = 0
+    for b in range(2):
+        g1, g2 = torch.autograd.grad(losses[b], [z1, z2], retain_graph=True)
+        expected += 0.5 * (g1[b].pow(2).sum() + g2[b].pow(2).sum()) / 2
+    assert fisher_information_penalty(losses, [z1, z2]).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+class VoxelDecoder(torch.nn.Module):
+    """Cheap per-voxel decoder for large volumes."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Conv3d(2, 4, 1), torch.nn.Conv3d(4, 2, 1)
+
+    def forward(self, z):
+        return self.second(torch.nn.functional.leaky_relu(self.first(z)))
+
+
+@pytest.mark.parametrize("dtype, side", [(torch.bfloat16, 16), (torch.float16, 96)])
+def test_fip_path_is_float32_under_autocast(dtype, side):
+    """As the trainers run it: float32 features, decoder and per-sample losses under full_precision(), inside
+    a mixed-precision region. On 96³ voxels the inner gradient (≈ 1/N per voxel) is below float16's normal
+    range: the same path left under float16 autocast is off by about 5 %."""
+    torch.manual_seed(1)
+    decoder = VoxelDecoder()
+    z = torch.randn(2, 2, side, side, side, requires_grad=True)
+    target = torch.randint(0, 2, (2, side, side, side))
+    reference = fisher_information_penalty(_sample_losses(decoder, z, target), [z]).item()
+    with torch.autocast("cpu", dtype=dtype):
+        with full_precision():
+            fip = fisher_information_penalty(_sample_losses(decoder, z, target), [z])
+        left_in_autocast = fisher_information_penalty(_sample_losses(decoder, z, target), [z]).item()
+    assert fip.dtype == torch.float32 and fip.item() == pytest.approx(reference, rel=1e-2)
+    if dtype == torch.float16:
+        assert abs(left_in_autocast / reference - 1) > 1e-2  # what the float32 path avoids
 
 
 def test_cmp_matches_the_formula_on_hand_made_logits():

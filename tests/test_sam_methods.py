@@ -87,9 +87,10 @@ def test_embedding_cache_is_hit_on_the_second_epoch(calsam_run):
 
 
 @pytest.mark.slow
-def test_fip_on_embeddings_matches_finite_differences(tiny_dataset):
-    """SAM's prompt encoder casts to float32, so this check runs in single precision: central differences
-    along each sample's unit gradient (whose directional derivative is the gradient's norm)."""
+def test_fip_on_embeddings_is_each_slices_own_gradient_checked_by_finite_differences(tiny_dataset):
+    """FIP = ½·mean over slices of ‖∂L(slice b)/∂z_b‖², each slice decoded and its loss taken on its own.
+    SAM's prompt encoder casts to float32, so this check runs in single precision: central differences
+    along each slice's unit gradient (whose directional derivative is the gradient's norm)."""
     from calibnet.paths import setup_data_roots
     from calibnet.trainers.training_run import RunSpec, prepare_trainer
 
@@ -100,27 +101,27 @@ def test_fip_on_embeddings_matches_finite_differences(tiny_dataset):
     train_batches, _ = trainer.get_dataloaders()
     keys = next(train_batches)["keys"][:3]
     terms = trainer.loss_terms(keys)
-
     z0 = trainer.embeddings(keys)
 
-    def seg_loss(z):
-        logits, target = trainer._forward(keys, z)
-        return trainer.dice_bce(logits, target)
+    def slice_loss(b, z_b):  # slice b alone: its own prompts, logits and Dice + BCE
+        logits, targets = trainer._forward_slices([keys[b]], z_b)
+        return trainer.dice_bce(logits[0], targets[0])
 
-    z = z0.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(seg_loss(z), z)
-    norms = []
-    with torch.no_grad():
-        for b in range(len(keys)):  # directional derivative along each sample's unit gradient = its norm
-            direction = torch.zeros_like(z0)
-            direction[b] = grad[b] / grad[b].norm()
-            eps = 0.1
-            norms.append(float((seg_loss(z0 + eps * direction) - seg_loss(z0 - eps * direction)) / (2 * eps)))
-    expected = 0.5 * np.mean(np.square(norms))
-    assert expected > 0
-    assert terms["FIP"].item() == pytest.approx(expected, rel=2e-2)
-    assert terms["FIP"].item() == pytest.approx(0.5 * grad.pow(2).reshape(len(keys), -1).sum(1).mean().item(),
-                                                rel=1e-5)
+    autograd_norms, fd_norms = [], []
+    for b in range(len(keys)):
+        z_b = z0[b:b + 1].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(slice_loss(b, z_b), z_b)
+        autograd_norms.append(grad.norm().item())
+        direction, eps = grad / grad.norm(), 0.1
+        with torch.no_grad():
+            fd_norms.append(float((slice_loss(b, z0[b:b + 1] + eps * direction)
+                                   - slice_loss(b, z0[b:b + 1] - eps * direction)) / (2 * eps)))
+    assert min(fd_norms) > 0
+    assert terms["FIP"].item() == pytest.approx(0.5 * np.mean(np.square(fd_norms)), rel=2e-2)
+    assert terms["FIP"].item() == pytest.approx(0.5 * np.mean(np.square(autograd_norms)), rel=1e-5)
+    # the training loss is the mean of the same per-slice losses
+    per_slice = [slice_loss(b, z0[b:b + 1]).item() for b in range(len(keys))]
+    assert terms["segmentation loss"].item() == pytest.approx(np.mean(per_slice), rel=1e-5)
 
 
 @pytest.mark.slow

@@ -153,6 +153,40 @@ def test_non_finite_loss_names_the_step_and_the_term(tiny_dataset):
         trainer.train_step({"data": data, "target": target})
 
 
+def _calunet_batch(tiny_dataset):
+    """An initialised calunet trainer and a fixed batch of two patches with deep-supervision targets."""
+    from calibnet.paths import setup_data_roots
+    from calibnet.trainers.training_run import RunSpec, prepare_trainer
+
+    tiny_dataset.activate()
+    roots = setup_data_roots()
+    trainer, *_ = prepare_trainer(RunSpec(511, "3d_fullres", "calunet", 0, seed=5), roots.preprocessed, roots.results,
+                                  "cpu")
+    trainer.initialize()
+    patch = trainer.configuration_manager.patch_size
+    generator = torch.Generator().manual_seed(3)
+    data = torch.randn((2, 2, *patch), generator=generator)
+    shapes = [[int(round(p * s)) for p, s in zip(patch, scale)] for scale in trainer._get_deep_supervision_scales()]
+    target = [torch.randint(0, 2, (2, 1, *shape), generator=generator).float() for shape in shapes]
+    return trainer, data, target
+
+
+def test_calunet_fip_is_half_the_mean_of_each_patchs_squared_gradient_norm(tiny_dataset):
+    """Each patch run through the network on its own, its own deep-supervised nnU-Net loss differentiated
+    with respect to the decoder's input (the skips): FIP = ½·mean over patches of the squared norms."""
+    trainer, data, target = _calunet_batch(tiny_dataset)
+    terms = trainer.loss_terms(data, target)
+    squared = []
+    for b in range(2):
+        z = [s.clone() for s in trainer.network.encoder(data[b:b + 1])]
+        loss = trainer.loss(trainer.network.decoder(z), [t[b:b + 1] for t in target])
+        squared.append(sum(g.pow(2).sum() for g in torch.autograd.grad(loss, z)).item())
+    assert terms["FIP"].item() == pytest.approx(0.5 * np.mean(squared), rel=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the FIP path stays float32 under mixed precision
+        mixed = trainer.loss_terms(data, target)
+    assert mixed["FIP"].dtype == torch.float32 and mixed["FIP"].item() == pytest.approx(terms["FIP"].item(), rel=1e-2)
+
+
 def test_calib_predict_on_new_images(tiny_dataset, trained, tmp_path):
     tiny_dataset.activate()
     incoming, labels = tmp_path / "incoming", tmp_path / "labels"

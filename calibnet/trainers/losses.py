@@ -1,7 +1,8 @@
 """Calibration-aware loss terms as pure functions of tensors (trainers only wire them in).
 
-- FIP, the feature Fisher information penalty (CalSAM, Algorithm 1): ½ · mean over samples of the squared
-  L2 norm of ∂L_seg/∂z, computed with ``create_graph=True`` so that it can itself be backpropagated.
+- FIP, the feature Fisher information penalty (CalSAM, Eq. 3 and Algorithm 1): ½ · mean over samples b of
+  the squared L2 norm of ∂L_seg(x_b)/∂z_b, the gradient of each sample's own loss, computed in float32 with
+  ``create_graph=True`` so that it can itself be backpropagated.
 - CMP, the confidence misalignment penalty (CalSAM, Eq. 4): mean over voxels of σ((ℓ_CE − τ)/γ).
 - Focal loss (Lin et al. 2017) and the Dice++ loss (Yeung et al. 2023), the calibration baselines.
 
@@ -11,6 +12,7 @@ region-based datasets, (B, R, *spatial) binary region masks with sigmoid outputs
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack, contextmanager
 from typing import Sequence
 
 import torch
@@ -24,21 +26,49 @@ DEFAULT_FOCAL_GAMMA = 2.0
 DEFAULT_DICEPP_GAMMA = 2.0
 
 
-def fisher_information_penalty(seg_loss: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """FIP = ½ · mean_b ‖∂ seg_loss / ∂z_b‖², z = all ``features`` of sample b together.
+@contextmanager
+def full_precision():
+    """Autocast off (CPU and CUDA) inside the block: what is computed there runs in the dtype of its inputs.
 
-    ``features`` must be part of the graph of ``seg_loss`` (non-leaf tensors for nnU-Net's skips, or
-    detached copies with ``requires_grad`` for a frozen encoder). The gradient is taken with
-    ``create_graph=True``, so the returned penalty is differentiable with respect to the parameters.
+    The FIP path (decoder forward from float32 features, per-sample losses, the gradient) runs here, so that
+    it is float32 even inside a mixed-precision training step: the inner gradient is about 1/N_voxels per
+    voxel and its square far smaller, which float16 flushes to zero and bfloat16 rounds to 3 digits.
+    """
+    with ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
+
+
+def fisher_information_penalty(sample_losses: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FIP = ½ · mean_b ‖∂L_b / ∂z_b‖² (CalSAM Eq. 3), z_b = all ``features`` of sample b together.
+
+    ``sample_losses`` has shape (B,): L_b is sample b's *own* segmentation loss, not the batch mean (whose
+    gradient is each L_b's divided by B, which would scale the penalty by 1/B²) nor a loss that couples the
+    samples (a Dice over the whole batch). When the samples are independent — z_b influences L_b only, as
+    with a decoder applied slice by slice or a network with per-sample (instance) normalisation — the
+    gradient of Σ_b L_b with respect to z has g_b = ∂L_b/∂z_b in its row b, so one backward pass gives
+    every sample's gradient; that is how it is computed here. Callers must keep the samples independent.
+
+    ``features`` must be part of the graph of ``sample_losses`` (non-leaf tensors for nnU-Net's skips, or
+    detached copies with ``requires_grad`` for a frozen encoder) and should be float32, with the path from
+    them to the losses computed under :func:`full_precision`; the gradient (taken with
+    ``create_graph=True``, so the penalty is differentiable with respect to the parameters) and its squared
+    norm are float32 whatever autocast is doing outside.
     """
     features = list(features)
-    grads = torch.autograd.grad(seg_loss, features, create_graph=True, allow_unused=True)
     batch = features[0].shape[0]
-    squared = seg_loss.new_zeros(batch)
-    for grad in grads:
-        if grad is not None:
-            squared = squared + grad.pow(2).reshape(batch, -1).sum(1)
-    return 0.5 * squared.mean()
+    if sample_losses.shape != (batch,):
+        raise ValueError(f"fisher_information_penalty takes one loss per sample, shape ({batch},), "
+                         f"not {tuple(sample_losses.shape)}")
+    with full_precision():
+        grads = torch.autograd.grad(sample_losses.float().sum(), features, create_graph=True, allow_unused=True)
+        squared = sample_losses.new_zeros(batch, dtype=torch.float32)
+        for grad in grads:
+            if grad is not None:
+                squared = squared + grad.float().pow(2).reshape(batch, -1).sum(1)
+        return 0.5 * squared.mean()
 
 
 def voxel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, regions: bool = False) -> torch.Tensor:

@@ -1,19 +1,35 @@
 """calunet and its ablations: nnU-Net + λ1·FIP + λ2·CMP (CalSAM's penalties on a trainable U-Net).
 
 FIP is taken on the encoder's skip features, which stay in the graph (not detached), so the penalty's
-gradient reaches both encoder and decoder. The segmentation loss it differentiates is nnU-Net's full
-deep-supervised Dice + CE (Dice + BCE for region datasets). CMP is applied to the highest-resolution
-output only: the deep-supervision outputs at lower resolutions are supervision aids, while calibration
-is judged on the final softmax.
+gradient reaches both encoder and decoder. z is the decoder's input: float32 copies of the skips, so
+∂L/∂z is the gradient through the decoder (not also through the later encoder stages that read a skip).
+A "sample" is one patch of the batch. The training segmentation loss is nnU-Net's full deep-supervised
+Dice + CE (Dice + BCE for region datasets) as nnU-Net computes it (batch Dice where the plans say so);
+the FIP differentiates the same loss evaluated on each patch alone (every deep-supervision output and
+target sliced to that patch), because FIP is ½·mean_b ‖∂L(x_b)/∂z_b‖² of each sample's own loss. nnU-Net's
+instance normalisation keeps the patches independent (a batch-normalised network is refused), so one
+gradient of Σ_b L_b gives every g_b. With FIP on, the decoder runs in float32 (autocast off): the inner
+gradient is ≈ 1/N_voxels per voxel and would underflow in float16. CMP is applied to the highest-resolution
+output only: the deep-supervision outputs at lower resolutions are supervision aids, while calibration is
+judged on the final softmax.
 """
 from __future__ import annotations
 
+import torch
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
+from calibnet.errors import CalibnetError
 from calibnet.trainers.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
-                                      confidence_misalignment_penalty, fisher_information_penalty)
+                                      confidence_misalignment_penalty, fisher_information_penalty, full_precision)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
+
+
+def _sample(value, index: int):
+    """Sample ``index`` of a batch tensor or of each tensor of a deep-supervision list, batch axis kept."""
+    if isinstance(value, (list, tuple)):
+        return [v[index:index + 1] for v in value]
+    return value[index:index + 1]
 
 
 class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
@@ -24,23 +40,52 @@ class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
     cmp_tau = DEFAULT_CMP_TAU
     cmp_gamma = DEFAULT_CMP_GAMMA
 
+    def _check_samples_independent(self) -> None:
+        """FIP takes every g_b from one gradient of Σ_b L_b, which needs patches that do not interact."""
+        if getattr(self, "_samples_checked", False):
+            return
+        coupled = [type(m).__name__ for m in self.network.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if coupled:
+            raise CalibnetError(f"FIP needs a network that treats every patch of a batch on its own, but this one "
+                                f"has {coupled[0]} layers (the plans' norm_op): use instance normalisation, as "
+                                f"nnU-Net's default plans do, or --lambda-fip 0.")
+        self._samples_checked = True
+
+    def sample_losses(self, output, target) -> torch.Tensor:
+        """nnU-Net's (deep-supervised) segmentation loss of each patch on its own, shape (B,)."""
+        final = output[0] if isinstance(output, (list, tuple)) else output
+        return torch.stack([self.loss(_sample(output, b), _sample(target, b)) for b in range(final.shape[0])])
+
+    def loss_terms(self, data: torch.Tensor, target) -> dict:
+        """Segmentation loss, FIP and CMP of one batch (the encoder under autocast on CUDA, as nnU-Net does)."""
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            skips = self.network.encoder(data)
+            if not self.lambda_fip:
+                output = self.network.decoder(skips)
+                terms = {"segmentation loss": self.loss(output, target)}
+        if self.lambda_fip:
+            self._check_samples_independent()
+            with full_precision():
+                z = [s.to(torch.float32, copy=True) for s in skips]  # the decoder's input, still in the graph
+                output = self.network.decoder(z)
+                terms = {"segmentation loss": self.loss(output, target),
+                         "FIP": fisher_information_penalty(self.sample_losses(output, target), z)}
+        if self.lambda_cmp:
+            final_output = output[0] if isinstance(output, (list, tuple)) else output
+            final_target = target[0] if isinstance(target, list) else target
+            with full_precision():
+                terms["CMP"] = confidence_misalignment_penalty(final_output.float(), final_target, self.cmp_tau,
+                                                               self.cmp_gamma, self.label_manager.has_regions)
+        return terms
+
     def calib_train_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            skips = self.network.encoder(data)
-            output = self.network.decoder(skips)
-            terms = {"segmentation loss": self.loss(output, target)}
-            if self.lambda_fip:
-                terms["FIP"] = fisher_information_penalty(terms["segmentation loss"], skips)
-            if self.lambda_cmp:
-                final_output = output[0] if isinstance(output, (list, tuple)) else output
-                final_target = target[0] if isinstance(target, list) else target
-                terms["CMP"] = confidence_misalignment_penalty(final_output, final_target, self.cmp_tau,
-                                                               self.cmp_gamma, self.label_manager.has_regions)
+        terms = self.loss_terms(data, target)
         self.check_finite(terms)
         total = terms["segmentation loss"] + self.lambda_fip * terms.get("FIP", 0) + \
             self.lambda_cmp * terms.get("CMP", 0)

@@ -21,7 +21,7 @@ from calibnet.errors import CalibnetError
 from calibnet.prompts import sam_prompt_maps, sam_slice_prompts
 from calibnet.trainers.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
                                       binary_soft_dice_loss, confidence_misalignment_penalty,
-                                      fisher_information_penalty)
+                                      fisher_information_penalty, full_precision)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
 from calibnet.trainers.sam_backbone import SamConfig, SamSliceSegmenter, build_sam, to_three_channels
 
@@ -71,7 +71,7 @@ class SliceBatches:
 
 
 class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
-    """SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE."""
+    """SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE (per slice, averaged over the batch)."""
 
     requires_prompts = True
     trains = True
@@ -188,29 +188,47 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         return self.embedding_cache.get([(c, z, preprocessing) for c, z in keys], compute).to(self.device)
 
     # --- objective -------------------------------------------------------------------------------------
-    def _forward(self, keys: list, z: torch.Tensor):
+    def _forward_slices(self, keys: list, z: torch.Tensor) -> tuple[list, list]:
+        """Each slice's flattened logits and binary target: slices differ in size from case to case."""
         prompts = self.slice_prompts(keys)
         logits, targets = [], []
         for index, (case_id, slice_index) in enumerate(keys):
             foreground = self.volumes[case_id][1][slice_index]
-            logits.append(self.network.decode(z[index:index + 1], [prompts[index]], foreground.shape)[0].flatten())
-            targets.append(torch.from_numpy(foreground.astype(np.float32)).flatten())
-        logits = torch.cat(logits)
-        return logits, torch.cat(targets).to(device=self.device, dtype=logits.dtype)
+            slice_logits = self.network.decode(z[index:index + 1], [prompts[index]], foreground.shape)[0].flatten()
+            logits.append(slice_logits)
+            targets.append(torch.from_numpy(foreground.astype(np.float32)).flatten().to(device=self.device,
+                                                                                      dtype=slice_logits.dtype))
+        return logits, targets
+
+    def _forward(self, keys: list, z: torch.Tensor):
+        """The batch's logits and targets, every slice's flattened and concatenated."""
+        logits, targets = self._forward_slices(keys, z)
+        return torch.cat(logits), torch.cat(targets)
 
     @staticmethod
     def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return binary_soft_dice_loss(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
 
+    def slice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The segmentation loss of one slice (flattened logits and binary target): Dice + BCE."""
+        return self.dice_bce(logits, target)
+
     def loss_terms(self, keys: list) -> dict:
-        z = self.embeddings(keys).detach().requires_grad_(self.lambda_fip > 0)
-        logits, target = self._forward(keys, z)
-        terms = {"segmentation loss": self.dice_bce(logits, target)}
-        if self.lambda_fip:
-            terms["FIP"] = fisher_information_penalty(terms["segmentation loss"], [z])
-        if self.lambda_cmp:
-            terms["CMP"] = confidence_misalignment_penalty(logits[None, None], target[None, None], self.cmp_tau,
-                                                           self.cmp_gamma, regions=True)
+        """Segmentation loss = mean over the batch's slices of each slice's own loss (Dice and BCE per slice);
+        FIP = ½·mean over slices of ‖∂L(slice b)/∂z_b‖² of those same per-slice losses (CalSAM Eq. 3; each
+        slice is decoded from its own embedding, so one gradient of their sum gives every g_b); CMP = mean
+        over all pixels of the batch. Computed in float32 with autocast off."""
+        z = self.embeddings(keys).detach().float().requires_grad_(self.lambda_fip > 0)
+        with full_precision():
+            slice_logits, slice_targets = self._forward_slices(keys, z)
+            per_slice = torch.stack([self.slice_loss(l, t) for l, t in zip(slice_logits, slice_targets)])
+            logits, target = torch.cat(slice_logits), torch.cat(slice_targets)
+            terms = {"segmentation loss": per_slice.mean()}
+            if self.lambda_fip:
+                terms["FIP"] = fisher_information_penalty(per_slice, [z])
+            if self.lambda_cmp:
+                terms["CMP"] = confidence_misalignment_penalty(logits[None, None], target[None, None], self.cmp_tau,
+                                                               self.cmp_gamma, regions=True)
         self.check_finite(terms)
         terms["total loss"] = terms["segmentation loss"] + self.lambda_fip * terms.get("FIP", 0) + \
             self.lambda_cmp * terms.get("CMP", 0)
