@@ -124,6 +124,78 @@ def test_fip_on_embeddings_is_each_slices_own_gradient_checked_by_finite_differe
     assert terms["segmentation loss"].item() == pytest.approx(np.mean(per_slice), rel=1e-5)
 
 
+class _FixedSlices:
+    """Stands in for the data path of a SAM trainer: two slices of fixed foreground probabilities."""
+
+    probabilities = ([0.9, 0.6, 0.2], [0.3, 0.8])
+    labels = ([1.0, 0.0, 1.0], [0.0, 1.0])
+
+    def embeddings(self, keys):
+        return torch.zeros(len(keys), 1)
+
+    def _forward_slices(self, keys, z):
+        logits = [torch.logit(torch.tensor(p, dtype=torch.float64)) for p in self.probabilities]
+        return logits, [torch.tensor(y, dtype=torch.float64) for y in self.labels]
+
+
+def _fixed(trainer_class, **attributes):
+    trainer = type("Fixed", (_FixedSlices, trainer_class), {})
+    instance = object.__new__(trainer)  # no nnU-Net set-up: only the loss is exercised
+    for name, value in attributes.items():
+        setattr(instance, name, value)
+    return instance
+
+
+@pytest.mark.parametrize("gamma", [2.0, 3.0])
+def test_samft_focal_loss_is_dice_plus_focal_per_slice_by_hand(gamma):
+    from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFTFocal
+
+    expected = []
+    for p, y in zip(_FixedSlices.probabilities, _FixedSlices.labels):
+        dice = 1 - (2 * sum(a * b for a, b in zip(p, y)) + 1e-5) / (sum(p) + sum(y) + 1e-5)
+        p_true = [a if b else 1 - a for a, b in zip(p, y)]
+        focal = sum(-(1 - q) ** gamma * np.log(q) for q in p_true) / len(p)
+        expected.append(dice + focal)
+    terms = _fixed(nnUNetTrainerSAMFTFocal, focal_gamma=gamma).loss_terms([("a", 0), ("b", 0)])
+    assert terms["segmentation loss"].item() == pytest.approx(np.mean(expected), rel=1e-6)
+    assert set(terms) == {"segmentation loss", "total loss", "logits", "target"}
+
+
+@pytest.mark.parametrize("gamma", [2.0, 3.0])
+def test_samft_dicepp_loss_is_dice_plus_plus_per_slice_by_hand(gamma):
+    from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFTDicePP
+
+    expected = []
+    for p, y in zip(_FixedSlices.probabilities, _FixedSlices.labels):
+        tp = sum(a * b for a, b in zip(p, y))
+        fp = sum((a * (1 - b)) ** gamma for a, b in zip(p, y))
+        fn = sum(((1 - a) * b) ** gamma for a, b in zip(p, y))
+        expected.append(1 - (2 * tp + 1e-5) / (2 * tp + fp + fn + 1e-5))
+    terms = _fixed(nnUNetTrainerSAMFTDicePP, dicepp_gamma=gamma).loss_terms([("a", 0), ("b", 0)])
+    assert terms["segmentation loss"].item() == pytest.approx(np.mean(expected), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_samft_focal_trains_with_its_gamma_recorded_and_predicts(tiny_dataset):
+    tiny_dataset.activate()
+    listed = run_cli(train_cli.main, ["--list"]).output
+    assert "samft_focal" in listed and "samft_dicepp" in listed
+    result = run_cli(train_cli.main, [511, "3d_fullres", "samft_focal", 0, "--dicepp-gamma", 2], expect_ok=False)
+    assert result.exit_code == 1 and "--dicepp-gamma does not apply to method samft_focal" in result.output
+    output = run_cli(train_cli.main, [511, "3d_fullres", "samft_focal", 0, "--epochs", 1, "--iters-per-epoch", 2,
+                                      "--device", "cpu", "--disable-tta", "--sam-model", "tiny",
+                                      "--focal-gamma", 3]).output
+    assert "trained samft_focal" in output
+    folder = _run(tiny_dataset, "nnUNetTrainerSAMFTFocal")
+    record = json.loads((folder / "calibnet_run.json").read_text())
+    assert record["spec"]["method"] == "samft_focal" and record["loss_options"] == {"focal_gamma": 3.0}
+    assert record["note"] == "tiny SAM, not pretrained"
+    splits = json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())["loco"]["folds"][0]
+    for role in ("val", "test"):
+        predictions = folder / "predictions" / role
+        assert sorted(p.name[:-7] for p in predictions.glob("*.nii.gz")) == sorted(splits[role])
+
+
 @pytest.mark.slow
 def test_vanilla_sam_predicts_without_a_training_loop(tiny_dataset):
     tiny_dataset.activate()

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from calibnet.errors import CalibnetError
 from calibnet.prompts import sam_prompt_maps, sam_slice_prompts
 from calibnet.trainers.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
-                                      binary_soft_dice_loss, confidence_misalignment_penalty,
-                                      fisher_information_penalty, full_precision)
+                                      DEFAULT_DICEPP_GAMMA, DEFAULT_FOCAL_GAMMA, binary_soft_dice_loss,
+                                      confidence_misalignment_penalty, dice_plus_plus_loss,
+                                      fisher_information_penalty, focal_loss, full_precision)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
 from calibnet.trainers.sam_backbone import SamConfig, SamSliceSegmenter, build_sam, to_three_channels
 
@@ -264,6 +265,25 @@ class nnUNetTrainerCalSAM(nnUNetTrainerSAMFT):
 
     lambda_fip = DEFAULT_LAMBDA_FIP
     lambda_cmp = DEFAULT_LAMBDA_CMP
+
+
+class nnUNetTrainerSAMFTFocal(nnUNetTrainerSAMFT):
+    """CalSAM Table 3's "SAM-FT + Focal Loss": SAM-FT with Dice + focal loss (γ = 2) in place of Dice + BCE."""
+
+    focal_gamma = DEFAULT_FOCAL_GAMMA
+
+    def slice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return binary_soft_dice_loss(logits, target) + focal_loss(logits[None, None], target[None, None],
+                                                                  self.focal_gamma, regions=True)
+
+
+class nnUNetTrainerSAMFTDicePP(nnUNetTrainerSAMFT):
+    """CalSAM Table 3's "SAM-FT + Dice++": SAM-FT trained with the Dice++ loss (γ = 2) alone."""
+
+    dicepp_gamma = DEFAULT_DICEPP_GAMMA
+
+    def slice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return dice_plus_plus_loss(logits[None, None], target[None, None], self.dicepp_gamma, regions=True)
 
 
 class nnUNetTrainerSAMFIP(nnUNetTrainerSAMFT):
