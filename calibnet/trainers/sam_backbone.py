@@ -149,6 +149,10 @@ class SamSliceSegmenter(torch.nn.Module):
         for module in (self.image_encoder, self.prompt_encoder):
             module.requires_grad_(False)
 
+    def set_case(self, case_id: str | None, setting=None) -> None:
+        """Name the case (and prompt setting) the next prediction is of; networks whose prediction draws random
+        numbers (MedSAM-U's UGMP jitter) seed them from it. Nothing to do here."""
+
     @property
     def image_encoder(self) -> torch.nn.Module:
         return self.sam.image_encoder
