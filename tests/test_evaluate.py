@@ -38,10 +38,14 @@ def test_all_outputs_are_written_with_the_documented_columns(evaluation):
     assert set(plain[plain.role == "source"].vendor) == {"Siemens"}
     assert set(plain[plain.role == "target"].vendor) == {"GE", "Philips"}
     assert set(per_case[per_case.method == "samft"]["note"]) == {"tiny SAM, not pretrained"}
+    # the boundary view holds fewer voxels than the ROI, so its ECE is a different number
+    assert (plain["ECE_boundary"] != plain["ECE"]).all()
     assert "samft: tiny SAM, not pretrained" in output and "report:" in output
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["pooled_ECE"]["nnunet"]) == {"source", "target"}
-    assert summary["posthoc_parameters"]["nnunet fold 0 seed 42"]["temperature"] > 0
+    for column in ("configuration", "ECE_boundary", "ACE_boundary", "Brier_boundary"):
+        assert column in per_case.columns, column
+    assert set(per_case["configuration"]) == {"3d_fullres"}
     per_center = pd.read_csv(folder / "per_center.csv")
     assert {"source_vendor", "vendor", "DSC mean", "DSC std", "n"} <= set(per_center.columns)
     assert "| Philips" in (folder / "report.md").read_text()
@@ -64,7 +68,124 @@ def test_failure_detection_pools_and_splits_by_target_vendor(evaluation):
     nnunet = failure[(failure.method == "nnunet") & (failure.score == "mean_max_probability_foreground")]
     assert set(nnunet["domain"]) == {"pooled", "GE", "Philips"}
     assert nnunet[nnunet.domain == "pooled"]["n"].iloc[0] == 6
-    assert ((failure["eAURC"] >= -1e-12) & (failure["AURC"] <= 1)).all()
+    per_case = pd.read_csv(folder / "per_case.csv")
+    target = per_case[(per_case.method == "nnunet") & (per_case.role == "target")]
+    confidence, risk = target["conf_mean_max_probability_foreground"].values, 1 - target["DSC"].values
+    expected = _expected_aurc(confidence, risk)
+    oracle = _expected_aurc(-risk, risk)
+    pooled = nnunet[nnunet.domain == "pooled"].iloc[0]
+    assert pooled["AURC"] == pytest.approx(expected, abs=1e-9)
+    assert pooled["eAURC"] == pytest.approx(expected - oracle, abs=1e-9)
+    assert pooled["direction"] == "↑ confidence"
+    entropy = failure[(failure.method == "nnunet") & (failure.score == "entropy_foreground") & (failure.domain == "pooled")]
+    if not entropy.empty:  # an uncertainty: ranked by its negation
+        assert entropy["AURC"].iloc[0] == pytest.approx(
+            _expected_aurc(-target["conf_entropy_foreground"].values, risk), abs=1e-9)
+    assert "predicted_foreground_voxels" not in set(failure.score)
+
+
+def _expected_aurc(confidence, risk):
+    """AURC by brute force, averaged over every case order the confidences allow (ties in any order)."""
+    import itertools
+
+    values = []
+    for order in itertools.permutations(range(len(confidence))):
+        if all(confidence[a] >= confidence[b] for a, b in zip(order, order[1:])):
+            ranked = np.asarray(risk, float)[list(order)]
+            values.append(np.mean(np.cumsum(ranked) / np.arange(1, len(ranked) + 1)))
+    return float(np.mean(values))
+
+
+def _roi_voxels(tiny_dataset, folder, case_id):
+    """(C, N) stored probabilities and (N,) labels of a case's non-zero input voxels, read by hand."""
+    import SimpleITK as sitk
+
+    read = lambda path: sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    probabilities = np.load(folder / f"{case_id}.npz")["probabilities"].astype(np.float64)
+    roi = read(tiny_dataset.raw / "imagesTr" / f"{case_id}_0000.nii.gz") != 0
+    return probabilities[:, roi], read(tiny_dataset.raw / "labelsTr" / f"{case_id}.nii.gz")[roi].astype(np.int64)
+
+
+def _run_folder(tiny_dataset, trainer="nnUNetTrainerCalib"):
+    return tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / f"{trainer}__CalibPlans__3d_fullres" / \
+        "scanner_fold0_seed42"
+
+
+def test_posthoc_rows_are_the_fitted_maps_applied_to_the_stored_probabilities(tiny_dataset, evaluation):
+    from calibnet.evaluation.calibration import calibration_metrics
+    from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature
+
+    _, folder = evaluation
+    parameters = json.loads((folder / "posthoc_parameters.json").read_text())["nnunet fold 0 seed 42"]
+    per_case = pd.read_csv(folder / "per_case.csv")
+    case_id = per_case[(per_case.method == "nnunet + TS")]["case_id"].iloc[0]
+    p, y = _roi_voxels(tiny_dataset, _run_folder(tiny_dataset) / "predictions" / "test", case_id)
+    for suffix, calibrated in (("TS", apply_temperature(p, parameters["temperature"])),
+                               ("Dirichlet", apply_dirichlet(p, parameters["dirichlet"]))):
+        row = per_case[(per_case.method == f"nnunet + {suffix}") & (per_case.case_id == case_id)].iloc[0]
+        expected = calibration_metrics(calibrated, y)
+        for metric in ("ECE", "ACE", "Brier"):
+            assert row[metric] == pytest.approx(expected[metric], abs=1e-6), (suffix, metric)
+
+
+def test_pooled_ece_per_vendor_is_the_ece_of_all_its_voxels(tiny_dataset, evaluation):
+    from calibnet.evaluation.calibration import calibration_metrics
+
+    _, folder = evaluation
+    per_case = pd.read_csv(folder / "per_case.csv")
+    summary = json.loads((folder / "summary.json").read_text())
+    target = per_case[(per_case.method == "nnunet") & (per_case.role == "target")]
+    for vendor, cases in target.groupby("vendor"):
+        voxels = [_roi_voxels(tiny_dataset, _run_folder(tiny_dataset) / "predictions" / "test", c) for c in cases.case_id]
+        expected = calibration_metrics(np.concatenate([v[0] for v in voxels], 1), np.concatenate([v[1] for v in voxels]))
+        assert summary["pooled_ECE"]["nnunet"]["target"]["ROI"]["vendor"][vendor] == pytest.approx(expected["ECE"],
+                                                                                                     abs=1e-9)
+    pooled = pd.read_csv(folder / "pooled_calibration.csv")
+    assert {"all", "center", "vendor"} == set(pooled["by"]) and {"ROI", "boundary"} == set(pooled["view"])
+    assert "## Pooled calibration" in (folder / "report.md").read_text()
+
+
+def test_stored_probabilities_reproduce_in_memory_calibration(tiny_dataset, evaluation, tmp_path, monkeypatch):
+    """Confident logits (8.7 for the predicted class, 0 for the others: p ≈ 0.9998) are where float16 storage
+    rounds p by ~1e-4 and moves ECE by more than 1e-5; the stored file must reproduce the in-memory metrics."""
+    import nnunetv2.inference.export_prediction as export
+    import SimpleITK as sitk
+    import torch
+
+    from calibnet.evaluation.calibration import calibration_metrics
+    from calibnet.inference.predict import load_model, predict_cases, raw_case_inputs
+
+    model = load_model(_run_folder(tiny_dataset), "cpu", use_mirroring=False, with_heads=False)
+    predict_logits = model.predictor.predict_logits_from_preprocessed_data
+
+    def confident(data):
+        logits = predict_logits(data)
+        return 8.7 * torch.nn.functional.one_hot(logits.argmax(0), logits.shape[0]).movedim(-1, 0).float()
+
+    model.predictor.predict_logits_from_preprocessed_data = confident
+    in_memory = []
+    original_export = export.export_prediction_from_logits
+
+    def capturing_export(logits, properties, configuration_manager, plans_manager, dataset_json, *args, **kwargs):
+        label_manager = plans_manager.get_label_manager(dataset_json)
+        in_memory.append(export.convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, plans_manager, configuration_manager, label_manager, properties, return_probabilities=True)[1])
+        return original_export(logits, properties, configuration_manager, plans_manager, dataset_json, *args, **kwargs)
+
+    monkeypatch.setattr(export, "export_prediction_from_logits", capturing_export)
+    case_id = json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())["scanner"]["folds"][0]["test"][0]
+    predict_cases(model, raw_case_inputs(tiny_dataset.raw, [case_id], model.dataset_json), tmp_path, progress=False)
+    roi = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_dataset.raw / "imagesTr" / f"{case_id}_0000.nii.gz"))) != 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_dataset.raw / "labelsTr" / f"{case_id}.nii.gz")))[roi]
+    labels = labels.astype(np.int64)
+    memory = np.asarray(in_memory[0], np.float32)[:, roi]
+    expected = calibration_metrics(memory, labels)
+    rounded = calibration_metrics(memory.astype(np.float16).astype(np.float32), labels)
+    assert abs(rounded["ECE"] - expected["ECE"]) > 1e-5  # the loss this test guards against
+    stored = np.load(tmp_path / f"{case_id}.npz")["probabilities"][:, roi].astype(np.float32)
+    observed = calibration_metrics(stored, labels)
+    for metric in ("ECE", "ACE", "Brier"):
+        assert observed[metric] == pytest.approx(expected[metric], abs=1e-5), metric
 
 
 def test_bad_requests(tiny_dataset, evaluation, tmp_path):
