@@ -8,6 +8,7 @@ import pytest
 from calibnet.cli import evaluate as evaluate_cli
 from calibnet.cli import train as train_cli
 from conftest import run_cli, use_data_dir
+from test_evaluation_metrics import expected_aurc_over_orders as _expected_aurc
 
 pytestmark = pytest.mark.slow
 SHORT = ["--split", "scanner", "--epochs", 1, "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta"]
@@ -82,18 +83,6 @@ def test_failure_detection_pools_and_splits_by_target_vendor(evaluation):
         assert entropy["AURC"].iloc[0] == pytest.approx(
             _expected_aurc(-target["conf_entropy_foreground"].values, risk), abs=1e-9)
     assert "predicted_foreground_voxels" not in set(failure.score)
-
-
-def _expected_aurc(confidence, risk):
-    """AURC by brute force, averaged over every case order the confidences allow (ties in any order)."""
-    import itertools
-
-    values = []
-    for order in itertools.permutations(range(len(confidence))):
-        if all(confidence[a] >= confidence[b] for a, b in zip(order, order[1:])):
-            ranked = np.asarray(risk, float)[list(order)]
-            values.append(np.mean(np.cumsum(ranked) / np.arange(1, len(ranked) + 1)))
-    return float(np.mean(values))
 
 
 def _roi_voxels(tiny_dataset, folder, case_id):

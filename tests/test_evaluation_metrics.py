@@ -85,7 +85,7 @@ def test_posthoc_fits_do_not_increase_the_nll_they_minimise():
     assert nll(apply_dirichlet(overconfident, parameters), labels) <= nll(overconfident, labels)
 
 
-def _expected_aurc_over_orders(confidence, risk):
+def expected_aurc_over_orders(confidence, risk):
     """Brute force: AURC averaged over every order of the cases that the confidences allow (ties permuted)."""
     import itertools
 
@@ -105,7 +105,7 @@ def test_aurc_of_tied_confidences_is_the_block_mean_and_independent_of_case_orde
     rng = np.random.default_rng(0)
     confidence = np.round(rng.random(7) * 3) / 3  # many ties, as MC score agreement of 1.0 gives
     risk = rng.random(7)
-    expected = _expected_aurc_over_orders(confidence, risk)
+    expected = expected_aurc_over_orders(confidence, risk)
     for _ in range(20):
         order = rng.permutation(7)
         assert aurc(confidence[order], risk[order]) == pytest.approx(expected, abs=1e-12)
