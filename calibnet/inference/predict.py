@@ -1,6 +1,6 @@
 """Prediction with a trained calibnet model, through nnU-Net's own preprocessing, sliding-window predictor
 and export, case by case: segmentation (.nii.gz), softmax probabilities (.npz, key ``probabilities``,
-float16, (C, z, y, x) at the original geometry) and ``confidence.json``.
+float32 as nnU-Net writes them, (C, z, y, x) at the original geometry) and ``confidence.json``.
 
 Each case's files are written in a temporary folder and moved into place only when complete.
 """
@@ -336,6 +336,7 @@ def _preprocessed_case(model: LoadedModel, case: CaseInput, prompt_seed: int, pr
             dict(model.configuration_manager.configuration, patch_size=list(data.shape[1:])))
         model.predictor.network.prompt_override = None if prompt_setting is None else \
             [_setting_prompts(foreground, case.case_id, prompt_seed, prompt_setting)]
+        model.predictor.network.set_case(case.case_id, prompt_setting)  # seeds MedSAM-U's jitter per case
     return data, properties
 
 
@@ -392,8 +393,7 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
                 entropy = binary_entropy(probabilities[1])
                 np.savez_compressed(truncated + "_uncertainty.npz", uncertainty=entropy.astype(np.float16))
                 shutil.move(truncated + "_uncertainty.npz", output_folder / f"{case.case_id}_uncertainty.npz")
-            if save_probabilities:
-                np.savez_compressed(truncated + ".npz", probabilities=probabilities.astype(np.float16))
+            if save_probabilities:  # nnU-Net's own file, float32: float16 would round every p > 0.99976 to 1
                 shutil.move(truncated + ".npz", output_folder / f"{case.case_id}.npz")
             shutil.move(truncated + ending, output_folder / f"{case.case_id}{ending}")
         atomic_write_json(confidence_path, confidences)
