@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from calibnet.trainers.safeclick import SafeClickSegmenter
-    from calibnet.trainers.sam2_backbone import Sam2SliceSegmenter, build_sam2_model, resolve_sam2_config
+    from calibnet.networks.safeclick import SafeClickSegmenter
+    from calibnet.networks.sam2_backbone import Sam2SliceSegmenter, build_sam2_model, resolve_sam2_config
 
     config, _ = resolve_sam2_config(args.sam2_model, args.sam2_checkpoint, args.sam2_image_size)
     slices = torch.randn(args.slices, 3, 96, 96, generator=torch.Generator().manual_seed(0)).to(args.device)

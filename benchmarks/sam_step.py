@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--sam-checkpoint", default=None)
     args = parser.parse_args()
 
-    from calibnet.trainers.sam_backbone import resolve_sam_config
-    from calibnet.trainers.training_run import RunSpec, prepare_trainer
+    from calibnet.networks.sam_backbone import resolve_sam_config
+    from calibnet.launch.training_run import RunSpec, prepare_trainer
     from common import temporary_benchmark_dataset
 
     config, _ = resolve_sam_config(args.sam_model, args.sam_checkpoint)

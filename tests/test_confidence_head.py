@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from calibnet.trainers.confidence_head import (ALPHA_START, DELTA_S, AdversarialBatch, AdversarialBuffer,
+from calibnet.networks.confidence_head import (ALPHA_START, DELTA_S, AdversarialBatch, AdversarialBuffer,
                                                ConfidenceHead, adversarial_perturbation, update_alpha)
 
 

@@ -130,8 +130,8 @@ def test_adversarial_step_keeps_the_base_and_buffers_the_perturbed_batch(tiny_da
     """One warm-up-free trainer, two steps on fixed batches: the base weights stay bit-identical, the buffer
     holds x − α·∇C/(‖∇C‖² + ε) of the first batch, and the second step feeds exactly those to the network."""
     from calibnet.paths import setup_data_roots
-    from calibnet.trainers.methods import get_method
-    from calibnet.trainers.training_run import RunSpec, prepare_trainer, read_run
+    from calibnet.methods import get_method
+    from calibnet.launch.training_run import RunSpec, prepare_trainer, read_run
 
     tiny_dataset.activate()
     roots = setup_data_roots()
@@ -217,8 +217,8 @@ def test_early_stopping_keeps_the_best_head(tiny_dataset, heads):
     import numpy as np
 
     from calibnet.paths import setup_data_roots
-    from calibnet.trainers.methods import get_method
-    from calibnet.trainers.training_run import RunSpec, _run_training, prepare_trainer, read_run
+    from calibnet.methods import get_method
+    from calibnet.launch.training_run import RunSpec, _run_training, prepare_trainer, read_run
 
     tiny_dataset.activate()
     roots = setup_data_roots()

@@ -101,7 +101,7 @@ def _run_folder(tiny_dataset, trainer="nnUNetTrainerCalib"):
 
 
 def test_posthoc_rows_are_the_fitted_maps_applied_to_the_stored_probabilities(tiny_dataset, evaluation):
-    from calibnet.evaluation.calibration import calibration_metrics
+    from calibnet.metrics.calibration import calibration_metrics
     from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature
 
     _, folder = evaluation
@@ -118,7 +118,7 @@ def test_posthoc_rows_are_the_fitted_maps_applied_to_the_stored_probabilities(ti
 
 
 def test_pooled_ece_per_vendor_is_the_ece_of_all_its_voxels(tiny_dataset, evaluation):
-    from calibnet.evaluation.calibration import calibration_metrics
+    from calibnet.metrics.calibration import calibration_metrics
 
     _, folder = evaluation
     per_case = pd.read_csv(folder / "per_case.csv")
@@ -141,7 +141,7 @@ def test_stored_probabilities_reproduce_in_memory_calibration(tiny_dataset, eval
     import SimpleITK as sitk
     import torch
 
-    from calibnet.evaluation.calibration import calibration_metrics
+    from calibnet.metrics.calibration import calibration_metrics
     from calibnet.inference.predict import load_model, predict_cases, raw_case_inputs
 
     model = load_model(_run_folder(tiny_dataset), "cpu", use_mirroring=False, with_heads=False)

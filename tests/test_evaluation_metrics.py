@@ -6,9 +6,9 @@ import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage, stats
 
-from calibnet.evaluation.calibration import brier_score, calibration_bins, calibration_metrics
-from calibnet.evaluation.failure_detection import aurc, eaurc, failure_detection_metrics
-from calibnet.evaluation.metrics import case_metrics
+from calibnet.metrics.calibration import brier_score, calibration_bins, calibration_metrics
+from calibnet.metrics.failure_detection import aurc, eaurc, failure_detection_metrics
+from calibnet.metrics.segmentation import case_metrics
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature, nll
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from calibnet.trainers.losses import (confidence_misalignment_penalty, dice_plus_plus_loss,
+from calibnet.losses import (confidence_misalignment_penalty, dice_plus_plus_loss,
                                       fisher_information_penalty, focal_loss, full_precision)
 
 torch.manual_seed(0)

@@ -12,10 +12,10 @@ from calibnet.cli import train as train_cli
 from calibnet.errors import CalibnetError
 from calibnet.prompt_quality import object_radius
 from calibnet.prompts import slice_box
-from calibnet.trainers.methods import get_method
+from calibnet.methods import get_method
 from calibnet.trainers.nnUNetTrainerSAM2 import imperfect_prompt
-from calibnet.trainers.safeclick import ConsensusReasoning, SafeClickOptions, SafeClickSegmenter
-from calibnet.trainers.sam2_backbone import (Sam2Config, Sam2SliceSegmenter, build_sam2_model, resolve_sam2_config)
+from calibnet.networks.safeclick import ConsensusReasoning, SafeClickOptions, SafeClickSegmenter
+from calibnet.networks.sam2_backbone import (Sam2Config, Sam2SliceSegmenter, build_sam2_model, resolve_sam2_config)
 from conftest import run_cli
 
 SIZE = 128
@@ -271,7 +271,7 @@ def test_bad_sam2_requests_get_one_message_and_leave_no_run(tiny_dataset, args, 
 
 
 def test_missing_sam2_package_is_reported_with_the_install_command(monkeypatch):
-    import calibnet.trainers.methods as methods
+    import calibnet.methods as methods
 
     def no_sam2(name):
         raise ModuleNotFoundError("No module named 'sam2'", name="sam2")

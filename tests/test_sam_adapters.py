@@ -3,9 +3,9 @@ prompt encoder changes them and nothing else."""
 import pytest
 import torch
 
-from calibnet.trainers.sam_adapters import (AdaptedBlock, adapter_parameters, insert_adapters,
+from calibnet.networks.sam_adapters import (AdaptedBlock, adapter_parameters, insert_adapters,
                                             parse_adapter_blocks)
-from calibnet.trainers.sam_backbone import SamConfig, SamSliceSegmenter, build_sam
+from calibnet.networks.sam_backbone import SamConfig, SamSliceSegmenter, build_sam
 
 
 def test_adapters_start_as_identity_and_only_they_and_the_prompt_encoder_train():

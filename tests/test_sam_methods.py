@@ -9,7 +9,7 @@ import torch
 from calibnet.cli import train as train_cli
 from calibnet.errors import CalibnetError
 from calibnet.prompts import sam_prompt_maps, sam_slice_prompts
-from calibnet.trainers.sam_backbone import (SamConfig, SamSliceSegmenter, build_sam, resolve_sam_config)
+from calibnet.networks.sam_backbone import (SamConfig, SamSliceSegmenter, build_sam, resolve_sam_config)
 from conftest import run_cli
 
 SHORT = ["--epochs", 2, "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta", "--sam-model", "tiny"]
@@ -92,7 +92,7 @@ def test_fip_on_embeddings_is_each_slices_own_gradient_checked_by_finite_differe
     SAM's prompt encoder casts to float32, so this check runs in single precision: central differences
     along each slice's unit gradient (whose directional derivative is the gradient's norm)."""
     from calibnet.paths import setup_data_roots
-    from calibnet.trainers.training_run import RunSpec, prepare_trainer
+    from calibnet.launch.training_run import RunSpec, prepare_trainer
 
     tiny_dataset.activate()
     roots = setup_data_roots()

@@ -9,7 +9,7 @@ import torch
 
 from calibnet.cli import predict as predict_cli
 from calibnet.cli import train as train_cli
-from calibnet.trainers.methods import METHODS
+from calibnet.methods import METHODS
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def test_bad_requests_give_one_clear_message(tiny_dataset, args, message):
 def test_non_finite_loss_names_the_step_and_the_term(tiny_dataset):
     from calibnet.paths import setup_data_roots
     from calibnet.trainers.nnUNetTrainerCalib import NonFiniteLossError
-    from calibnet.trainers.training_run import RunSpec, prepare_trainer
+    from calibnet.launch.training_run import RunSpec, prepare_trainer
 
     tiny_dataset.activate()
     roots = setup_data_roots()
@@ -156,7 +156,7 @@ def test_non_finite_loss_names_the_step_and_the_term(tiny_dataset):
 def _calunet_batch(tiny_dataset):
     """An initialised calunet trainer and a fixed batch of two patches with deep-supervision targets."""
     from calibnet.paths import setup_data_roots
-    from calibnet.trainers.training_run import RunSpec, prepare_trainer
+    from calibnet.launch.training_run import RunSpec, prepare_trainer
 
     tiny_dataset.activate()
     roots = setup_data_roots()
@@ -290,7 +290,7 @@ def test_mc_sample_counts_need_two_samples_each():
 def test_mc_samples_are_single_unmirrored_dropout_forwards(tiny_dataset, trained):
     """max(N) passes with dropout on and mirroring off, one network forward per sliding window each; the
     scores of every N are those of the first N of these samples; mirroring and dropout are restored after."""
-    from calibnet.evaluation.metrics import case_metrics, overlap_metrics
+    from calibnet.metrics.segmentation import case_metrics, overlap_metrics
     from calibnet.inference.predict import _preprocessed_case, load_model, mc_dropout_scores, raw_case_inputs
     from calibnet.trainers.nnUNetTrainerDropout import MCDropout
 

@@ -43,8 +43,8 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
     writes segmentations, probabilities and confidence.json to OUTPUT_DIR."""
     from calibnet.errors import CalibnetError
     from calibnet.inference.predict import flagged_cases, folder_case_inputs, load_model, predict_cases
-    from calibnet.trainers.methods import get_method
-    from calibnet.trainers.training_run import RunSpec, default_device, locate_run
+    from calibnet.methods import get_method
+    from calibnet.launch.training_run import RunSpec, default_device, locate_run
 
     roots = data_roots()
     if get_method(method).trains_head:

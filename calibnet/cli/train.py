@@ -9,7 +9,7 @@ from calibnet.cli.common import data_roots, user_errors
 def _list_methods(ctx, _param, value):
     if not value or ctx.resilient_parsing:
         return
-    from calibnet.trainers.methods import METHODS
+    from calibnet.methods import METHODS
     for method in METHODS.values():
         click.echo(f"{method.alias:<14} {method.summary}")
     ctx.exit()
@@ -98,8 +98,8 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
     from calibnet.inference.predict import predict_run_splits
-    from calibnet.trainers.methods import get_method, safeclick_variant
-    from calibnet.trainers.training_run import RunSpec, default_device, locate_run, read_run, train
+    from calibnet.methods import get_method, safeclick_variant
+    from calibnet.launch.training_run import RunSpec, default_device, locate_run, read_run, train
 
     roots = data_roots()
     ablated = safeclick_variant(method, [n for n, off in (("e1", no_e1), ("e2", no_e2), ("crl", no_crl)) if off])
@@ -146,7 +146,7 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
 def _train_head(spec, roots, device, base, adversarial, warmup_batches, patience, epochs, iters_per_epoch,
                 num_workers, predict_only):
     from calibnet.inference.predict import score_run_splits
-    from calibnet.trainers.training_run import HeadOptions, base_run_of, train_confidence_head
+    from calibnet.launch.training_run import HeadOptions, base_run_of, train_confidence_head
 
     if base is None:
         raise click.UsageError(f"{spec.method} needs --base METHOD, the trained run whose network it reads.")

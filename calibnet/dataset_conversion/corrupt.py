@@ -24,7 +24,7 @@ from calibnet.dataset_conversion.raw_dataset import target_dataset_folder
 from calibnet.domains import DOMAINS_FILENAME, check_domains_cover_cases, read_domains, write_domains
 from calibnet.errors import CalibnetError
 from calibnet.files import atomic_output_dir, atomic_write_json
-from calibnet.planners.raw_dataset_checks import list_cases, read_dataset_json
+from calibnet.raw_dataset_checks import list_cases, read_dataset_json
 
 SEVERITIES = (1, 2, 3, 4, 5)
 ARTIFACTS = ("motion", "ghosting", "bias", "spike", "noise")

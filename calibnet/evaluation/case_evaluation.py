@@ -15,8 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from calibnet.evaluation.calibration import calibration_summary, pool_bins
-from calibnet.evaluation.metrics import case_metrics
+from calibnet.metrics.calibration import calibration_summary, pool_bins
+from calibnet.metrics.segmentation import case_metrics
 
 BOUNDARY_MARGIN_MM = 5.0
 CALIBRATION_VIEWS = {"ROI": "", "boundary": "_boundary"}  # view -> suffix of its metric columns

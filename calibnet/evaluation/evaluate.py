@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from calibnet.domains import DOMAINS_FILENAME, read_domains
-from calibnet.evaluation.calibration import pool_bins
+from calibnet.metrics.calibration import pool_bins
 from calibnet.evaluation.case_evaluation import evaluate_case, label_targets, recalibrated_case_metrics
 from calibnet.evaluation.discovery import discover_runs, run_labels
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
@@ -95,7 +95,7 @@ def _own_prompts(record: dict) -> str:
     "B100" (the ground-truth box, vanilla SAM)."""
     if record.get("backbone") is None:
         return "none"
-    from calibnet.trainers.methods import method_of_trainer
+    from calibnet.methods import method_of_trainer
     return "B100" if getattr(method_of_trainer(record["trainer"]).trainer_class(), "use_box", False) else "default"
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calibnet.evaluation.failure_detection import risk_coverage
+from calibnet.metrics.failure_detection import risk_coverage
 from calibnet.evaluation.tables import LOWER_IS_BETTER, domain_columns
 
 ABLATIONS = (("samft", "sam_fip", "sam_cmp", "calsam"), ("nnunet", "unet_fip", "unet_cmp", "calunet"),

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from calibnet.evaluation.failure_detection import failure_detection_metrics
+from calibnet.metrics.failure_detection import failure_detection_metrics
 from calibnet.metrics.confidence_scores import as_confidence, score_kind
 
 LOWER_IS_BETTER = ("HD95", "ECE", "ACE", "Brier")

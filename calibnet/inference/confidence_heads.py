@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from calibnet.errors import CalibnetError
-from calibnet.trainers.confidence_head import HEAD_FOLDERS, ConfidenceHead, feature_stage
+from calibnet.networks.confidence_head import HEAD_FOLDERS, ConfidenceHead, feature_stage
 
 HEAD_CHECKPOINT = "checkpoint_final.pth"
 

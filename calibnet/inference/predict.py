@@ -18,10 +18,10 @@ import torch
 from tqdm import tqdm
 
 from calibnet.errors import CalibnetError
-from calibnet.evaluation.metrics import case_metrics, overlap_metrics
+from calibnet.metrics.segmentation import case_metrics, overlap_metrics
 from calibnet.files import atomic_write_json
 from calibnet.paths import channel_files
-from calibnet.trainers.confidence_head import HEAD_FOLDERS
+from calibnet.networks.confidence_head import HEAD_FOLDERS
 from calibnet.uncertainty_prompting import binary_entropy
 
 CONFIDENCE_FILENAME = "confidence.json"
@@ -82,8 +82,8 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from calibnet.trainers.methods import method_of_trainer
-    from calibnet.trainers.training_run import read_run
+    from calibnet.methods import method_of_trainer
+    from calibnet.launch.training_run import read_run
 
     run_folder = Path(run_folder)
     record = read_run(run_folder)
@@ -458,7 +458,7 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
     Returns {"val": folder, "test": folder}.
     """
     from calibnet.planners.splits import get_fold, load_calib_splits
-    from calibnet.trainers.training_run import read_run
+    from calibnet.launch.training_run import read_run
 
     from calibnet.prompt_quality import parse_setting
 
@@ -497,7 +497,7 @@ def score_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path, 
     """Add the scores of the run's confidence heads to its val and test predictions (predicting them first
     where they do not exist yet). Returns {"val": folder, "test": folder}."""
     from calibnet.planners.splits import get_fold, load_calib_splits
-    from calibnet.trainers.training_run import read_run
+    from calibnet.launch.training_run import read_run
 
     run_folder = Path(run_folder)
     folders = {role: run_folder / "predictions" / role for role in ("val", "test")}

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 from calibnet.errors import CalibnetError
 from calibnet.planners.calib_planner import CALIB_PLANS_NAME, CalibPlanner
-from calibnet.planners.raw_dataset_checks import check_raw_dataset
+from calibnet.raw_dataset_checks import check_raw_dataset
 from calibnet.planners.splits import (CALIB_SPLITS_FILENAME, DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION,
                                       build_calib_splits, write_calib_splits)
 

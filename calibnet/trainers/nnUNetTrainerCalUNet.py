@@ -20,7 +20,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
 from calibnet.errors import CalibnetError
-from calibnet.trainers.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
+from calibnet.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
                                       confidence_misalignment_penalty, fisher_information_penalty, full_precision)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
 

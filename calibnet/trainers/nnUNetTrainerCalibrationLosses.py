@@ -7,7 +7,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 
-from calibnet.trainers.losses import DEFAULT_DICEPP_GAMMA, DEFAULT_FOCAL_GAMMA, dice_plus_plus_loss, focal_loss
+from calibnet.losses import DEFAULT_DICEPP_GAMMA, DEFAULT_FOCAL_GAMMA, dice_plus_plus_loss, focal_loss
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
 
 

@@ -3,7 +3,7 @@
 
 The base run's network (nnunet, calunet, nnunet_dropout, …) is rebuilt from its own trainer class, loaded
 from its checkpoint and frozen (no gradients, evaluation mode, so normalisation and dropout behave as at
-prediction time). A :class:`~calibnet.trainers.confidence_head.ConfidenceHead` reads the output of the
+prediction time). A :class:`~calibnet.networks.confidence_head.ConfidenceHead` reads the output of the
 penultimate decoder stage and learns, with MSE, the volumetric Dice and NSD (per foreground label or
 region) of the frozen network's own segmentation of each training patch against its ground truth.
 
@@ -26,9 +26,9 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from calibnet.errors import CalibnetError
 from calibnet.evaluation.case_evaluation import label_targets
-from calibnet.evaluation.metrics import case_metrics
+from calibnet.metrics.segmentation import case_metrics
 from calibnet.files import atomic_path, atomic_write_json
-from calibnet.trainers.confidence_head import (ALPHA_START, DELTA_S, ETA, WARMUP_BATCHES, AdversarialBatch,
+from calibnet.networks.confidence_head import (ALPHA_START, DELTA_S, ETA, WARMUP_BATCHES, AdversarialBatch,
                                                AdversarialBuffer, ConfidenceHead, adversarial_perturbation,
                                                feature_channels, feature_stage, score_names, update_alpha)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib

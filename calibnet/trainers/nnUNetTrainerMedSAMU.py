@@ -1,6 +1,6 @@
 """medsam_u: MedSAM-U (MedSAM-U paper, §III, Algorithm 1) on the slice-wise SAM backbone.
 
-- MPA training: bottleneck adapters in the image encoder's blocks (``calibnet.trainers.sam_adapters``) and
+- MPA training: bottleneck adapters in the image encoder's blocks (``calibnet.networks.sam_adapters``) and
   the prompt encoder train; everything else — the pretrained encoder weights and the mask decoder — stays
   frozen (checked when the trainer is initialised). Prompts per training slice: 1–3 random foreground
   points and the ground-truth box jittered by δ ~ N(0, σ) per coordinate. Loss: α·binary focal (α = 0.25,
@@ -23,11 +23,11 @@ import torch
 
 from calibnet.errors import CalibnetError
 from calibnet.prompts import slice_box
-from calibnet.trainers.losses import binary_soft_dice_loss, focal_loss
+from calibnet.losses import binary_soft_dice_loss, focal_loss
 from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFT
-from calibnet.trainers.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adapter_parameters, insert_adapters,
+from calibnet.networks.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adapter_parameters, insert_adapters,
                                             parse_adapter_blocks)
-from calibnet.trainers.sam_backbone import EMPTY_LOGIT, SamConfig, SamSliceSegmenter, build_sam, to_three_channels
+from calibnet.networks.sam_backbone import EMPTY_LOGIT, SamConfig, SamSliceSegmenter, build_sam, to_three_channels
 from calibnet.uncertainty_prompting import (DEFAULT_EDGE_THRESHOLD, DEFAULT_N_BOXES, DEFAULT_POINT_SPACING,
                                             DEFAULT_SIGMA, DEFAULT_TOP_K, UGMPResult, adapt, binary_entropy,
                                             default_min_distance, jitter_rng, jittered_boxes, run_ugmp)

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 
 from calibnet.errors import CalibnetError
 from calibnet.prompts import sam_prompt_maps, sam_slice_prompts
-from calibnet.trainers.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
+from calibnet.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
                                       DEFAULT_DICEPP_GAMMA, DEFAULT_FOCAL_GAMMA, binary_soft_dice_loss,
                                       confidence_misalignment_penalty, dice_plus_plus_loss,
                                       fisher_information_penalty, focal_loss, full_precision)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
-from calibnet.trainers.sam_backbone import SamConfig, SamSliceSegmenter, build_sam, to_three_channels
+from calibnet.networks.sam_backbone import SamConfig, SamSliceSegmenter, build_sam, to_three_channels
 
 
 class EmbeddingCache:

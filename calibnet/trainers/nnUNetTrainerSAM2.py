@@ -18,8 +18,8 @@ import torch
 from calibnet.prompt_quality import displaced_point, scaled_box
 from calibnet.prompts import slice_box
 from calibnet.trainers.nnUNetTrainerSAM import CosineLR, nnUNetTrainerSAMFT
-from calibnet.trainers.safeclick import SafeClickOptions, SafeClickSegmenter
-from calibnet.trainers.sam2_backbone import Sam2Config, Sam2SliceSegmenter, build_sam2_model
+from calibnet.networks.safeclick import SafeClickOptions, SafeClickSegmenter
+from calibnet.networks.sam2_backbone import Sam2Config, Sam2SliceSegmenter, build_sam2_model
 
 DISPLACEMENT_RANGE = (0.0, 1.0)  # × the object radius (the paper evaluates 25–100 %)
 BOX_SCALE_RANGE = (0.5, 1.5)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from sam2.modeling.sam2_utils import LayerNorm2d
 from torch import nn
 
-from calibnet.trainers.sam2_backbone import Sam2SliceSegmenter
+from calibnet.networks.sam2_backbone import Sam2SliceSegmenter
 
 DEFAULT_HEADS = 8
 DEFAULT_MLP_RATIO = 4

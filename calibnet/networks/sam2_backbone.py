@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from calibnet.errors import CalibnetError
-from calibnet.trainers.sam_backbone import SamSliceSegmenter, read_state_dict
+from calibnet.networks.sam_backbone import SamSliceSegmenter, read_state_dict
 
 SAM2_MODELS = ("hiera_t", "hiera_s", "hiera_b+", "hiera_l")
 DEFAULT_SAM2_IMAGE_SIZE = 1024  # SAM 2's own input size; MedSAM 2 checkpoints are trained at 512

@@ -20,7 +20,7 @@ from calibnet.errors import CalibnetError
 from calibnet.files import atomic_write_json
 from calibnet.planners.calib_planner import CALIB_PLANS_NAME
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
-from calibnet.trainers.methods import METHODS, get_method
+from calibnet.methods import METHODS, get_method
 
 RUN_FILENAME = "calibnet_run.json"
 DEFAULT_SEED = 42
@@ -159,8 +159,8 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
 def _resolve_backbone(method, sam_model, sam_checkpoint, target_label, sam2: dict | None):
     """(config, warning) of the SAM or SAM 2 backbone the flags describe, None for other methods; refuses
     flags of the other family (checked before anything is written)."""
-    from calibnet.trainers.sam2_backbone import resolve_sam2_config
-    from calibnet.trainers.sam_backbone import resolve_sam_config
+    from calibnet.networks.sam2_backbone import resolve_sam2_config
+    from calibnet.networks.sam_backbone import resolve_sam_config
 
     sam2 = {k: v for k, v in (sam2 or {}).items() if v is not None}
     if not method.uses_sam:
@@ -316,7 +316,7 @@ def train_confidence_head(spec: RunSpec, head: HeadOptions, preprocessed_root: P
                           device: str | None = None, num_workers: int | None = None, log=print) -> Path:
     """Train a confidence head on the frozen network of ``head.base`` (same dataset, configuration, split,
     fold and seed); returns the head's folder inside the base run."""
-    from calibnet.trainers.confidence_head import head_folder
+    from calibnet.networks.confidence_head import head_folder
 
     base_folder, base_record, base_checkpoint = base_run_of(spec, head.base, preprocessed_root, results_root)
     folder = head_folder(base_folder, head.adversarial)
