@@ -29,7 +29,8 @@ def main() -> None:
     from calibnet.inference.predict import _preprocessed_case, head_scores, load_model, mc_dropout_scores, \
         raw_case_inputs
     from calibnet.planners.splits import get_fold, load_calib_splits
-    from calibnet.launch.training_run import HeadOptions, RunSpec, train, train_confidence_head
+    from calibnet.launch.training_run import HeadOptions, train, train_confidence_head
+    from calibnet.runs import RunSpec
     from common import temporary_benchmark_dataset, timed
 
     with temporary_benchmark_dataset(args.shape, cases_per_center=2) as (roots, _):

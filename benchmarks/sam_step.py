@@ -38,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from calibnet.networks.sam_backbone import resolve_sam_config
-    from calibnet.launch.training_run import RunSpec, prepare_trainer
+    from calibnet.launch.training_run import prepare_trainer
+    from calibnet.runs import RunSpec
     from common import temporary_benchmark_dataset
 
     config, _ = resolve_sam_config(args.sam_model, args.sam_checkpoint)

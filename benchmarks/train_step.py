@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from calibnet.launch.training_run import RunSpec, prepare_trainer
+    from calibnet.launch.training_run import prepare_trainer
+    from calibnet.runs import RunSpec
     from common import step_times, temporary_benchmark_dataset
 
     results = {}

@@ -131,7 +131,8 @@ def test_adversarial_step_keeps_the_base_and_buffers_the_perturbed_batch(tiny_da
     holds x − α·∇C/(‖∇C‖² + ε) of the first batch, and the second step feeds exactly those to the network."""
     from calibnet.paths import setup_data_roots
     from calibnet.methods import get_method
-    from calibnet.launch.training_run import RunSpec, prepare_trainer, read_run
+    from calibnet.launch.training_run import prepare_trainer
+    from calibnet.runs import RunSpec, read_run
 
     tiny_dataset.activate()
     roots = setup_data_roots()
@@ -218,7 +219,8 @@ def test_early_stopping_keeps_the_best_head(tiny_dataset, heads):
 
     from calibnet.paths import setup_data_roots
     from calibnet.methods import get_method
-    from calibnet.launch.training_run import RunSpec, _run_training, prepare_trainer, read_run
+    from calibnet.launch.training_run import _run_training, prepare_trainer
+    from calibnet.runs import RunSpec, read_run
 
     tiny_dataset.activate()
     roots = setup_data_roots()

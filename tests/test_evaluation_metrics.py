@@ -178,7 +178,8 @@ def test_score_registry_declares_every_score_calibnet_writes():
 
 
 def test_boundary_view_holds_the_voxels_within_5_mm_of_truth_or_prediction():
-    from calibnet.evaluation.case_evaluation import LabelTargets, calibration_rois, calibration_tasks, case_calibration
+    from calibnet.evaluation.case_evaluation import calibration_rois, calibration_tasks, case_calibration
+    from calibnet.runs import LabelTargets
 
     truth = np.zeros((1, 1, 21), np.int64)
     prediction = np.zeros_like(truth)
@@ -202,7 +203,8 @@ def test_boundary_view_holds_the_voxels_within_5_mm_of_truth_or_prediction():
 
 
 def test_region_datasets_are_calibrated_on_every_region():
-    from calibnet.evaluation.case_evaluation import LabelTargets, calibration_tasks, case_calibration
+    from calibnet.evaluation.case_evaluation import calibration_tasks, case_calibration
+    from calibnet.runs import LabelTargets
 
     truth = np.array([0, 1, 2, 2, 0, 1])  # regions: whole = {1, 2}, core = {2}
     targets = LabelTargets({"whole": [1, 2], "core": [2]}, regions=True)
@@ -238,7 +240,7 @@ def test_significance_stars_labels_and_baseline_pool():
 
 
 def test_runs_that_differ_in_configuration_or_options_get_rows_of_their_own(tmp_path):
-    from calibnet.evaluation.discovery import Run, run_labels
+    from calibnet.runs import Run, run_labels
 
     def run(name, method, configuration, **extra):
         return Run(tmp_path / name, {"spec": {"method": method, "configuration": configuration, "fold": 0, "seed": 42},

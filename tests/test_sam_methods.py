@@ -92,7 +92,8 @@ def test_fip_on_embeddings_is_each_slices_own_gradient_checked_by_finite_differe
     SAM's prompt encoder casts to float32, so this check runs in single precision: central differences
     along each slice's unit gradient (whose directional derivative is the gradient's norm)."""
     from calibnet.paths import setup_data_roots
-    from calibnet.launch.training_run import RunSpec, prepare_trainer
+    from calibnet.launch.training_run import prepare_trainer
+    from calibnet.runs import RunSpec
 
     tiny_dataset.activate()
     roots = setup_data_roots()

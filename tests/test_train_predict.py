@@ -137,7 +137,8 @@ def test_bad_requests_give_one_clear_message(tiny_dataset, args, message):
 def test_non_finite_loss_names_the_step_and_the_term(tiny_dataset):
     from calibnet.paths import setup_data_roots
     from calibnet.trainers.nnUNetTrainerCalib import NonFiniteLossError
-    from calibnet.launch.training_run import RunSpec, prepare_trainer
+    from calibnet.launch.training_run import prepare_trainer
+    from calibnet.runs import RunSpec
 
     tiny_dataset.activate()
     roots = setup_data_roots()
@@ -156,7 +157,8 @@ def test_non_finite_loss_names_the_step_and_the_term(tiny_dataset):
 def _calunet_batch(tiny_dataset):
     """An initialised calunet trainer and a fixed batch of two patches with deep-supervision targets."""
     from calibnet.paths import setup_data_roots
-    from calibnet.launch.training_run import RunSpec, prepare_trainer
+    from calibnet.launch.training_run import prepare_trainer
+    from calibnet.runs import RunSpec
 
     tiny_dataset.activate()
     roots = setup_data_roots()

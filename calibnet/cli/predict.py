@@ -44,7 +44,8 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
     from calibnet.errors import CalibnetError
     from calibnet.inference.predict import flagged_cases, folder_case_inputs, load_model, predict_cases
     from calibnet.methods import get_method
-    from calibnet.launch.training_run import RunSpec, default_device, locate_run
+    from calibnet.launch.training_run import default_device, locate_run
+    from calibnet.runs import RunSpec
 
     roots = data_roots()
     if get_method(method).trains_head:

@@ -99,7 +99,8 @@ def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
     from calibnet.inference.predict import predict_run_splits
     from calibnet.methods import get_method, safeclick_variant
-    from calibnet.launch.training_run import RunSpec, default_device, locate_run, read_run, train
+    from calibnet.launch.training_run import default_device, locate_run, train
+    from calibnet.runs import RunSpec, read_run
 
     roots = data_roots()
     ablated = safeclick_variant(method, [n for n, off in (("e1", no_e1), ("e2", no_e2), ("crl", no_crl)) if off])

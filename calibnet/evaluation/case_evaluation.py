@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from calibnet.metrics.calibration import calibration_summary, pool_bins
 from calibnet.metrics.segmentation import case_metrics
+from calibnet.runs import LabelTargets
 
 BOUNDARY_MARGIN_MM = 5.0
 CALIBRATION_VIEWS = {"ROI": "", "boundary": "_boundary"}  # view -> suffix of its metric columns
@@ -29,25 +30,6 @@ class CaseResult:
     bins: dict  # view -> equal-width CalibrationBins of the case's voxels (merged over regions), for pooling
     sample_probabilities: np.ndarray  # (C, n) subsampled ROI voxels, for post-hoc calibration
     sample_labels: np.ndarray
-
-
-@dataclass(frozen=True)
-class LabelTargets:
-    """What is evaluated: named binary masks of the label map, and how probabilities map to classes."""
-    masks: dict  # output name -> list of label values forming it
-    regions: bool  # probabilities are per-region sigmoids (nnU-Net regions) rather than a softmax
-    binary: bool = False  # SAM runs: the prediction is one binary target
-
-
-def label_targets(dataset_json: dict, record: dict) -> LabelTargets:
-    labels = {k: v for k, v in dataset_json["labels"].items() if k != "background"}
-    if record.get("backbone") is not None:
-        target = record.get("target_label")
-        values = sorted({x for v in labels.values() for x in (v if isinstance(v, list) else [v])})
-        name = "foreground" if target is None else next((k for k, v in labels.items() if v == target), f"label_{target}")
-        return LabelTargets({name: values if target is None else [target]}, False, binary=True)
-    regions = any(isinstance(v, list) for v in labels.values())
-    return LabelTargets({k: (v if isinstance(v, list) else [v]) for k, v in labels.items()}, regions)
 
 
 def read_image(path: Path) -> tuple[np.ndarray, tuple]:

@@ -13,17 +13,17 @@ from tqdm import tqdm
 
 from calibnet.domains import DOMAINS_FILENAME, read_domains
 from calibnet.metrics.calibration import pool_bins
-from calibnet.evaluation.case_evaluation import evaluate_case, label_targets, recalibrated_case_metrics
-from calibnet.evaluation.discovery import discover_runs, run_labels
+from calibnet.evaluation.case_evaluation import evaluate_case, recalibrated_case_metrics
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
 from calibnet.evaluation.report import plot_all, write_report
 from calibnet.evaluation.tables import (domain_generalisation_gap, failure_detection, per_domain, ranked_scores,
                                         significance)
 from calibnet.files import atomic_output_dir
-from calibnet.inference.predict import prediction_folder, prompt_settings_of
 from calibnet.metrics.confidence_scores import score_kind
 from calibnet.paths import channel_files
 from calibnet.planners.splits import get_fold, load_calib_splits
+from calibnet.runs import (CONFIDENCE_FILENAME, PROMPTS_FILENAME, ROLES, discover_runs, label_targets, prediction_folder,
+                           prediction_set_complete, prompt_settings_of, run_labels)
 
 
 @dataclass
@@ -118,21 +118,20 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
         source_vendor = fold.get("source", {}).get("vendor", "")
         targets = label_targets(dataset_json, run.record)
         for setting in [None] + prompt_settings_of(run.folder):
-            if setting is not None and not all((prediction_folder(run.folder, r, setting) / name).is_file()
-                                               for r in ("val", "test") for name in ("confidence.json", "prompts.json")):
+            if setting is not None and not prediction_set_complete(run.folder, setting):
                 missing.append(f"{run.method} fold {run.fold} seed {run.seed}: prompts {setting} lacks val or test "
                                f"predictions")
                 continue
             label, prompts = labels[run.folder], _own_prompts(run.record)
             if setting is not None:
-                described = json.loads((prediction_folder(run.folder, "val", setting) / "prompts.json").read_text())
+                described = json.loads((prediction_folder(run.folder, "val", setting) / PROMPTS_FILENAME).read_text())
                 prompts = described["setting"]
                 variant = " w/o UGPA" if described.get("ugpa") is False else ""
                 label = f"{labels[run.folder]}{variant} [{prompts}]"
             samples, base_rows = [], {}
             for role, folder_name in (("source", "val"), ("target", "test")):
                 folder = prediction_folder(run.folder, folder_name, setting)
-                confidence = json.loads((folder / "confidence.json").read_text())
+                confidence = json.loads((folder / CONFIDENCE_FILENAME).read_text())
                 for case_id in fold[folder_name]:
                     prediction = folder / f"{case_id}{dataset_json['file_ending']}"
                     if not prediction.is_file():

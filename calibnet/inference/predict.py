@@ -18,14 +18,14 @@ import torch
 from tqdm import tqdm
 
 from calibnet.errors import CalibnetError
-from calibnet.metrics.segmentation import case_metrics, overlap_metrics
 from calibnet.files import atomic_write_json
-from calibnet.paths import channel_files
+from calibnet.metrics.segmentation import case_metrics, overlap_metrics
 from calibnet.networks.confidence_head import HEAD_FOLDERS
+from calibnet.paths import channel_files
+from calibnet.runs import (CONFIDENCE_FILENAME, MODEL_CHECKPOINTS, NO_UGPA, ROLES, export_dataset_json,
+                           model_checkpoint, prediction_folder, read_run, target_mask)
 from calibnet.uncertainty_prompting import binary_entropy
 
-CONFIDENCE_FILENAME = "confidence.json"
-CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,7 @@ class LoadedModel:
         return export_dataset_json(self.dataset_json, self.record)
 
     def prompt_foreground(self, seg: np.ndarray) -> np.ndarray:
-        target = self.record.get("target_label")
-        return seg > 0 if target is None else seg == target
-
-
-def export_dataset_json(dataset_json: dict, record: dict) -> dict:
-    """The labels a run predicts: SAM methods predict one binary target, exported as background/target."""
-    if record.get("backbone") is None:
-        return dataset_json
-    target = record.get("target_label")
-    name = "foreground" if target is None else next(
-        (k for k, v in dataset_json["labels"].items() if v == target), f"label_{target}")
-    binary = dict(dataset_json, labels={"background": 0, name: 1})
-    binary.pop("regions_class_order", None)
-    return binary
+        return target_mask(seg, self.record.get("target_label"))
 
 
 def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True,
@@ -83,14 +70,13 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from calibnet.methods import method_of_trainer
-    from calibnet.launch.training_run import read_run
 
     run_folder = Path(run_folder)
     record = read_run(run_folder)
-    names = (checkpoint_name,) if checkpoint_name else CHECKPOINTS
-    checkpoint_path = next((run_folder / n for n in names if (run_folder / n).is_file()), None)
+    checkpoint_path = model_checkpoint(run_folder, checkpoint_name)
     if checkpoint_path is None:
-        raise CalibnetError(f"no {' or '.join(names)} in {run_folder}; train the model first.")
+        raise CalibnetError(f"no {' or '.join((checkpoint_name,) if checkpoint_name else MODEL_CHECKPOINTS)} in "
+                            f"{run_folder}; train the model first.")
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated or foreign files
@@ -288,22 +274,6 @@ def _prompt_rng(seed: int, case_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(case_id.encode())])
 
 
-NO_UGPA = "noUGPA"  # prediction-set suffix of medsam_u predicted without prompt adaptation
-
-
-def prediction_folder(run_folder: Path, role: str, prompt_setting: str | None = None) -> Path:
-    """``predictions/<role>`` of a run, or ``predictions/prompts_<SET>/<role>`` for a prediction set made
-    with a prompt-quality setting (SET = the setting, plus ``_noUGPA`` for medsam_u without UGPA)."""
-    base = Path(run_folder) / "predictions"
-    return base / role if prompt_setting is None else base / f"prompts_{prompt_setting}" / role
-
-
-def prompt_settings_of(run_folder: Path) -> list:
-    """The prediction sets of a run besides its own prompts (``3B0.5``, ``3B0.5_noUGPA``, …)."""
-    base = Path(run_folder) / "predictions"
-    return sorted(p.name[len("prompts_"):] for p in base.glob("prompts_*") if p.is_dir())
-
-
 def _setting_prompts(foreground: np.ndarray, case_id: str, seed: int, setting) -> list:
     """Per slice of a 3-D target mask: the SlicePrompts of ``setting`` (None for empty slices)."""
     from calibnet.prompt_quality import prompt_rng, slice_prompts
@@ -458,7 +428,6 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
     Returns {"val": folder, "test": folder}.
     """
     from calibnet.planners.splits import get_fold, load_calib_splits
-    from calibnet.launch.training_run import read_run
 
     from calibnet.prompt_quality import parse_setting
 
@@ -480,7 +449,7 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
         model.predictor.network.options["ugpa"] = False
         prediction_set = f"{prompt_setting}_{NO_UGPA}"
     written = {}
-    for role in ("val", "test"):
+    for role in ROLES:
         cases = raw_case_inputs(Path(raw_root) / dataset_name, fold[role], model.dataset_json)
         folder = prediction_folder(run_folder, role, prediction_set)
         if folder.exists():
@@ -497,10 +466,9 @@ def score_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path, 
     """Add the scores of the run's confidence heads to its val and test predictions (predicting them first
     where they do not exist yet). Returns {"val": folder, "test": folder}."""
     from calibnet.planners.splits import get_fold, load_calib_splits
-    from calibnet.launch.training_run import read_run
 
     run_folder = Path(run_folder)
-    folders = {role: run_folder / "predictions" / role for role in ("val", "test")}
+    folders = {role: prediction_folder(run_folder, role) for role in ROLES}
     if not all((f / CONFIDENCE_FILENAME).is_file() for f in folders.values()):
         return predict_run_splits(run_folder, raw_root, preprocessed_root, device, progress=progress)
     record = read_run(run_folder)

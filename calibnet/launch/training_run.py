@@ -10,48 +10,18 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from calibnet.errors import CalibnetError
-from calibnet.files import atomic_write_json
-from calibnet.planners.calib_planner import CALIB_PLANS_NAME
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
 from calibnet.methods import METHODS, get_method
+from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, model_checkpoint, read_run, resume_checkpoint,
+                           run_folder, write_run)
 
-RUN_FILENAME = "calibnet_run.json"
-DEFAULT_SEED = 42
-
-
-@dataclass
-class RunSpec:
-    """Which model: dataset, configuration, method, split family, fold and seed."""
-    dataset_id: int
-    configuration: str
-    method: str
-    fold: int
-    split: str = "loco"
-    seed: int = DEFAULT_SEED
-
-
-@dataclass
-class RunRecord:
-    """What calibnet_run.json holds."""
-    spec: dict
-    dataset_name: str
-    trainer: str
-    fold_description: str
-    epochs: int
-    iterations_per_epoch: int
-    device: str
-    loss_options: dict = field(default_factory=dict)
-    backbone: dict | None = None  # SAM methods: {"model", "checkpoint"} (SAM 2 also "image_size", "version")
-    target_label: int | None = None  # SAM methods: the binary target (None = all foreground)
-    network_options: dict = field(default_factory=dict)  # architecture/prediction options (medsam_u)
-    note: str = ""  # e.g. "tiny SAM, not pretrained", repeated wherever results are reported
 
 
 def register_external_trainers() -> None:
@@ -68,11 +38,6 @@ def find_preprocessed_dataset(preprocessed_root: Path, dataset_id: int) -> Path:
         raise CalibnetError(f"no {CALIB_PLANS_NAME}.json for dataset {dataset_id} in {preprocessed_root}; run "
                             f"calib_plan_and_preprocess -d {dataset_id} first.")
     return matches[0]
-
-
-def run_folder(results_root: Path, dataset_name: str, trainer_name: str, spec: RunSpec) -> Path:
-    return (Path(results_root) / dataset_name / f"{trainer_name}__{CALIB_PLANS_NAME}__{spec.configuration}"
-            / f"{spec.split}_fold{spec.fold}_seed{spec.seed}")
 
 
 def default_device() -> str:
@@ -116,12 +81,6 @@ def locate_run(spec: RunSpec, preprocessed_root: Path, results_root: Path) -> Pa
     dataset_folder = find_preprocessed_dataset(preprocessed_root, spec.dataset_id)
     get_fold(load_calib_splits(dataset_folder), spec.split, spec.fold, where=dataset_folder / "calib_splits.json")
     return run_folder(results_root, dataset_folder.name, method.class_name, spec)
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """What ``--continue`` resumes from: checkpoint_final, else _latest, else _best (as nnU-Net does)."""
-    return next((folder / n for n in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-                 if (folder / n).is_file()), None)
 
 
 def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, device: str | None = None,
@@ -235,7 +194,7 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
     if get_method(spec.method).trains_head:
         raise CalibnetError(f"{spec.method} is trained on a finished base run: pass --base METHOD "
                             f"(e.g. --base nnunet).")
-    checkpoint = latest_checkpoint(locate_run(spec, preprocessed_root, results_root))
+    checkpoint = resume_checkpoint(locate_run(spec, preprocessed_root, results_root))
     if continue_training and checkpoint is None:
         raise CalibnetError(f"--continue: no checkpoint in {locate_run(spec, preprocessed_root, results_root)} to "
                             f"continue from; train without --continue.")
@@ -260,10 +219,10 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
                               f"loss options {applied}" + (f" — {record.note}" if record.note else ""))
     if not getattr(trainer, "trains", True):
         _save_untrained(trainer)
-        atomic_write_json(folder / RUN_FILENAME, asdict(record))
+        write_run(folder, asdict(record))
         return folder
     _run_training(trainer, num_workers)
-    atomic_write_json(folder / RUN_FILENAME, asdict(record))
+    write_run(folder, asdict(record))
     return folder
 
 
@@ -302,8 +261,7 @@ def base_run_of(spec: RunSpec, base: str, preprocessed_root: Path, results_root:
                             f"choose one of {heads_on}.")
     base_spec = RunSpec(spec.dataset_id, spec.configuration, base, spec.fold, spec.split, spec.seed)
     folder = locate_run(base_spec, preprocessed_root, results_root)
-    checkpoint = next((folder / n for n in ("checkpoint_final.pth", "checkpoint_best.pth") if (folder / n).is_file()),
-                      None)
+    checkpoint = model_checkpoint(folder)
     if not (folder / RUN_FILENAME).is_file() or checkpoint is None:
         raise CalibnetError(f"no finished {base} run in {folder}; train the base first: calib_train "
                             f"{spec.dataset_id} {spec.configuration} {base} {spec.fold} --split {spec.split} "
@@ -354,10 +312,3 @@ def _save_untrained(trainer) -> None:
     trainer.current_epoch = 0
     trainer.save_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
     trainer.print_to_log_file("no training: the pretrained model is used as it is")
-
-
-def read_run(folder: Path) -> dict:
-    path = Path(folder) / RUN_FILENAME
-    if not path.is_file():
-        raise CalibnetError(f"{path} is missing: {folder} holds no finished calibnet training; run calib_train first.")
-    return json.loads(path.read_text())

@@ -15,8 +15,8 @@ from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
 from calibnet.errors import CalibnetError
+from calibnet.runs import CALIB_PLANS_NAME
 
-CALIB_PLANS_NAME = "CalibPlans"
 DEFAULT_PATCH_EDGE = 128
 
 

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from calibnet.errors import CalibnetError
-from calibnet.planners.calib_planner import CALIB_PLANS_NAME, CalibPlanner
+from calibnet.planners.calib_planner import CalibPlanner
 from calibnet.raw_dataset_checks import check_raw_dataset
 from calibnet.planners.splits import (CALIB_SPLITS_FILENAME, DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION,
                                       build_calib_splits, write_calib_splits)
+from calibnet.runs import CALIB_PLANS_NAME
 
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 

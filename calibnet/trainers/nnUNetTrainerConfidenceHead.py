@@ -25,13 +25,13 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from calibnet.errors import CalibnetError
-from calibnet.evaluation.case_evaluation import label_targets
 from calibnet.metrics.segmentation import case_metrics
 from calibnet.files import atomic_path, atomic_write_json
 from calibnet.networks.confidence_head import (ALPHA_START, DELTA_S, ETA, WARMUP_BATCHES, AdversarialBatch,
                                                AdversarialBuffer, ConfidenceHead, adversarial_perturbation,
                                                feature_channels, feature_stage, score_names, update_alpha)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
+from calibnet.runs import label_targets
 
 HEAD_LEARNING_RATE = 1e-5
 HEAD_EPOCHS = 100  # the paper's maximum: 100 epochs of 100 batches

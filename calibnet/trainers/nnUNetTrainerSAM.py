@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from calibnet.errors import CalibnetError
+from calibnet.runs import target_mask
 from calibnet.prompts import sam_prompt_maps, sam_slice_prompts
 from calibnet.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_CMP, DEFAULT_LAMBDA_FIP,
                                       DEFAULT_DICEPP_GAMMA, DEFAULT_FOCAL_GAMMA, binary_soft_dice_loss,
@@ -127,7 +128,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     # --- data ------------------------------------------------------------------------------------------
     def foreground(self, seg: np.ndarray) -> np.ndarray:
         """Binary target of a label map: the chosen label, or all foreground."""
-        return seg > 0 if self.target_label is None else seg == self.target_label
+        return target_mask(seg, self.target_label)
 
     def _load_volumes(self, case_ids: list) -> None:
         dataset = self.dataset_class(self.preprocessed_dataset_folder, case_ids)

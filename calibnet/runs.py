@@ -1,0 +1,233 @@
+"""A run: one method trained on one fold of one split family with one seed. Its folder, record
+(``calibnet_run.json``), checkpoints, prediction sets and the labels it predicts are defined here and only here;
+training, inference and evaluation all read runs through this module.
+
+Layout under nnU-Net's results tree::
+
+    $nnUNet_results/DatasetXXX/<Trainer>__CalibPlans__<configuration>/<split>_fold<F>_seed<S>/
+        calibnet_run.json, checkpoint_{final,best,latest}.pth, nnU-Net's log and progress plot
+        predictions/{val,test}/                    CASE.nii.gz, CASE.npz (float32 probabilities), confidence.json
+        predictions/prompts_<SET>/{val,test}/      the same with a prompt-quality setting, plus prompts.json
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from calibnet.errors import CalibnetError
+from calibnet.files import atomic_write_json
+
+CALIB_PLANS_NAME = "CalibPlans"
+RUN_FILENAME = "calibnet_run.json"
+CONFIDENCE_FILENAME = "confidence.json"
+PROMPTS_FILENAME = "prompts.json"
+NO_UGPA = "noUGPA"  # prediction-set suffix of medsam_u predicted without prompt adaptation
+DEFAULT_SEED = 42
+ROLES = ("val", "test")  # val = source-domain cases of the fold, test = the shifted domain
+MODEL_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
+RESUME_CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+@dataclass
+class RunSpec:
+    """Which model: dataset, configuration, method, split family, fold and seed."""
+    dataset_id: int
+    configuration: str
+    method: str
+    fold: int
+    split: str = "loco"
+    seed: int = DEFAULT_SEED
+
+
+@dataclass
+class RunRecord:
+    """What calibnet_run.json holds."""
+    spec: dict
+    dataset_name: str
+    trainer: str
+    fold_description: str
+    epochs: int
+    iterations_per_epoch: int
+    device: str
+    loss_options: dict = field(default_factory=dict)
+    backbone: dict | None = None  # SAM methods: {"model", "checkpoint"} (SAM 2 also "image_size", "version")
+    target_label: int | None = None  # SAM methods: the binary target (None = all foreground)
+    network_options: dict = field(default_factory=dict)  # architecture/prediction options (medsam_u)
+    note: str = ""  # e.g. "tiny SAM, not pretrained", repeated wherever results are reported
+
+
+def run_folder(results_root: Path, dataset_name: str, trainer_name: str, spec: RunSpec) -> Path:
+    return (Path(results_root) / dataset_name / f"{trainer_name}__{CALIB_PLANS_NAME}__{spec.configuration}"
+            / f"{spec.split}_fold{spec.fold}_seed{spec.seed}")
+
+
+def read_run(folder: Path) -> dict:
+    """The record of a finished run, or a message saying the folder holds none."""
+    path = Path(folder) / RUN_FILENAME
+    if not path.is_file():
+        raise CalibnetError(f"{path} is missing: {folder} holds no finished calibnet training; run calib_train first.")
+    return json.loads(path.read_text())
+
+
+def write_run(folder: Path, record: dict) -> None:
+    atomic_write_json(Path(folder) / RUN_FILENAME, record)
+
+
+def model_checkpoint(folder: Path, name: str | None = None) -> Path | None:
+    """The checkpoint that *is* the run's model (for predicting, or as a head's frozen base): ``name`` when
+    given, else checkpoint_final, else _best, else _latest; None when there is none."""
+    names = (name,) if name else MODEL_CHECKPOINTS
+    return next((Path(folder) / n for n in names if (Path(folder) / n).is_file()), None)
+
+
+def resume_checkpoint(folder: Path) -> Path | None:
+    """What ``--continue`` resumes from: checkpoint_final, else _latest, else _best (as nnU-Net does)."""
+    return next((Path(folder) / n for n in RESUME_CHECKPOINTS if (Path(folder) / n).is_file()), None)
+
+
+def prediction_folder(run_folder: Path, role: str, prompt_setting: str | None = None) -> Path:
+    """``predictions/<role>`` of a run, or ``predictions/prompts_<SET>/<role>`` for a prediction set made
+    with a prompt-quality setting (SET = the setting, plus ``_noUGPA`` for medsam_u without UGPA)."""
+    base = Path(run_folder) / "predictions"
+    return base / role if prompt_setting is None else base / f"prompts_{prompt_setting}" / role
+
+
+def prompt_settings_of(run_folder: Path) -> list:
+    """The prediction sets of a run besides its own prompts (``3B0.5``, ``3B0.5_noUGPA``, …)."""
+    base = Path(run_folder) / "predictions"
+    return sorted(p.name[len("prompts_"):] for p in base.glob("prompts_*") if p.is_dir())
+
+
+def prediction_set_complete(run_folder: Path, prompt_setting: str | None = None) -> bool:
+    """Whether the val and test predictions of a set are there (their confidence.json, and prompts.json for a
+    prompt-quality set), which is written last."""
+    names = (CONFIDENCE_FILENAME,) if prompt_setting is None else (CONFIDENCE_FILENAME, PROMPTS_FILENAME)
+    return all((prediction_folder(run_folder, role, prompt_setting) / n).is_file() for role in ROLES for n in names)
+
+
+@dataclass(frozen=True)
+class LabelTargets:
+    """What is evaluated: named binary masks of the label map, and how probabilities map to classes."""
+    masks: dict  # output name -> list of label values forming it
+    regions: bool  # probabilities are per-region sigmoids (nnU-Net regions) rather than a softmax
+    binary: bool = False  # SAM runs: the prediction is one binary target
+
+
+def label_targets(dataset_json: dict, record: dict) -> LabelTargets:
+    """What a run's predictions are scored on: every label/region, or a SAM run's one binary target."""
+    labels = {k: v for k, v in dataset_json["labels"].items() if k != "background"}
+    if record.get("backbone") is not None:
+        target = record.get("target_label")
+        values = sorted({x for v in labels.values() for x in (v if isinstance(v, list) else [v])})
+        return LabelTargets({binary_target_name(dataset_json, record): values if target is None else [target]}, False,
+                            binary=True)
+    regions = any(isinstance(v, list) for v in labels.values())
+    return LabelTargets({k: (v if isinstance(v, list) else [v]) for k, v in labels.items()}, regions)
+
+
+def binary_target_name(dataset_json: dict, record: dict) -> str:
+    """The name of a SAM run's one binary target: ``foreground`` (all labels) or the chosen label's name."""
+    target = record.get("target_label")
+    return "foreground" if target is None else next(
+        (k for k, v in dataset_json["labels"].items() if v == target), f"label_{target}")
+
+
+def target_mask(seg, target_label: int | None):
+    """A SAM run's binary target of a label map: the chosen label, or all foreground (``target_label`` None)."""
+    return seg > 0 if target_label is None else seg == target_label
+
+
+def export_dataset_json(dataset_json: dict, record: dict) -> dict:
+    """The labels a run predicts: SAM methods predict one binary target, exported as background/target."""
+    if record.get("backbone") is None:
+        return dataset_json
+    binary = dict(dataset_json, labels={"background": 0, binary_target_name(dataset_json, record): 1})
+    binary.pop("regions_class_order", None)
+    return binary
+
+
+@dataclass(frozen=True)
+class Run:
+    folder: Path
+    record: dict  # calibnet_run.json
+
+    @property
+    def method(self) -> str:
+        return self.record["spec"]["method"]
+
+    @property
+    def fold(self) -> int:
+        return int(self.record["spec"]["fold"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.record["spec"]["seed"])
+
+    @property
+    def note(self) -> str:
+        return self.record.get("note", "")
+
+    @property
+    def configuration(self) -> str:
+        return self.record["spec"]["configuration"]
+
+    @property
+    def identity(self) -> dict:
+        """What changes the model besides fold and seed: configuration, backbone, loss and network options."""
+        backbone = self.record.get("backbone") or {}
+        return {"configuration": self.configuration,
+                **{f"backbone {k}": v for k, v in backbone.items() if v is not None},
+                **({"target": self.record["target_label"]} if self.record.get("target_label") is not None else {}),
+                **self.record.get("loss_options", {}),
+                **{k: v for k, v in self.record.get("network_options", {}).items() if k != "seed"}}
+
+
+def run_labels(runs: list) -> dict:
+    """Row label of each run (by folder): the method name, qualified by what differs between runs of the same
+    method ("nnunet (2d)", "nnunet (3d_fullres)"), so that different models are never pooled into one row."""
+    labels = {}
+    for method in {r.method for r in runs}:
+        of_method = [r for r in runs if r.method == method]
+        keys = sorted({k for r in of_method for k in r.identity})
+        varying = [k for k in keys if len({repr(r.identity.get(k)) for r in of_method}) > 1]
+        for run in of_method:
+            parts = [str(run.identity.get(k)) if k in ("configuration", "backbone model") else f"{k}={run.identity.get(k)}"
+                     for k in varying]
+            labels[run.folder] = f"{method} ({', '.join(parts)})" if parts else method
+    return labels
+
+
+def discover_runs(results_root: Path, split: str, dataset_id: int | None = None, methods=None, folds=None,
+                  seeds=None, configurations=None) -> tuple[str, list, list]:
+    """(dataset name, runs with predictions, messages about runs whose predictions are missing)."""
+    results_root = Path(results_root)
+    datasets = sorted(p.name for p in results_root.glob("Dataset[0-9][0-9][0-9]_*")
+                      if any(p.glob(f"*/{split}_fold*_seed*/calibnet_run.json")))
+    if dataset_id is not None:
+        datasets = [d for d in datasets if d.startswith(f"Dataset{int(dataset_id):03d}_")]
+    if not datasets:
+        where = f"dataset {dataset_id}" if dataset_id is not None else "any dataset"
+        raise CalibnetError(f"no trained {split} runs for {where} in {results_root}; train with "
+                            f"calib_train ... --split {split} first.")
+    if len(datasets) > 1:
+        raise CalibnetError(f"several datasets have {split} results ({', '.join(datasets)}); choose one with -d.")
+    dataset = datasets[0]
+    runs, missing = [], []
+    for record_path in sorted((results_root / dataset).glob(f"*/{split}_fold*_seed*/calibnet_run.json")):
+        run = Run(record_path.parent, json.loads(record_path.read_text()))
+        if methods and run.method not in methods or folds and run.fold not in folds or seeds and run.seed not in seeds \
+                or configurations and run.configuration not in configurations:
+            continue
+        absent = [r for r in ROLES if not (prediction_folder(run.folder, r) / CONFIDENCE_FILENAME).is_file()]
+        if absent:
+            missing.append(f"{run.method} {split} fold {run.fold} seed {run.seed}: no {' and '.join(absent)} "
+                           f"predictions (run calib_train ... --predict-only)")
+            continue
+        runs.append(run)
+    if methods:
+        found = {r.method for r in runs}
+        missing += [f"{m}: no {split} run with predictions" for m in methods if m not in found]
+    if not runs:
+        raise CalibnetError(f"no {split} run of {dataset} has predictions to evaluate: " + "; ".join(missing))
+    return dataset, runs, missing
