@@ -65,3 +65,27 @@ def test_the_check_sees_an_upward_edge(tmp_path, monkeypatch):
     (fake / "evaluation" / "x.py").write_text("def f():\n    from calibnet.inference.predict import load_model\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     assert upward_edges() == ["evaluation/x.py:2 (evaluation) imports calibnet.inference.predict (inference)"]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(package: Path = PACKAGE) -> list:
+    """Functions (and methods) longer than MAX_FUNCTION_LINES lines, docstring included."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(package)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_60_lines():
+    assert long_functions() == []
+
+
+def test_the_length_check_sees_a_long_function(tmp_path):
+    (tmp_path / "m.py").write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert long_functions(tmp_path) == [f"m.py:1 f ({MAX_FUNCTION_LINES + 1} lines)"]

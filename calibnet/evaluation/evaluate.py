@@ -99,6 +99,80 @@ def _own_prompts(record: dict) -> str:
     return "B100" if getattr(method_of_trainer(record["trainer"]).trainer_class(), "use_box", False) else "default"
 
 
+@dataclass
+class _Collected:
+    """What the per-case pass gathers for the tables."""
+    rows: list = field(default_factory=list)
+    posthoc_rows: list = field(default_factory=list)
+    posthoc_parameters: dict = field(default_factory=dict)
+    bins_by: dict = field(default_factory=dict)  # (label, role, center, vendor, view) -> [CalibrationBins]
+    missing: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """The raw dataset and split the runs are evaluated on."""
+    raw: Path
+    dataset_json: dict
+    domains: pd.DataFrame
+    split: str
+
+    def label_path(self, case_id: str) -> Path:
+        return self.raw / "labelsTr" / f"{case_id}{self.dataset_json['file_ending']}"
+
+    def image_paths(self, case_id: str) -> list:
+        return _image_paths(self.raw, case_id, self.dataset_json)
+
+
+def _prediction_sets(run, label: str, collected: _Collected) -> list:
+    """(setting, row label, prompts) of every complete prediction set of a run: its own, then each
+    prompt-quality set (incomplete ones are reported as missing)."""
+    sets = [(None, label, _own_prompts(run.record))]
+    for setting in prompt_settings_of(run.folder):
+        if not prediction_set_complete(run.folder, setting):
+            collected.missing.append(f"{run.method} fold {run.fold} seed {run.seed}: prompts {setting} lacks val or "
+                                     f"test predictions")
+            continue
+        described = json.loads((prediction_folder(run.folder, "val", setting) / PROMPTS_FILENAME).read_text())
+        variant = " w/o UGPA" if described.get("ugpa") is False else ""
+        sets.append((setting, f"{label}{variant} [{described['setting']}]", described["setting"]))
+    return sets
+
+
+def _evaluate_set(data: _Dataset, run, fold: dict, setting, label: str, prompts: str, rng,
+                  collected: _Collected) -> None:
+    """Per-case rows of one prediction set (source = val, target = test), then its post-hoc rows."""
+    targets = label_targets(data.dataset_json, run.record)
+    samples, base_rows = [], {}
+    for role, folder_name in (("source", "val"), ("target", "test")):
+        folder = prediction_folder(run.folder, folder_name, setting)
+        confidence = json.loads((folder / CONFIDENCE_FILENAME).read_text())
+        for case_id in fold[folder_name]:
+            prediction = folder / f"{case_id}{data.dataset_json['file_ending']}"
+            if not prediction.is_file():
+                collected.missing.append(f"{label} fold {run.fold} seed {run.seed}: no prediction for {case_id}")
+                continue
+            result = evaluate_case(prediction, folder / f"{case_id}.npz", data.label_path(case_id),
+                                   data.image_paths(case_id), targets, rng)
+            row = {"method": label, "configuration": run.configuration, "prompts": prompts, "split": data.split,
+                   "fold": run.fold, "seed": run.seed, "case_id": case_id, "role": role,
+                   **data.domains.loc[case_id].to_dict(), "source_vendor": fold.get("source", {}).get("vendor", ""),
+                   **result.metrics,
+                   **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items() if not isinstance(v, dict)},
+                   "note": run.note}
+            collected.rows.append(row)
+            base_rows[case_id] = row
+            for view, bins in result.bins.items():
+                collected.bins_by.setdefault((label, role, row["center"], row["vendor"], view), []).append(bins)
+            if role == "source":
+                samples.append((result.sample_probabilities, result.sample_labels))
+    if samples:
+        extra, parameters = _posthoc_rows(label, prediction_folder(run.folder, "test", setting), fold["test"],
+                                          data.raw, data.dataset_json, targets, samples, base_rows)
+        collected.posthoc_rows += extra
+        collected.posthoc_parameters[f"{label} fold {run.fold} seed {run.seed}"] = parameters
+
+
 def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split: str, dataset_id: int | None = None,
              methods=None, folds=None, seeds=None, seed: int = 0, progress: bool = True,
              configurations=None) -> Evaluation:
@@ -107,85 +181,52 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
     dataset, runs, missing = discover_runs(results_root, split, dataset_id, methods, folds, seeds, configurations)
     labels = run_labels(runs)
     raw = Path(raw_root) / dataset
-    dataset_json = json.loads((raw / "dataset.json").read_text())
-    domains = read_domains(raw / DOMAINS_FILENAME).set_index("case_id")
+    data = _Dataset(raw, json.loads((raw / "dataset.json").read_text()),
+                    read_domains(raw / DOMAINS_FILENAME).set_index("case_id"), split)
     splits = load_calib_splits(Path(preprocessed_root) / dataset)
     rng = np.random.default_rng(seed)
-    rows, posthoc_rows, posthoc_parameters, bins_by = [], [], {}, {}
-    notes = sorted({f"{labels[r.folder]}: {r.note}" for r in runs if r.note})
+    collected = _Collected(missing=missing)
     for run in tqdm(runs, desc="evaluating runs", unit="run", disable=not progress):
         fold = get_fold(splits, split, run.fold)
-        source_vendor = fold.get("source", {}).get("vendor", "")
-        targets = label_targets(dataset_json, run.record)
-        for setting in [None] + prompt_settings_of(run.folder):
-            if setting is not None and not prediction_set_complete(run.folder, setting):
-                missing.append(f"{run.method} fold {run.fold} seed {run.seed}: prompts {setting} lacks val or test "
-                               f"predictions")
-                continue
-            label, prompts = labels[run.folder], _own_prompts(run.record)
-            if setting is not None:
-                described = json.loads((prediction_folder(run.folder, "val", setting) / PROMPTS_FILENAME).read_text())
-                prompts = described["setting"]
-                variant = " w/o UGPA" if described.get("ugpa") is False else ""
-                label = f"{labels[run.folder]}{variant} [{prompts}]"
-            samples, base_rows = [], {}
-            for role, folder_name in (("source", "val"), ("target", "test")):
-                folder = prediction_folder(run.folder, folder_name, setting)
-                confidence = json.loads((folder / CONFIDENCE_FILENAME).read_text())
-                for case_id in fold[folder_name]:
-                    prediction = folder / f"{case_id}{dataset_json['file_ending']}"
-                    if not prediction.is_file():
-                        missing.append(f"{label} fold {run.fold} seed {run.seed}: no prediction for {case_id}")
-                        continue
-                    result = evaluate_case(prediction, folder / f"{case_id}.npz",
-                                           raw / "labelsTr" / f"{case_id}{dataset_json['file_ending']}",
-                                           _image_paths(raw, case_id, dataset_json), targets, rng)
-                    row = {"method": label, "configuration": run.configuration, "prompts": prompts, "split": split,
-                           "fold": run.fold, "seed": run.seed, "case_id": case_id, "role": role,
-                           **domains.loc[case_id].to_dict(), "source_vendor": source_vendor, **result.metrics,
-                           **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items()
-                              if not isinstance(v, dict)},
-                           "note": run.note}
-                    rows.append(row)
-                    base_rows[case_id] = row
-                    for view, bins in result.bins.items():
-                        bins_by.setdefault((label, role, row["center"], row["vendor"], view), []).append(bins)
-                    if role == "source":
-                        samples.append((result.sample_probabilities, result.sample_labels))
-            if samples:
-                extra, parameters = _posthoc_rows(label, prediction_folder(run.folder, "test", setting), fold["test"],
-                                                  raw, dataset_json, targets, samples, base_rows)
-                posthoc_rows += extra
-                posthoc_parameters[f"{label} fold {run.fold} seed {run.seed}"] = parameters
-    per_case = pd.DataFrame(rows + posthoc_rows)
+        for setting, label, prompts in _prediction_sets(run, labels[run.folder], collected):
+            _evaluate_set(data, run, fold, setting, label, prompts, rng, collected)
+    notes = sorted({f"{labels[r.folder]}: {r.note}" for r in runs if r.note})
+    final = Path(results_root) / dataset / "evaluation" / split
+    report, per_case = _write_evaluation(final, dataset, split, runs, notes, collected)
+    return Evaluation(final, report, per_case, collected.missing)
+
+
+def _write_evaluation(final: Path, dataset: str, split: str, runs: list, notes: list,
+                      collected: _Collected) -> tuple[str, pd.DataFrame]:
+    """Every table, summary.json, plots and the report, into ``final`` atomically."""
+    per_case = pd.DataFrame(collected.rows + collected.posthoc_rows)
+    plain = per_case[~per_case["method"].str.contains(r" \+ ")]
     per_center = per_domain(per_case, split)
-    dgg_runs, dgg = domain_generalisation_gap(per_case[~per_case["method"].str.contains(r" \+ ")])
-    failure = failure_detection(per_case[~per_case["method"].str.contains(r" \+ ")], split)
+    dgg_runs, dgg = domain_generalisation_gap(plain)
+    failure = failure_detection(plain, split)
     tests = significance(per_case)
-    pooled, pooled_bins = pooled_calibration(bins_by)
+    pooled, pooled_bins = pooled_calibration(collected.bins_by)
     ranked, unranked = ranked_scores(per_case)
     summary = {
-        "dataset": dataset, "split": split, "runs": [str(r.folder) for r in runs], "notes": notes, "missing": missing,
+        "dataset": dataset, "split": split, "runs": [str(r.folder) for r in runs], "notes": notes,
+        "missing": collected.missing,
         "metrics_mean": {f"{m} | {role}": g.drop(columns=["fold", "seed"], errors="ignore").mean(numeric_only=True)
                          .to_dict() for (m, role), g in per_case.groupby(["method", "role"])},
         "pooled_ECE": _pooled_summary(pooled),
         "confidence_scores": {"ranked": {name: score_kind(name).arrow for name in ranked}, "not ranked": unranked},
         "DGG": dgg.to_dict(orient="records"),
-        "posthoc_parameters": posthoc_parameters,
+        "posthoc_parameters": collected.posthoc_parameters,
     }
-    final = Path(results_root) / dataset / "evaluation" / split
+    if unranked:
+        notes = notes + [f"not ranked for failure detection: {', '.join(unranked)}"]
     with atomic_output_dir(final, overwrite=True) as folder:
-        per_case.to_csv(folder / "per_case.csv", index=False)
-        per_center.to_csv(folder / "per_center.csv", index=False)
+        for name, table in (("per_case", per_case), ("per_center", per_center), ("dgg_per_fold", dgg_runs),
+                            ("dgg", dgg), ("failure_detection", failure), ("pooled_calibration", pooled),
+                            ("significance", tests)):
+            table.to_csv(folder / f"{name}.csv", index=False)
         (folder / "per_center.md").write_text(per_center.to_markdown(index=False, floatfmt=".3f"))
-        dgg_runs.to_csv(folder / "dgg_per_fold.csv", index=False)
-        dgg.to_csv(folder / "dgg.csv", index=False)
-        failure.to_csv(folder / "failure_detection.csv", index=False)
-        pooled.to_csv(folder / "pooled_calibration.csv", index=False)
-        tests.to_csv(folder / "significance.csv", index=False)
-        (folder / "posthoc_parameters.json").write_text(json.dumps(posthoc_parameters, indent=2))
+        (folder / "posthoc_parameters.json").write_text(json.dumps(collected.posthoc_parameters, indent=2))
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         plots = plot_all(folder, per_case, pooled_bins, split)
-        report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes + [
-            f"not ranked for failure detection: {', '.join(unranked)}"] if unranked else notes, plots, pooled)
-    return Evaluation(final, report, per_case, missing)
+        report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes, plots, pooled)
+    return report, per_case
