@@ -105,7 +105,8 @@ def segmentation_metrics(prediction: np.ndarray, truth: np.ndarray, spacing, tar
     if len(per_target) == 1:
         return next(iter(per_target.values()))
     metrics = {f"{metric}_{name}": value for name, m in per_target.items() for metric, value in m.items()}
-    metrics.update({metric: float(np.mean([m[metric] for m in per_target.values()])) for metric in SEGMENTATION_METRICS})
+    metrics.update({metric: float(np.mean([m[metric] for m in per_target.values()]))
+                    for metric in SEGMENTATION_METRICS})
     return metrics
 
 

@@ -22,7 +22,7 @@ from calibnet.files import atomic_output_dir
 from calibnet.metrics.confidence_scores import score_kind
 from calibnet.paths import channel_files
 from calibnet.planners.splits import get_fold, load_calib_splits
-from calibnet.runs import (CONFIDENCE_FILENAME, PROMPTS_FILENAME, ROLES, discover_runs, label_targets, prediction_folder,
+from calibnet.runs import (CONFIDENCE_FILENAME, PROMPTS_FILENAME, discover_runs, label_targets, prediction_folder,
                            prediction_set_complete, prompt_settings_of, run_labels)
 
 
