@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calibnet.metrics.entropy import binary_entropy  # Ū in bits, computed in float64 here
+
 DEFAULT_N_BOXES = 3
 DEFAULT_SIGMA = 5.0  # pixels; the paper does not state it
 DEFAULT_TOP_K = 3
@@ -44,12 +46,6 @@ class UGPAResult:
     accepted: bool  # whether the adapted prompts lowered the uncertainty
     initial: UGMPResult
     adapted: UGMPResult | None
-
-
-def binary_entropy(probability: np.ndarray) -> np.ndarray:
-    """H(p) = −p log₂ p − (1 − p) log₂(1 − p), 0 at p ∈ {0, 1}."""
-    p = np.clip(np.asarray(probability, float), 1e-12, 1 - 1e-12)
-    return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
 
 
 def jitter_rng(seed: int, case_key: str, slice_index: int, setting: str) -> np.random.Generator:

@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from calibnet.errors import CalibnetError
 from calibnet.files import atomic_write_json
+from calibnet.metrics.entropy import binary_entropy, normalised_entropy
 from calibnet.metrics.segmentation import case_metrics, overlap_metrics
 from calibnet.networks.confidence_head import HEAD_FOLDERS
 from calibnet.paths import channel_files
 from calibnet.runs import (CONFIDENCE_FILENAME, MODEL_CHECKPOINTS, NO_UGPA, ROLES, export_dataset_json,
                            model_checkpoint, prediction_folder, read_run, target_mask)
-from calibnet.uncertainty_prompting import binary_entropy
 
 
 
@@ -131,12 +131,11 @@ def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
         first = p[0]
         foreground = first > 0.5
         confidence = np.maximum(first, 1 - first)
-        clipped = np.clip(first, 1e-7, 1 - 1e-7)
-        entropy = -(clipped * np.log(clipped) + (1 - clipped) * np.log(1 - clipped)) / np.log(2)
+        entropy = binary_entropy(first)
     else:
         foreground = p.argmax(0) > 0
         confidence = p.max(0)
-        entropy = -(p * np.log(np.clip(p, 1e-7, 1))).sum(0) / np.log(p.shape[0])
+        entropy = normalised_entropy(p)
     n_foreground = int(foreground.sum())
     where = foreground if n_foreground else np.ones_like(foreground)
     return {"mean_max_probability_foreground": float(confidence[where].mean()),
@@ -252,11 +251,7 @@ def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, sample_counts, n_i
             total = p if total is None else total + p
             if index in counts:
                 mean = total / index
-                if regions:
-                    q = mean.clamp(1e-7, 1 - 1e-7)
-                    entropy = (-(q * q.log() + (1 - q) * (1 - q).log()) / np.log(2)).mean(0)
-                else:
-                    entropy = -(mean * mean.clamp_min(1e-7).log()).sum(0) / np.log(mean.shape[0])
+                entropy = binary_entropy(mean).mean(0) if regions else normalised_entropy(mean)
                 entropies[index] = float(entropy[roi].mean())
     finally:
         predictor.use_mirroring = mirroring
@@ -360,7 +355,7 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
             confidences[case.case_id] = {**case_confidence(probabilities, regions), **mc_scores,
                                          **predicted_quality}
             if hasattr(model.predictor.network, "prediction_summary"):  # Ū = H(ȳ): the entropy of the output
-                entropy = binary_entropy(probabilities[1])
+                entropy = binary_entropy(probabilities[1].astype(np.float64))
                 np.savez_compressed(truncated + "_uncertainty.npz", uncertainty=entropy.astype(np.float16))
                 shutil.move(truncated + "_uncertainty.npz", output_folder / f"{case.case_id}_uncertainty.npz")
             if save_probabilities:  # nnU-Net's own file, float32: float16 would round every p > 0.99976 to 1
