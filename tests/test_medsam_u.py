@@ -23,7 +23,7 @@ def medsam_u_run(tiny_dataset):
 
 
 def test_mpa_trains_the_adapters_and_the_prompt_encoder_and_nothing_else(medsam_u_run):
-    from calibnet.trainers.nnUNetTrainerMedSAMU import MedSAMUSegmenter
+    from calibnet.networks.medsam_u import MedSAMUSegmenter
     from calibnet.networks.sam_backbone import SamConfig, build_sam
 
     _, folder = medsam_u_run
@@ -119,7 +119,7 @@ def test_table_iii_rows_with_and_without_ugpa(tiny_dataset, medsam_u_run):
 
 def _recording_network(monkeypatch, **options):
     """The tiny MedSAM-U network with its decoder replaced by one that records the boxes of every call."""
-    from calibnet.trainers.nnUNetTrainerMedSAMU import MedSAMUSegmenter
+    from calibnet.networks.medsam_u import MedSAMUSegmenter
     from calibnet.networks.sam_backbone import SamConfig, build_sam
 
     network = MedSAMUSegmenter(build_sam(SamConfig("tiny")), ugpa=False, seed=42, **options).eval()

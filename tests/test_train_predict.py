@@ -294,7 +294,7 @@ def test_mc_samples_are_single_unmirrored_dropout_forwards(tiny_dataset, trained
     scores of every N are those of the first N of these samples; mirroring and dropout are restored after."""
     from calibnet.metrics.segmentation import case_metrics, overlap_metrics
     from calibnet.inference.predict import _preprocessed_case, load_model, mc_dropout_scores, raw_case_inputs
-    from calibnet.trainers.nnUNetTrainerDropout import MCDropout
+    from calibnet.networks.mc_dropout import MCDropout
 
     folder = trained["nnunet_dropout"][1]
     model = load_model(folder, "cpu", use_mirroring=True)
@@ -362,7 +362,7 @@ def test_mc_dropout_scores_of_several_n_in_one_prediction(tiny_dataset, trained)
 
 
 def test_dropout_is_off_in_plain_prediction_and_on_for_sampling():
-    from calibnet.trainers.nnUNetTrainerDropout import MCDropout
+    from calibnet.networks.mc_dropout import MCDropout
 
     layer = MCDropout(p=0.5).eval()
     x = torch.ones(1000)

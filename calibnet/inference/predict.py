@@ -223,7 +223,7 @@ def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, sample_counts, n_i
     probabilities over the non-zero region (softmax entropy / log C; region datasets: the mean over regions
     of the binary entropy).
     """
-    from calibnet.trainers.nnUNetTrainerDropout import set_mc_sampling
+    from calibnet.networks.mc_dropout import set_mc_sampling
 
     counts = mc_sample_counts(sample_counts)
     if not counts:

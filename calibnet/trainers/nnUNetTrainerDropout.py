@@ -1,37 +1,19 @@
 """nnunet_dropout: nnU-Net with dropout (p = 0.1) after every convolution, the base model of the
 MC-dropout score-agreement baseline (Roy et al. 2018).
 
-The dropout layers are :class:`MCDropout` variants: off in evaluation mode as usual, but switched on for
-Monte-Carlo sampling at prediction time (nnU-Net's predictor puts the network in eval mode itself).
+The dropout layers are :class:`calibnet.networks.mc_dropout.MCDropout`: off in evaluation mode as usual,
+but switched on for Monte-Carlo sampling at prediction time.
 """
 from __future__ import annotations
 
 from copy import deepcopy
 
-import torch
-import torch.nn.functional as F
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from calibnet.networks.mc_dropout import MCDropout
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
 
 DROPOUT_P = 0.1
-
-
-class MCDropout(torch.nn.Dropout):
-    """Element-wise dropout that stays active in eval mode while ``sampling`` is set."""
-
-    sampling = False
-
-    def forward(self, x):
-        return F.dropout(x, self.p, self.training or self.sampling, self.inplace)
-
-
-def set_mc_sampling(network: torch.nn.Module, active: bool) -> int:
-    """Switch Monte-Carlo sampling on or off for every MCDropout layer; returns how many there are."""
-    layers = [m for m in network.modules() if isinstance(m, MCDropout)]
-    for layer in layers:
-        layer.sampling = active
-    return len(layers)
 
 
 class nnUNetTrainerDropout(nnUNetTrainerCalib):

@@ -5,18 +5,9 @@
   frozen (checked when the trainer is initialised). Prompts per training slice: 1–3 random foreground
   points and the ground-truth box jittered by δ ~ N(0, σ) per coordinate. Loss: α·binary focal (α = 0.25,
   γ = 2) + soft Dice (Eq. 15). The encoder trains, so its embeddings are not cached.
-- Prediction: UGMP (N boxes jittered around the initial box, mean probability ȳ, entropy Ū) then UGPA
-  (uncertainty box re-jittered into K boxes plus the K most uncertain points; y* kept only when its
-  uncertainty is lower), per slice (``calibnet.uncertainty_prompting``). The initial box is the slice's
-  ground-truth box, or the boxes of a prompt-quality setting (two or more boxes are UGMP's multiple prompts
-  as they are).
-- Jitter seeding: each slice's boxes come from ``jitter_rng(seed, case key, slice, setting)``. The caller
-  names the case before predicting it with :meth:`MedSAMUSegmenter.set_case` (case id and prompt setting);
-  a network never told gets a key derived from the case's image channels (see :meth:`case_key_for`).
+- Prediction: UGMP + UGPA per slice, in the network (:class:`calibnet.networks.medsam_u.MedSAMUSegmenter`).
 """
 from __future__ import annotations
-
-import zlib
 
 import numpy as np
 import torch
@@ -25,136 +16,12 @@ from calibnet.errors import CalibnetError
 from calibnet.prompts import slice_box
 from calibnet.losses import binary_soft_dice_loss, focal_loss
 from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFT
-from calibnet.networks.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adapter_parameters, insert_adapters,
-                                            parse_adapter_blocks)
-from calibnet.networks.sam_backbone import EMPTY_LOGIT, SamConfig, SamSliceSegmenter, build_sam, to_three_channels
-from calibnet.uncertainty_prompting import (DEFAULT_EDGE_THRESHOLD, DEFAULT_N_BOXES, DEFAULT_POINT_SPACING,
-                                            DEFAULT_SIGMA, DEFAULT_TOP_K, UGMPResult, adapt, binary_entropy,
-                                            default_min_distance, jitter_rng, jittered_boxes, run_ugmp)
+from calibnet.networks.medsam_u import MedSAMUSegmenter
+from calibnet.networks.sam_backbone import SamConfig, build_sam, to_three_channels
+from calibnet.uncertainty_prompting import jittered_boxes
 
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # Eq. 15's scalar α and γ; the paper gives no values (Lin et al.'s usual ones)
 TRAINING_BOX_SIGMA = 5.0  # pixels of jitter on the training boxes (ours; the paper does not state it)
-OWN_PROMPTS = "own"  # the prompt-setting name of the jitter when the slices' own (ground-truth box) prompts are used
-
-
-class MedSAMUSegmenter(SamSliceSegmenter):
-    """SAM with MPA adapters whose prediction runs UGMP and UGPA on each prompted slice."""
-
-    def __init__(self, sam, adapter_blocks: str = "all", adapter_ratio: float = DEFAULT_BOTTLENECK_RATIO,
-                 n_boxes: int = DEFAULT_N_BOXES, sigma: float = DEFAULT_SIGMA, top_k: int = DEFAULT_TOP_K,
-                 edge_threshold: float = DEFAULT_EDGE_THRESHOLD, compare_on: str = "slice", ugpa: bool = True,
-                 seed: int = 0, point_spacing: float = DEFAULT_POINT_SPACING):
-        super().__init__(sam, use_box=True)
-        try:
-            blocks = parse_adapter_blocks(str(adapter_blocks), len(sam.image_encoder.blocks))
-        except ValueError as e:
-            raise CalibnetError(f"--{e}") from None
-        self.adapters = insert_adapters(sam.image_encoder, blocks, adapter_ratio)
-        sam.prompt_encoder.requires_grad_(True)
-        self.train_prompt_encoder = True
-        self.options = dict(n_boxes=n_boxes, sigma=sigma, top_k=top_k, edge_threshold=edge_threshold,
-                            compare_on=compare_on, ugpa=ugpa, seed=seed, point_spacing=point_spacing)
-        self.case_key = None  # the case being predicted (set_case); None: derived from the input (case_key_for)
-        self.prompt_setting_name = OWN_PROMPTS  # the prompt setting being predicted with (set_case)
-        self.last_ugpa = []  # per slice of the last prediction: True/False (UGPA accepted), None (no prompt)
-        self.last_uncertainty = []  # per prompted slice: mean entropy (bits) of the kept prediction
-
-    def trainable_parameters(self) -> list:
-        return adapter_parameters(self) + list(self.sam.prompt_encoder.parameters())
-
-    def set_case(self, case_id: str | None, setting=None) -> None:
-        """Name the case the next predictions are of, and the prompt setting they use (a
-        :class:`calibnet.prompt_quality.PromptSetting`, its name, or None for the slices' own prompts): each
-        slice's UGMP/UGPA jitter is drawn from ``jitter_rng(seed, case_id, slice, setting name)``. Holds until
-        set again; ``set_case(None)`` goes back to the key derived from the input (:meth:`case_key_for`)."""
-        self.case_key = None if case_id is None else str(case_id)
-        self.prompt_setting_name = OWN_PROMPTS if setting is None else str(getattr(setting, "name", setting))
-
-    def case_key_for(self, volume: torch.Tensor, index: int = 0) -> str:
-        """The case key of batch item ``index``: the id given to :meth:`set_case` (with ``#index`` after it
-        for items past the first), else ``input-<crc32>`` of the item's image channels as float32 — stable for
-        the same case and different between cases, for callers that do not name the case."""
-        if self.case_key is not None:
-            return self.case_key if index == 0 else f"{self.case_key}#{index}"
-        data = volume.detach().float().cpu().contiguous().numpy()
-        return f"input-{zlib.crc32(data.tobytes()):08x}"
-
-    def embed(self, slices: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
-            return self.sam.image_encoder(self.slices_to_sam_input(slices))
-
-    def _probability(self, embedding: torch.Tensor, slice_shape: tuple):
-        def predict(box, points, labels):
-            prompt = {"points": [list(p) for p in points], "labels": list(labels)} if points else {}
-            if box is not None:
-                prompt["box"] = box
-            with torch.no_grad():
-                logits = self.decode(embedding[None], [prompt], slice_shape)[0]
-            return torch.sigmoid(logits.float()).cpu().numpy()
-        return predict
-
-    def uncertainty_guided(self, embedding: torch.Tensor, boxes: list, points: list, labels: list,
-                           slice_shape: tuple, rng: np.random.Generator):
-        """(probability, accepted) of one slice: UGMP over ``boxes`` (N jittered copies of a single box),
-        then UGPA unless switched off."""
-        o = self.options
-        predict = self._probability(embedding, slice_shape)
-        if len(boxes) == 1:
-            boxes = jittered_boxes(boxes[0], o["n_boxes"], o["sigma"], slice_shape, rng)
-        initial: UGMPResult = run_ugmp(predict, boxes, points, labels)
-        if not o["ugpa"]:
-            return initial.probability, False
-        result = adapt(predict, initial, points, labels, slice_shape, rng, o["sigma"], o["top_k"],
-                       o["edge_threshold"], o["compare_on"], default_min_distance(slice_shape, o["point_spacing"]))
-        return result.probability, result.accepted
-
-    def prediction_summary(self) -> dict:
-        """confidence.json entries of the last prediction: mean uncertainty over the prompted slices and
-        UGPA's decision per slice (null for slices without a prompt)."""
-        decided = [a for a in self.last_ugpa if a is not None]
-        return {"ugmp_mean_uncertainty": float(np.mean(self.last_uncertainty)) if self.last_uncertainty else 0.0,
-                "ugpa_accepted_fraction": float(np.mean(decided)) if decided else 0.0,
-                "ugpa_accepted": list(self.last_ugpa)}
-
-    def decode_uncertainty_guided(self, embeddings: torch.Tensor, prompt_sets: list, slice_shape: tuple,
-                                  case_key: str | None = None):
-        """Foreground logits (Z, Y, X) of one case, UGMP + UGPA per prompted slice; slice z's jitter comes from
-        ``jitter_rng(seed, case_key, z, prompt setting)`` (``case_key`` defaults to the one of set_case)."""
-        case_key = self.case_key if case_key is None else case_key
-        if case_key is None:
-            raise ValueError("decode_uncertainty_guided needs a case key: call set_case or pass case_key")
-        logits, self.last_ugpa, self.last_uncertainty = [], [], []
-        for z, (embedding, prompts) in enumerate(zip(embeddings, prompt_sets)):
-            if prompts is None:
-                logits.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device))
-                self.last_ugpa.append(None)
-                continue
-            rng = jitter_rng(self.options["seed"], case_key, z, self.prompt_setting_name)
-            probability, accepted = self.uncertainty_guided(embedding, prompts["boxes"], prompts["points"],
-                                                            prompts["labels"], slice_shape, rng)
-            logits.append(torch.logit(torch.from_numpy(probability).to(embeddings.device), eps=1e-7))
-            self.last_ugpa.append(accepted)
-            self.last_uncertainty.append(float(binary_entropy(probability).mean()))
-        return torch.stack(logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            raise RuntimeError("MedSAMUSegmenter.forward is the prediction path; training decodes slices directly")
-        images, prompt_channels = x[:, :-3], x[:, -3:]
-        logits = []
-        for index, (volume, maps) in enumerate(zip(images, prompt_channels)):
-            slices = to_three_channels(volume).transpose(0, 1)
-            shape = tuple(volume.shape[-2:])
-            if self.prompt_override is not None:
-                sets = [None if p is None else {"boxes": list(p.boxes), "points": list(p.points),
-                                                "labels": list(p.labels)} for p in self.prompt_override[index]]
-            else:
-                sets = [None if p is None else {"boxes": [p["box"]], "points": [], "labels": []}
-                        for p in self.prompts_from_channels(maps)]
-            foreground = self.decode_uncertainty_guided(self.embed(slices), sets, shape,
-                                                        self.case_key_for(volume, index))
-            logits.append(torch.stack([torch.zeros_like(foreground), foreground]))
-        return torch.stack(logits)
 
 
 class nnUNetTrainerMedSAMU(nnUNetTrainerSAMFT):
