@@ -41,6 +41,10 @@ HISTORY_FILENAME = "head_training.json"
 PLOT_FILENAME = "head_training.png"
 
 
+class EarlyStop(Exception):
+    """Raised from ``on_epoch_end`` to leave nnU-Net's training loop once patience is exhausted."""
+
+
 class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
     """Trains a confidence head on a frozen base network; call :meth:`attach_base` before training."""
 
@@ -65,6 +69,7 @@ class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
         self.history = []
         self.epoch_drops = {"predicted": [], "actual": [], "alpha": []}
         self.best = {"val_loss": float("inf"), "epoch": -1, "state": None}
+        self.stopped_early = False
         self.targets = label_targets(dataset_json, {})
         self.outputs = score_names(list(self.targets.masks))
 
@@ -193,33 +198,35 @@ class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
         atomic_write_json(Path(self.output_folder) / HISTORY_FILENAME, self.history_record())
         plot_head_training(self.history, Path(self.output_folder) / PLOT_FILENAME, self.delta_s)
         self.current_epoch += 1
+        self.stop_if_patience_exhausted()
 
     @property
     def epochs_without_improvement(self) -> int:
-        return self.current_epoch - 1 - self.best["epoch"]
+        return self.current_epoch - 1 - self.best["epoch"]  # on_epoch_end has already counted this epoch
+
+    def stop_if_patience_exhausted(self) -> None:
+        """End nnU-Net's loop once the source-val loss has not improved for ``patience`` epochs.
+
+        nnU-Net's ``run_training`` iterates over ``range(current_epoch, num_epochs)``, fixed when the loop
+        starts, so lowering ``num_epochs`` here would not end it; :class:`EarlyStop` leaves the loop instead and
+        :meth:`run_training` finishes with nnU-Net's own ``on_train_end``."""
+        if self.epochs_without_improvement < self.patience:
+            return
+        self.print_to_log_file(f"early stop: no val improvement for {self.patience} epochs; keeping the head of "
+                               f"epoch {self.best['epoch']}")
+        self.stopped_early = True
+        self.num_epochs = self.current_epoch  # the bound training actually reached
+        raise EarlyStop
 
     def run_training(self):
-        """nnU-Net's loop, stopping once the source-val loss has not improved for ``patience`` epochs."""
-        self.on_train_start()
-        for _ in range(self.current_epoch, self.num_epochs):
-            self.on_epoch_start()
-            self.on_train_epoch_start()
-            outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
-            self.on_train_epoch_end(outputs)
-            with torch.no_grad():
-                self.on_validation_epoch_start()
-                outputs = [self.validation_step(next(self.dataloader_val))
-                           for _ in range(self.num_val_iterations_per_epoch)]
-                self.on_validation_epoch_end(outputs)
-            self.on_epoch_end()
-            if self.epochs_without_improvement >= self.patience:
-                self.print_to_log_file(f"early stop: no val improvement for {self.patience} epochs; keeping the "
-                                       f"head of epoch {self.best['epoch']}")
-                self.stopped_early = True
-                break
-        self.on_train_end()
+        """nnU-Net's own loop (``nnUNetTrainer.run_training``); ``on_epoch_end`` may end it early."""
+        try:
+            super().run_training()
+        except EarlyStop:
+            self.on_train_end()
 
     def on_train_end(self):
+        """Restore the best epoch's head before nnU-Net's ``on_train_end`` writes checkpoint_final."""
         if self.best["state"] is not None:
             self.head.load_state_dict(self.best["state"])
         super().on_train_end()
@@ -229,7 +236,7 @@ class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
         return {"adversarial": self.adversarial, "warmup_batches": self.warmup_batches, "delta_s": self.delta_s,
                 "eta": self.eta, "alpha_start": ALPHA_START, "learning_rate": self.initial_lr,
                 "patience": self.patience, "best_epoch": self.best["epoch"], "best_val_mse": self.best["val_loss"],
-                "stopped_early": getattr(self, "stopped_early", False), "epochs": self.history}
+                "stopped_early": self.stopped_early, "epochs": self.history}
 
     def save_checkpoint(self, filename: str) -> None:
         """Only the head: its weights, configuration, outputs and how it was trained."""
