@@ -1,4 +1,10 @@
-"""Method aliases (what users type) -> trainer classes, with one line each for ``calib_train --list``."""
+"""The method registry as declared data: each alias users type (``calib_train --list``) with its trainer
+class, backbone family, whether it trains a network or a confidence head, and the calib_train flags it takes.
+
+launch/ accepts or refuses flags from these fields, inference and evaluation find a run's method by its
+trainer class; nothing else keeps a list of methods. Trainer classes are imported by name, on demand, so
+this module sits below the stages without importing them.
+"""
 from __future__ import annotations
 
 import importlib
@@ -6,17 +12,66 @@ from dataclasses import dataclass
 
 from calibnet.errors import CalibnetError
 
+BACKBONES = ("none", "sam", "sam2")  # nnU-Net's own network | segment_anything (SAM, MedSAM) | the sam2 package
+
+# option name (a field of the launch/ option dataclasses) -> calib_train flag
+LOSS_FLAGS = {"lambda_fip": "--lambda-fip", "lambda_cmp": "--lambda-cmp", "cmp_tau": "--cmp-tau",
+              "cmp_gamma": "--cmp-gamma", "focal_gamma": "--focal-gamma", "dicepp_gamma": "--dicepp-gamma"}
+BACKBONE_FLAGS = {
+    "none": {},
+    "sam": {"sam_model": "--sam-model", "sam_checkpoint": "--sam-checkpoint", "target_label": "--target"},
+    "sam2": {"sam2_model": "--sam2-model", "sam2_checkpoint": "--sam2-checkpoint",
+             "sam2_image_size": "--sam2-image-size", "target_label": "--target"},
+}
+NETWORK_FLAGS = {"adapter_blocks": "--adapter-blocks", "adapter_ratio": "--adapter-ratio", "n_boxes": "--ugmp-boxes",
+                 "sigma": "--ugmp-sigma", "top_k": "--ugpa-k", "compare_on": "--ugpa-compare", "ugpa": "--no-ugpa"}
+HEAD_FLAGS = {"base": "--base", "adversarial": "--no-adversarial", "warmup_batches": "--warmup-batches",
+              "patience": "--patience"}
+
+_CALUNET_LOSS = ("lambda_fip", "lambda_cmp", "cmp_tau", "cmp_gamma")
+_CMP_LOSS = ("lambda_cmp", "cmp_tau", "cmp_gamma")
+_MEDSAM_U_NETWORK = tuple(NETWORK_FLAGS)
+
 
 @dataclass(frozen=True)
 class Method:
+    """One method: what ``calib_train ALIAS`` trains and which of calib_train's flags it takes."""
     alias: str
     module: str  # under calibnet.trainers
     class_name: str
     summary: str
-    loss_options: tuple = ()  # trainer attributes that calib_train's loss flags may set
-    uses_sam: bool = False  # a slice-wise SAM or SAM 2 method (binary target, prompts)
-    uses_sam2: bool = False  # its backbone comes from the sam2 package (--sam2-* flags)
-    trains_head: bool = False  # trains a confidence head on a finished base run (--base) instead of a network
+    loss_options: tuple = ()  # keys of LOSS_FLAGS: trainer attributes that calib_train's loss flags set
+    backbone: str = "none"  # one of BACKBONES; "sam" and "sam2" methods segment slice-wise one binary target
+    trains_head: bool = False  # trains a confidence head on a finished base run (HEAD_FLAGS) instead of a network
+    network_options: tuple = ()  # keys of NETWORK_FLAGS: options of the network it builds (medsam_u)
+    ablations: tuple = ()  # (part, alias) pairs: calib_train ALIAS --no-PART trains that ablation instead
+
+    def __post_init__(self):
+        unknown = ([self.backbone] if self.backbone not in BACKBONES else []) + \
+            [o for o in self.loss_options if o not in LOSS_FLAGS] + \
+            [o for o in self.network_options if o not in NETWORK_FLAGS]
+        if unknown or (self.trains_head and self.backbone != "none"):
+            raise ValueError(f"method {self.alias}: undeclared backbone or options {unknown}")
+
+    @property
+    def uses_sam(self) -> bool:
+        """A slice-wise SAM or SAM 2 method (binary target, prompts)."""
+        return self.backbone != "none"
+
+    @property
+    def uses_sam2(self) -> bool:
+        """Its backbone comes from the sam2 package (--sam2-* flags)."""
+        return self.backbone == "sam2"
+
+    @property
+    def backbone_options(self) -> tuple:
+        """Keys of BACKBONE_FLAGS it takes: the flags of its backbone family."""
+        return tuple(BACKBONE_FLAGS[self.backbone])
+
+    @property
+    def head_options(self) -> tuple:
+        """Keys of HEAD_FLAGS it takes."""
+        return tuple(HEAD_FLAGS) if self.trains_head else ()
 
     def trainer_class(self):
         try:
@@ -33,12 +88,10 @@ class Method:
 METHODS = {m.alias: m for m in (
     Method("nnunet", "nnUNetTrainerCalib", "nnUNetTrainerCalib", "plain nnU-Net (Dice + CE), the baseline"),
     Method("calunet", "nnUNetTrainerCalUNet", "nnUNetTrainerCalUNet",
-           "nnU-Net + 0.3·FIP on the encoder skips + 0.5·CMP on the final softmax",
-           ("lambda_fip", "lambda_cmp", "cmp_tau", "cmp_gamma")),
+           "nnU-Net + 0.3·FIP on the encoder skips + 0.5·CMP on the final softmax", _CALUNET_LOSS),
     Method("unet_fip", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetFIP", "ablation: nnU-Net + 0.3·FIP",
            ("lambda_fip",)),
-    Method("unet_cmp", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetCMP", "ablation: nnU-Net + 0.5·CMP",
-           ("lambda_cmp", "cmp_tau", "cmp_gamma")),
+    Method("unet_cmp", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetCMP", "ablation: nnU-Net + 0.5·CMP", _CMP_LOSS),
     Method("focal", "nnUNetTrainerCalibrationLosses", "nnUNetTrainerFocal",
            "nnU-Net with Dice + focal loss (γ = 2), a calibration baseline", ("focal_gamma",)),
     Method("dicepp", "nnUNetTrainerCalibrationLosses", "nnUNetTrainerDicePP",
@@ -52,44 +105,44 @@ METHODS = {m.alias: m for m in (
            "(--no-adversarial: plain head)", trains_head=True),
     Method("samft", "nnUNetTrainerSAM", "nnUNetTrainerSAMFT",
            "SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE, point prompts per slice",
-           uses_sam=True),
+           backbone="sam"),
     Method("samft_focal", "nnUNetTrainerSAM", "nnUNetTrainerSAMFTFocal",
            "SAM-FT with Dice + focal loss (γ = 2) instead of Dice + BCE (CalSAM Table 3's \"+ Focal Loss\")",
-           ("focal_gamma",), uses_sam=True),
+           ("focal_gamma",), backbone="sam"),
     Method("samft_dicepp", "nnUNetTrainerSAM", "nnUNetTrainerSAMFTDicePP",
            "SAM-FT trained with the Dice++ loss (γ = 2) instead of Dice + BCE (CalSAM Table 3's \"+ Dice++\")",
-           ("dicepp_gamma",), uses_sam=True),
+           ("dicepp_gamma",), backbone="sam"),
     Method("calsam", "nnUNetTrainerSAM", "nnUNetTrainerCalSAM",
-           "CalSAM: SAM-FT + 0.3·FIP on the frozen embeddings + 0.5·CMP",
-           ("lambda_fip", "lambda_cmp", "cmp_tau", "cmp_gamma"), uses_sam=True),
+           "CalSAM: SAM-FT + 0.3·FIP on the frozen embeddings + 0.5·CMP", _CALUNET_LOSS, backbone="sam"),
     Method("sam_fip", "nnUNetTrainerSAM", "nnUNetTrainerSAMFIP", "ablation: SAM-FT + 0.3·FIP", ("lambda_fip",),
-           uses_sam=True),
-    Method("sam_cmp", "nnUNetTrainerSAM", "nnUNetTrainerSAMCMP", "ablation: SAM-FT + 0.5·CMP",
-           ("lambda_cmp", "cmp_tau", "cmp_gamma"), uses_sam=True),
+           backbone="sam"),
+    Method("sam_cmp", "nnUNetTrainerSAM", "nnUNetTrainerSAMCMP", "ablation: SAM-FT + 0.5·CMP", _CMP_LOSS,
+           backbone="sam"),
     Method("vanilla_sam", "nnUNetTrainerSAM", "nnUNetTrainerVanillaSAM",
-           "zero-shot SAM with the slice's ground-truth box (no training: calib_train only predicts)", uses_sam=True),
+           "zero-shot SAM with the slice's ground-truth box (no training: calib_train only predicts)",
+           backbone="sam"),
     Method("medsam_u", "nnUNetTrainerMedSAMU", "nnUNetTrainerMedSAMU",
            "MedSAM-U: adapters in the image encoder + prompt encoder trained (focal + Dice, points and jittered "
-           "boxes); UGMP + UGPA at prediction", uses_sam=True),
+           "boxes); UGMP + UGPA at prediction", backbone="sam", network_options=_MEDSAM_U_NETWORK),
     Method("medsam", "nnUNetTrainerSAM", "nnUNetTrainerMedSAM",
-           "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", uses_sam=True),
+           "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", backbone="sam"),
     Method("sam2_zeroshot", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2ZeroShot",
-           "zero-shot SAM 2 (no training: calib_train only predicts)", uses_sam=True, uses_sam2=True),
+           "zero-shot SAM 2 (no training: calib_train only predicts)", backbone="sam2"),
     Method("sam2ft", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2FT",
-           "SAM 2 with its mask decoder fine-tuned on imperfect prompts (AdamW, Dice + BCE)", uses_sam=True,
-           uses_sam2=True),
+           "SAM 2 with its mask decoder fine-tuned on imperfect prompts (AdamW, Dice + BCE)", backbone="sam2"),
     Method("safeclick", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClick",
            "SafeClick: SAM 2's decoder + expert layers E1/E2 + consensus reasoning layer, trained on imperfect "
-           "prompts", uses_sam=True, uses_sam2=True),
+           "prompts", backbone="sam2",
+           ablations=(("e1", "safeclick_no_e1"), ("e2", "safeclick_no_e2"), ("crl", "safeclick_no_crl"))),
     Method("safeclick_no_e1", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoE1",
-           "ablation: SafeClick without E1 (same as safeclick --no-e1)", uses_sam=True, uses_sam2=True),
+           "ablation: SafeClick without E1 (same as safeclick --no-e1)", backbone="sam2"),
     Method("safeclick_no_e2", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoE2",
-           "ablation: SafeClick without E2 (same as safeclick --no-e2)", uses_sam=True, uses_sam2=True),
+           "ablation: SafeClick without E2 (same as safeclick --no-e2)", backbone="sam2"),
     Method("safeclick_no_crl", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoCRL",
-           "ablation: SafeClick without the CRL (same as safeclick --no-crl)", uses_sam=True, uses_sam2=True),
+           "ablation: SafeClick without the CRL (same as safeclick --no-crl)", backbone="sam2"),
 )}
 
-SAFECLICK_ABLATIONS = {"e1": "safeclick_no_e1", "e2": "safeclick_no_e2", "crl": "safeclick_no_crl"}
+SAFECLICK_ABLATIONS = dict(METHODS["safeclick"].ablations)
 
 
 def safeclick_variant(method: str, removed: list) -> str:
@@ -97,11 +150,12 @@ def safeclick_variant(method: str, removed: list) -> str:
     if not removed:
         return method
     flags = ", ".join(f"--no-{r}" for r in removed)
-    if method != "safeclick":
+    ablations = dict(METHODS[method].ablations) if method in METHODS else {}
+    if not ablations:
         raise CalibnetError(f"{flags} ablate parts of safeclick, not {method}.")
     if len(removed) > 1:
         raise CalibnetError(f"{flags}: one ablation at a time (the paper's Table 3); train each separately.")
-    return SAFECLICK_ABLATIONS[removed[0]]
+    return ablations[removed[0]]
 
 
 def get_method(alias: str) -> Method:

@@ -5,7 +5,7 @@ import functools
 
 import click
 
-from calibnet.errors import CalibnetError
+from calibnet.errors import CalibnetError, UsageError
 from calibnet.paths import DataRoots, setup_data_roots
 
 
@@ -17,11 +17,14 @@ def data_roots() -> DataRoots:
 
 
 def user_errors(command):
-    """Turn :class:`CalibnetError` into click's one-line ``Error: ...`` and exit status 1."""
+    """Turn :class:`CalibnetError` into click's one-line ``Error: ...`` and exit status 1 (a
+    :class:`UsageError` into click's usage error, status 2)."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except UsageError as e:
+            raise click.UsageError(str(e)) from None
         except CalibnetError as e:
             raise click.ClickException(str(e)) from None
     return wrapper

@@ -6,17 +6,15 @@ from pathlib import Path
 
 import click
 
+from calibnet import api
 from calibnet.cli.common import data_roots, parse_int_tuple, user_errors
 
 
 def _list_converters(ctx, _param, value):
     if not value or ctx.resilient_parsing:
         return
-    from calibnet.dataset_conversion.registry import GENERATED, PUBLIC_CONVERTERS
-    for name, text in GENERATED.items():
-        click.echo(f"{name:<12} {text}")
-    for converter in PUBLIC_CONVERTERS.values():
-        click.echo(f"{converter.name:<12} {converter.title}\n{'':<13}expects: {converter.layout}")
+    for line in api.converter_list():
+        click.echo(line)
     ctx.exit()
 
 
@@ -53,21 +51,13 @@ def main():
 def synthetic(dataset_id, name, seed, n_centers, cases_per_center, shape, channels, label_mode, preview,
               overwrite, num_processes):
     """The embedded multi-center brain-lesion benchmark (no download needed)."""
-    from calibnet.dataset_conversion.preview import save_domain_mosaic
-    from calibnet.dataset_conversion.synthetic import SyntheticConfig, convert_synthetic
-
     roots = data_roots()
-    config = SyntheticConfig(dataset_id=dataset_id, name=name, seed=seed, n_centers=n_centers,
-                             cases_per_center=cases_per_center, shape=parse_int_tuple(shape, 3, "--shape"),
-                             channels=tuple(c.strip() for c in channels.split(",") if c.strip()),
-                             label_mode=label_mode)
-    folder = convert_synthetic(config, roots.raw, overwrite=overwrite, num_processes=num_processes)
-    click.echo(f"wrote {config.n_centers * config.cases_per_center} cases to {folder}")
-    click.echo(f"  center/vendor metadata: {folder / 'domains.csv'}")
-    click.echo(f"  how each center was simulated: {folder / 'README.md'}")
-    if preview:
-        click.echo(f"  preview mosaic: {save_domain_mosaic(folder)}")
-    click.echo(f"next: calib_plan_and_preprocess -d {dataset_id}")
+    result = api.convert_synthetic(dataset_id, name, seed, n_centers, cases_per_center,
+                                   parse_int_tuple(shape, 3, "--shape"),
+                                   tuple(c.strip() for c in channels.split(",") if c.strip()), label_mode, preview,
+                                   overwrite, num_processes, roots)
+    for line in result.lines:
+        click.echo(line)
 
 
 @main.command("corrupt")
@@ -84,37 +74,25 @@ def synthetic(dataset_id, name, seed, n_centers, cases_per_center, shape, channe
 def corrupt(dataset_id, target_id, artifacts, severity, seed, clean, name, overwrite):
     """ATLAS-C style corrupted copies of a dataset: one copy of every case per artifact and severity,
     labels unchanged, the artifact in domains.csv's 'condition' column."""
-    from calibnet.dataset_conversion.corrupt import convert_corrupt
-    from calibnet.planners.plan_and_preprocess import find_raw_dataset
-
     roots = data_roots()
-    source = find_raw_dataset(roots.raw, dataset_id)
     severities = parse_int_tuple(severity, len(severity.split(",")), "--severity")
-    folder = convert_corrupt(source, roots.raw, target_id, [a.strip() for a in artifacts.split(",") if a.strip()],
-                             list(severities), seed=seed, include_clean=clean, name=name, overwrite=overwrite)
-    import pandas as pd
-    domains = pd.read_csv(folder / "domains.csv")
-    click.echo(f"wrote {len(domains)} cases to {folder}")
-    counts = domains.groupby(["condition", "severity"]).size().rename("cases").reset_index()
-    click.echo(counts.to_markdown(index=False))
-    click.echo(f"next: calib_plan_and_preprocess -d {target_id}")
+    result = api.convert_corrupt(dataset_id, target_id, [a.strip() for a in artifacts.split(",") if a.strip()],
+                                 list(severities), seed=seed, include_clean=clean, name=name, overwrite=overwrite,
+                                 roots=roots)
+    for line in result.lines:
+        click.echo(line)
 
 
 def _public_command(name: str, extra_options=()):
     """The click command of one public-dataset converter: -i INPUT_DIR -d ID plus its own options."""
-    from calibnet.dataset_conversion.registry import PUBLIC_CONVERTERS
-    converter = PUBLIC_CONVERTERS[name]
+    converter = api.public_converters()[name]
 
     @user_errors
     def command(input_dir, dataset_id, name_, overwrite, **options):
-        from calibnet.dataset_conversion.registry import convert_public
         roots = data_roots()
-        summary = convert_public(converter.name, input_dir, roots.raw, dataset_id, name_, overwrite, **options)
-        click.echo(f"wrote {summary.n_cases} cases to {summary.folder}")
-        click.echo(summary.counts.to_markdown(index=False))
-        for note in summary.notes:
-            click.echo(f"note: {note}")
-        click.echo(f"next: calib_plan_and_preprocess -d {dataset_id}")
+        result = api.convert_public(converter.name, input_dir, dataset_id, name_, overwrite, roots, **options)
+        for line in result.lines:
+            click.echo(line)
 
     params = [
         click.Option(["-i", "--input-dir"], type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from calibnet import api
 from calibnet.cli.common import data_roots, user_errors
 
 
@@ -23,11 +24,9 @@ def _csv(value, cast=str):
 @user_errors
 def main(split, dataset_id, methods, folds, seeds, configurations, seed):
     """Evaluate every trained method of a split; writes $nnUNet_results/DatasetXXX/evaluation/SPLIT/."""
-    from calibnet.evaluation.evaluate import evaluate
-
     roots = data_roots()
-    result = evaluate(roots.results, roots.raw, roots.preprocessed, split, dataset_id, _csv(methods),
-                      _csv(folds, int), _csv(seeds, int), seed, configurations=_csv(configurations))
+    result = api.evaluate(split, dataset_id, _csv(methods), _csv(folds, int), _csv(seeds, int), _csv(configurations),
+                          seed, roots)
     for message in result.missing:
         click.echo(f"missing: {message}", err=True)
     click.echo(result.report)

@@ -5,6 +5,7 @@ import os
 
 import click
 
+from calibnet import api
 from calibnet.cli.common import data_roots, parse_int_tuple, user_errors
 
 
@@ -31,31 +32,15 @@ def main(dataset_id, configurations, num_processes, patch_size, gpu_memory_gb, s
     Writes to $nnUNet_preprocessed/DatasetXXX_NAME: CalibPlans.json, the preprocessed data,
     calib_splits.json (loco and scanner folds) and splits_final.json (the loco folds, for nnU-Net).
     """
-    from calibnet.planners.plan_and_preprocess import plan_and_preprocess
-    from calibnet.planners.splits import describe_fold
-
     roots = data_roots()
     patch = parse_int_tuple(patch_size, 3, "--patch-size") if patch_size else None
-    result = plan_and_preprocess(dataset_id, roots.raw, roots.preprocessed, configurations=configurations,
-                                 num_processes=num_processes, patch_size=patch, gpu_memory_target_gb=gpu_memory_gb,
-                                 split_seed=split_seed, val_fraction=val_fraction, preprocess=not plan_only,
-                                 log=click.echo)
-    click.echo(f"\n{result.dataset_name}")
-    for name, config in result.plans["configurations"].items():
-        if "patch_size" in config:
-            patch_text = "x".join(str(p) for p in config["patch_size"])
-            click.echo(f"  {name:<11} patch {patch_text}, batch size {config['batch_size']}, "
-                       f"spacing {', '.join(f'{s:.3g}' for s in config['spacing'])} mm")
-    click.echo(f"  plans: {result.plans_file}")
-    click.echo(f"  splits: {result.splits_file}")
-    for family in ("loco", "scanner"):
-        for fold in result.splits[family]["folds"]:
-            click.echo(f"    {family:<7} {describe_fold(family, fold)}: {len(fold['train'])} train, "
-                       f"{len(fold['val'])} val, {len(fold['test'])} test")
-    if result.preprocessed_configurations:
-        click.echo(f"  preprocessed: {', '.join(result.preprocessed_configurations)}")
+    result = api.plan_and_preprocess(dataset_id, configurations=configurations, num_processes=num_processes,
+                                     patch_size=patch, gpu_memory_gb=gpu_memory_gb, split_seed=split_seed,
+                                     val_fraction=val_fraction, plan_only=plan_only, roots=roots, log=click.echo)
+    for line in result.lines:
+        click.echo(line)
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(warning, err=True)
 
 
 if __name__ == "__main__":

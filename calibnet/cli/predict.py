@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from calibnet import api
 from calibnet.cli.common import data_roots, user_errors
 
 
@@ -41,42 +42,14 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
          mc_samples, confidence, flag_below, device, prompt_setting, prompts_from):
     """Predict every case in INPUT_DIR with the model trained by calib_train DATASET CONFIGURATION METHOD FOLD;
     writes segmentations, probabilities and confidence.json to OUTPUT_DIR."""
-    from calibnet.errors import CalibnetError
-    from calibnet.inference.predict import flagged_cases, folder_case_inputs, load_model, predict_cases
-    from calibnet.methods import get_method
-    from calibnet.launch.training_run import default_device, locate_run
-    from calibnet.runs import RunSpec
-
     roots = data_roots()
-    if get_method(method).trains_head:
-        raise CalibnetError(f"{method} is not a segmentation model: predict with the method it was trained on, "
-                            f"e.g. calib_predict -m nnunet --confidence.")
-    spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
-    folder = locate_run(spec, roots.preprocessed, roots.results)
-    model = load_model(folder, device or default_device(), use_mirroring=not disable_tta)
-    if confidence and not model.heads:
-        raise CalibnetError(f"--confidence: {folder} has no trained confidence head; train one with calib_train "
-                            f"{dataset_id} {configuration} confidence_head {fold} --split {split} --base {method}.")
-    if prompt_setting is not None:
-        from calibnet.prompt_quality import parse_setting
-        parse_setting(prompt_setting)
-        if not model.is_sam:
-            raise CalibnetError(f"--prompts applies to SAM methods, not {method}.")
-    cases = folder_case_inputs(input_dir, model.dataset_json, prompts_from)
-    confidences = predict_cases(model, cases, output_dir, save_probabilities=save_probabilities, prompt_seed=seed,
-                                mc_samples=sorted(set(mc_samples)), prompt_setting=prompt_setting)
-    note = model.record.get("note")
-    click.echo(f"predicted {len(cases)} case(s) with {method} ({folder}) into {output_dir}"
-               + (f" — {note}" if note else ""))
-    for case_id, scores in confidences.items():
-        predicted = [f"{name.replace('_', ' ')} {value:.3f}" for name, value in scores.items()
-                     if "_predicted_" in f"_{name}" and not isinstance(value, dict)]
-        click.echo(f"  {case_id}: mean max-probability over predicted foreground "
-                   f"{scores['mean_max_probability_foreground']:.3f}, foreground entropy "
-                   f"{scores['entropy_foreground']:.3f}" + ("; " + ", ".join(predicted) if confidence else ""))
-    if confidence:
-        for case_id, dice in flagged_cases(confidences, flag_below).items():
-            click.echo(f"warning: {case_id}: predicted Dice {dice:.3f} < {flag_below:g}; review this scan.")
+    request = api.PredictRequest(dataset_id, method, fold, input_dir, output_dir, configuration=configuration,
+                                 split=split, seed=seed, save_probabilities=save_probabilities,
+                                 use_mirroring=not disable_tta, mc_samples=mc_samples, confidence=confidence,
+                                 flag_below=flag_below, device=device, prompt_setting=prompt_setting,
+                                 prompts_from=prompts_from)
+    for line in api.predict(request, roots).lines:
+        click.echo(line)
 
 
 if __name__ == "__main__":

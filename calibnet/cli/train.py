@@ -1,17 +1,19 @@
 """calib_train: train one method on one fold of a domain split, then predict its val and test cases."""
 from __future__ import annotations
 
+from dataclasses import fields
+
 import click
 
+from calibnet import api
 from calibnet.cli.common import data_roots, user_errors
 
 
 def _list_methods(ctx, _param, value):
     if not value or ctx.resilient_parsing:
         return
-    from calibnet.methods import METHODS
-    for method in METHODS.values():
-        click.echo(f"{method.alias:<14} {method.summary}")
+    for line in api.method_list():
+        click.echo(line)
     ctx.exit()
 
 
@@ -89,76 +91,37 @@ def _list_methods(ctx, _param, value):
 @click.option("--list", "list_", is_flag=True, expose_value=False, is_eager=True, callback=_list_methods,
               help="Show every method with one line and exit.")
 @user_errors
-def main(dataset_id, configuration, method, fold, split, seed, epochs, iters_per_epoch, device, num_workers,
-         continue_training,
-         predict_only, disable_tta, mc_samples, lambda_fip, lambda_cmp, cmp_tau, cmp_gamma, focal_gamma, dicepp_gamma, sam_model,
-         sam_checkpoint, sam2_model, sam2_checkpoint, sam2_image_size, no_e1, no_e2, no_crl, target_label,
-         adapter_blocks, adapter_ratio, ugmp_boxes, ugmp_sigma, ugpa_k, ugpa_compare,
-         no_ugpa, prompt_settings, base, no_adversarial, warmup_batches, patience):
+def main(**flags):
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
     loop, then predict the fold's val (source) and test (target) cases with probabilities."""
-    from calibnet.inference.predict import predict_run_splits
-    from calibnet.methods import get_method, safeclick_variant
-    from calibnet.launch.training_run import default_device, locate_run, train
-    from calibnet.runs import RunSpec, read_run
-
     roots = data_roots()
-    ablated = safeclick_variant(method, [n for n, off in (("e1", no_e1), ("e2", no_e2), ("crl", no_crl)) if off])
-    if ablated != method:
-        click.echo(f"--no-{ablated.rsplit('_', 1)[1]}: method {ablated} (a SafeClick ablation)")
-        method = ablated
-    spec = RunSpec(dataset_id, configuration, method, fold, split, seed)
-    device = device or default_device()
-    head_flags = base is not None or no_adversarial or warmup_batches is not None or patience is not None
-    if get_method(method).trains_head:
-        _train_head(spec, roots, device, base, not no_adversarial, warmup_batches, patience, epochs, iters_per_epoch,
-                    num_workers, predict_only)
-        return
-    if head_flags:
-        raise click.UsageError("--base, --no-adversarial, --warmup-batches and --patience apply to confidence_head.")
-    if predict_only:
-        folder = locate_run(spec, roots.preprocessed, roots.results)
-    else:
-        folder = train(spec, roots.preprocessed, roots.results, epochs, iters_per_epoch, device, continue_training,
-                       {"lambda_fip": lambda_fip, "lambda_cmp": lambda_cmp, "cmp_tau": cmp_tau,
-                        "cmp_gamma": cmp_gamma, "focal_gamma": focal_gamma, "dicepp_gamma": dicepp_gamma},
-                       num_workers, sam_model, sam_checkpoint, target_label, log=click.echo,
-                       network_options={"adapter_blocks": adapter_blocks, "adapter_ratio": adapter_ratio,
-                                        "n_boxes": ugmp_boxes, "sigma": ugmp_sigma, "top_k": ugpa_k,
-                                        "compare_on": ugpa_compare, "ugpa": False if no_ugpa else None},
-                       sam2={"model": sam2_model, "checkpoint": sam2_checkpoint, "image_size": sam2_image_size})
-        note = read_run(folder).get("note")
-        click.echo(f"trained {method}: {folder}" + (f" ({note})" if note else ""))
-    if not (predict_only and prompt_settings):  # the method's own prompts
-        written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, use_mirroring=not disable_tta,
-                                     mc_samples=sorted(set(mc_samples)))
-        for role, predictions in written.items():
-            click.echo(f"  {role} predictions: {predictions}")
-    if predict_only and no_ugpa and not prompt_settings:
-        raise click.UsageError("--no-ugpa with --predict-only needs --prompts SETTING (the run's own predictions "
-                               "follow its training options).")
-    for setting in prompt_settings:
-        written = predict_run_splits(folder, roots.raw, roots.preprocessed, device, prompt_setting=setting,
-                                     ugpa=not (predict_only and no_ugpa))
-        for role, predictions in written.items():
-            click.echo(f"  {role} predictions with prompts {setting}: {predictions}")
+    api.train(_request(flags), roots, log=click.echo)
 
 
-def _train_head(spec, roots, device, base, adversarial, warmup_batches, patience, epochs, iters_per_epoch,
-                num_workers, predict_only):
-    from calibnet.inference.predict import score_run_splits
-    from calibnet.launch.training_run import HeadOptions, base_run_of, train_confidence_head
+def _group(options, flags: dict):
+    """An option group built from the flags named as its fields."""
+    return options(**{f.name: flags[f.name] for f in fields(options)})
 
-    if base is None:
-        raise click.UsageError(f"{spec.method} needs --base METHOD, the trained run whose network it reads.")
-    base_folder = base_run_of(spec, base, roots.preprocessed, roots.results)[0]
-    if not predict_only:
-        options = HeadOptions(base, adversarial, warmup_batches, patience)
-        folder = train_confidence_head(spec, options, roots.preprocessed, roots.results, epochs, iters_per_epoch,
-                                       device, num_workers, log=click.echo)
-        click.echo(f"trained confidence head: {folder}")
-    for role, predictions in score_run_splits(base_folder, roots.raw, roots.preprocessed, device).items():
-        click.echo(f"  {role} predictions of {base} with predicted Dice/NSD: {predictions / 'confidence.json'}")
+
+def _request(flags: dict) -> api.TrainRequest:
+    """The request calib_train's flags describe; loss and backbone flags are named as their option fields."""
+    return api.TrainRequest(
+        flags["dataset_id"], flags["configuration"], flags["method"], flags["fold"],
+        split=flags["split"], seed=flags["seed"], epochs=flags["epochs"],
+        iterations_per_epoch=flags["iters_per_epoch"], device=flags["device"],
+        num_workers=flags["num_workers"], continue_training=flags["continue_training"],
+        ablations=tuple(part for part in ("e1", "e2", "crl") if flags[f"no_{part}"]),
+        loss=_group(api.LossOptions, flags), backbone=_group(api.BackboneOptions, flags),
+        network=api.NetworkOptions(adapter_blocks=flags["adapter_blocks"], adapter_ratio=flags["adapter_ratio"],
+                                   n_boxes=flags["ugmp_boxes"], sigma=flags["ugmp_sigma"],
+                                   top_k=flags["ugpa_k"], compare_on=flags["ugpa_compare"],
+                                   ugpa=False if flags["no_ugpa"] else None),
+        head=api.HeadOptions(base=flags["base"], adversarial=not flags["no_adversarial"],
+                             warmup_batches=flags["warmup_batches"], patience=flags["patience"]),
+        prediction=api.PredictionOptions(use_mirroring=not flags["disable_tta"],
+                                         mc_samples=flags["mc_samples"],
+                                         prompt_settings=flags["prompt_settings"],
+                                         predict_only=flags["predict_only"]))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,8 @@ import torch
 
 from calibnet.errors import CalibnetError
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
+from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, NetworkOptions, check_backbone_options,
+                                     check_head_options, check_loss_options, check_network_options)
 from calibnet.methods import METHODS, get_method
 from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, model_checkpoint, read_run, resume_checkpoint,
                            run_folder, write_run)
@@ -50,22 +52,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _set_loss_options(trainer, method, loss_options: dict) -> dict:
-    applied = {}
-    for name, value in loss_options.items():
-        if value is None:
-            continue
-        if name not in method.loss_options:
-            raise CalibnetError(f"--{name.replace('_', '-')} does not apply to method {method.alias}; it takes "
-                                f"{', '.join('--' + o.replace('_', '-') for o in method.loss_options) or 'no loss flags'}.")
-        value = float(value)
-        if not np.isfinite(value) or value < 0 or (value == 0 and name.endswith("gamma") and name != "focal_gamma"):
-            raise CalibnetError(f"--{name.replace('_', '-')} {value} is out of range: give a finite value "
-                                f"{'> 0' if name.endswith('gamma') and name != 'focal_gamma' else '>= 0'}.")
+def _set_loss_options(trainer, method, checked: dict) -> dict:
+    """Set the checked loss options on the trainer; returns every loss option of the method as it trains."""
+    for name, value in checked.items():
         setattr(trainer, name, value)
-    for name in method.loss_options:
-        applied[name] = float(getattr(trainer, name))
-    return applied
+    return {name: float(getattr(trainer, name)) for name in method.loss_options}
 
 
 def _stop_dataloaders(trainer) -> None:
@@ -115,37 +106,18 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
     return trainer, method, dataset_folder.name, describe_fold(spec.split, fold), folder
 
 
-def _resolve_backbone(method, sam_model, sam_checkpoint, target_label, sam2: dict | None):
+def _resolve_backbone(method, backbone: BackboneOptions):
     """(config, warning) of the SAM or SAM 2 backbone the flags describe, None for other methods; refuses
     flags of the other family (checked before anything is written)."""
     from calibnet.networks.sam2_backbone import resolve_sam2_config
     from calibnet.networks.sam_backbone import resolve_sam_config
 
-    sam2 = {k: v for k, v in (sam2 or {}).items() if v is not None}
-    if not method.uses_sam:
-        if sam_model or sam_checkpoint or target_label is not None or sam2:
-            raise CalibnetError(f"--sam-model, --sam-checkpoint, --sam2-* and --target apply to SAM methods, not "
-                                f"{method.alias}.")
+    check_backbone_options(method, backbone)
+    if method.backbone == "none":
         return None
-    if method.uses_sam2:
-        if sam_model or sam_checkpoint:
-            raise CalibnetError(f"{method.alias} runs on SAM 2: use --sam2-model/--sam2-checkpoint, not "
-                                f"--sam-model/--sam-checkpoint.")
-        return resolve_sam2_config(sam2.get("model"), sam2.get("checkpoint"), sam2.get("image_size"))
-    if sam2:
-        raise CalibnetError(f"--sam2-model, --sam2-checkpoint and --sam2-image-size apply to SAM 2 methods "
-                            f"(sam2_zeroshot, sam2ft, safeclick), not {method.alias}.")
-    return resolve_sam_config(sam_model, sam_checkpoint)
-
-
-def _check_network_options(method, network_options: dict | None) -> None:
-    """Refuse medsam_u's network flags on any other method (before anything is written)."""
-    given = [k for k, v in (network_options or {}).items() if v is not None]
-    accepted = {} if method.trains_head else getattr(method.trainer_class(), "accepted_network_options", {})
-    if any(k not in accepted for k in given):
-        from calibnet.trainers.nnUNetTrainerMedSAMU import nnUNetTrainerMedSAMU
-        flags = ", ".join(nnUNetTrainerMedSAMU.accepted_network_options.get(k, k) for k in given)
-        raise CalibnetError(f"{flags} apply to medsam_u, not {method.alias}.")
+    if method.backbone == "sam2":
+        return resolve_sam2_config(backbone.sam2_model, backbone.sam2_checkpoint, backbone.sam2_image_size)
+    return resolve_sam_config(backbone.sam_model, backbone.sam_checkpoint)
 
 
 def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
@@ -180,35 +152,34 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
 
 def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: int | None = None,
           iterations_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
-          loss_options: dict | None = None, num_workers: int | None = None, sam_model: str | None = None,
-          sam_checkpoint: str | None = None, target_label: int | None = None, log=print,
-          network_options: dict | None = None, sam2: dict | None = None) -> Path:
+          num_workers: int | None = None, log=print, loss: LossOptions | None = None,
+          backbone: BackboneOptions | None = None, network: NetworkOptions | None = None) -> Path:
     """Train ``spec.method`` and return its run folder (checkpoints, logs, calibnet_run.json).
 
     ``num_workers`` sets nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main
-    process) for this training only. SAM methods take ``sam_model``/``sam_checkpoint`` and ``target_label``
-    (medsam_u also ``network_options``: adapter and UGMP/UGPA settings, recorded in calibnet_run.json);
-    SAM 2 methods take ``sam2`` = {"model", "checkpoint", "image_size"} instead of the SAM flags;
-    a method that does not train (vanilla SAM) only writes its checkpoint.
+    process) for this training only. ``loss``, ``backbone`` and ``network`` are checked against the flags the
+    method declares before anything is written: SAM methods take the SAM backbone options and the target,
+    SAM 2 methods the SAM 2 ones, medsam_u also network options (adapters, UGMP/UGPA; recorded in
+    calibnet_run.json). A method that does not train (vanilla SAM) only writes its checkpoint.
     """
-    if get_method(spec.method).trains_head:
+    method = get_method(spec.method)
+    if method.trains_head:
         raise CalibnetError(f"{spec.method} is trained on a finished base run: pass --base METHOD "
                             f"(e.g. --base nnunet).")
     checkpoint = resume_checkpoint(locate_run(spec, preprocessed_root, results_root))
     if continue_training and checkpoint is None:
         raise CalibnetError(f"--continue: no checkpoint in {locate_run(spec, preprocessed_root, results_root)} to "
                             f"continue from; train without --continue.")
-    backbone = _resolve_backbone(get_method(spec.method), sam_model, sam_checkpoint, target_label, sam2)
-    _check_network_options(get_method(spec.method), network_options)
+    backbone = backbone or BackboneOptions()
+    resolved_backbone = _resolve_backbone(method, backbone)
+    network_options = check_network_options(method, network or NetworkOptions())
+    loss_options = check_loss_options(method, loss or LossOptions())
     trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
                                                                         continue_training)
-    sam_record = _configure_sam(trainer, method, spec, backbone, target_label, log, network_options)
-    applied = _set_loss_options(trainer, method, loss_options or {})
-    if epochs is not None:
-        trainer.num_epochs = int(epochs)
-    if iterations_per_epoch is not None:
-        trainer.num_iterations_per_epoch = int(iterations_per_epoch)
-        trainer.num_val_iterations_per_epoch = max(1, int(iterations_per_epoch) // 5)
+    sam_record = _configure_sam(trainer, method, spec, resolved_backbone, backbone.target_label, log,
+                                network_options)
+    applied = _set_loss_options(trainer, method, loss_options)
+    _set_schedule(trainer, epochs, iterations_per_epoch)
     if continue_training:
         trainer.load_checkpoint(str(checkpoint))
     record = RunRecord(spec=asdict(spec), dataset_name=dataset_name, trainer=trainer.__class__.__name__,
@@ -219,11 +190,19 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
                               f"loss options {applied}" + (f" — {record.note}" if record.note else ""))
     if not getattr(trainer, "trains", True):
         _save_untrained(trainer)
-        write_run(folder, asdict(record))
-        return folder
-    _run_training(trainer, num_workers)
+    else:
+        _run_training(trainer, num_workers)
     write_run(folder, asdict(record))
     return folder
+
+
+def _set_schedule(trainer, epochs: int | None, iterations_per_epoch: int | None) -> None:
+    """Epochs and iterations per epoch (validation: a fifth of them), where given."""
+    if epochs is not None:
+        trainer.num_epochs = int(epochs)
+    if iterations_per_epoch is not None:
+        trainer.num_iterations_per_epoch = int(iterations_per_epoch)
+        trainer.num_val_iterations_per_epoch = max(1, int(iterations_per_epoch) // 5)
 
 
 def _run_training(trainer, num_workers: int | None) -> None:
@@ -240,15 +219,6 @@ def _run_training(trainer, num_workers: int | None) -> None:
                 os.environ.pop("nnUNet_n_proc_DA", None)
             else:
                 os.environ["nnUNet_n_proc_DA"] = previous_workers
-
-
-@dataclass
-class HeadOptions:
-    """How a confidence head is trained (calib_train ... confidence_head --base METHOD)."""
-    base: str
-    adversarial: bool = True
-    warmup_batches: int | None = None  # default: the paper's 100
-    patience: int | None = None  # default: the paper's 20 epochs
 
 
 def base_run_of(spec: RunSpec, base: str, preprocessed_root: Path, results_root: Path) -> tuple[Path, dict, Path]:
@@ -276,6 +246,7 @@ def train_confidence_head(spec: RunSpec, head: HeadOptions, preprocessed_root: P
     fold and seed); returns the head's folder inside the base run."""
     from calibnet.networks.confidence_head import head_folder
 
+    check_head_options(get_method(spec.method), head)
     base_folder, base_record, base_checkpoint = base_run_of(spec, head.base, preprocessed_root, results_root)
     folder = head_folder(base_folder, head.adversarial)
     trainer, method, _, fold_text, _ = prepare_trainer(spec, preprocessed_root, results_root, device, folder=folder)
@@ -288,11 +259,7 @@ def train_confidence_head(spec: RunSpec, head: HeadOptions, preprocessed_root: P
         trainer.warmup_batches = int(head.warmup_batches)
     if head.patience is not None:
         trainer.patience = int(head.patience)
-    if epochs is not None:
-        trainer.num_epochs = int(epochs)
-    if iterations_per_epoch is not None:
-        trainer.num_iterations_per_epoch = int(iterations_per_epoch)
-        trainer.num_val_iterations_per_epoch = max(1, int(iterations_per_epoch) // 5)
+    _set_schedule(trainer, epochs, iterations_per_epoch)
     kind = "adversarial" if head.adversarial else "plain, no adversarial perturbations"
     log(f"training a confidence head ({kind}) on {head.base} ({spec.split} {fold_text}, seed {spec.seed}) "
         f"into {folder}")

@@ -1,0 +1,171 @@
+"""What a calib_train request may set, grouped as ``calib_train --help`` groups its flags, and the check of
+each group against the flags the method declares (``calibnet.methods``), with the messages calib_train prints.
+
+Every field left at None means "not given": the method's or the trainer's default applies. All checks run
+before anything is written.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from calibnet.errors import CalibnetError, UsageError
+from calibnet.methods import LOSS_FLAGS, METHODS, NETWORK_FLAGS, Method
+from calibnet.runs import DEFAULT_SEED, RunSpec
+
+
+def _given(options) -> dict:
+    return {k: v for k, v in asdict(options).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Loss weights and shapes (--lambda-fip, ...); each method takes those in its ``loss_options``."""
+    lambda_fip: float | None = None
+    lambda_cmp: float | None = None
+    cmp_tau: float | None = None
+    cmp_gamma: float | None = None
+    focal_gamma: float | None = None
+    dicepp_gamma: float | None = None
+
+    def given(self) -> dict:
+        return _given(self)
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """SAM (--sam-model, --sam-checkpoint) or SAM 2 (--sam2-*) backbone and the binary target (--target)."""
+    sam_model: str | None = None
+    sam_checkpoint: str | None = None
+    sam2_model: str | None = None
+    sam2_checkpoint: str | None = None
+    sam2_image_size: int | None = None
+    target_label: int | None = None
+
+    def given(self) -> dict:
+        return _given(self)
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """Options of the network a method builds (medsam_u: adapters, UGMP, UGPA), recorded in calibnet_run.json;
+    the keys are those of ``methods.NETWORK_FLAGS``."""
+    adapter_blocks: str | None = None
+    adapter_ratio: float | None = None
+    n_boxes: int | None = None
+    sigma: float | None = None
+    top_k: int | None = None
+    compare_on: str | None = None
+    ugpa: bool | None = None  # False: UGMP only (--no-ugpa)
+
+    def given(self) -> dict:
+        return _given(self)
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """How a confidence head is trained (calib_train ... confidence_head --base METHOD)."""
+    base: str | None = None  # the finished run whose frozen network the head reads
+    adversarial: bool = True
+    warmup_batches: int | None = None  # default: the paper's 100
+    patience: int | None = None  # default: the paper's 20 epochs
+
+    def given(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and (k != "adversarial" or not v)}
+
+
+@dataclass(frozen=True)
+class PredictionOptions:
+    """How calib_train predicts the fold's val and test cases after training."""
+    use_mirroring: bool = True  # False: --disable-tta
+    mc_samples: tuple = ()  # MC-dropout sample counts N (nnunet_dropout)
+    prompt_settings: tuple = ()  # prompt-quality settings predicted in addition (SAM methods)
+    predict_only: bool = False  # no training: (re)predict a trained run
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """Everything ``calib_train DATASET CONFIGURATION METHOD FOLD [flags]`` asks for."""
+    dataset_id: int
+    configuration: str
+    method: str
+    fold: int
+    split: str = "loco"
+    seed: int = DEFAULT_SEED
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    device: str | None = None  # default: cuda when available
+    num_workers: int | None = None  # nnU-Net's data-augmentation processes for this training
+    continue_training: bool = False
+    ablations: tuple = ()  # parts removed from the method (--no-e1: ("e1",)), one at a time
+    loss: LossOptions = field(default_factory=LossOptions)
+    backbone: BackboneOptions = field(default_factory=BackboneOptions)
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+    head: HeadOptions = field(default_factory=HeadOptions)
+    prediction: PredictionOptions = field(default_factory=PredictionOptions)
+
+    @property
+    def spec(self) -> RunSpec:
+        return RunSpec(self.dataset_id, self.configuration, self.method, self.fold, self.split, self.seed)
+
+
+def _takers(options: tuple, declared) -> str:
+    return ", ".join(m.alias for m in METHODS.values() if set(options) <= set(declared(m)))
+
+
+def check_loss_options(method: Method, loss: LossOptions) -> dict:
+    """The given loss options as floats; refuses those the method does not take and values out of range."""
+    checked = {}
+    for name, value in loss.given().items():
+        if name not in method.loss_options:
+            raise CalibnetError(f"{LOSS_FLAGS[name]} does not apply to method {method.alias}; it takes "
+                                f"{', '.join(LOSS_FLAGS[o] for o in method.loss_options) or 'no loss flags'}.")
+        value = float(value)
+        strictly_positive = name.endswith("gamma") and name != "focal_gamma"
+        if not np.isfinite(value) or value < 0 or (value == 0 and strictly_positive):
+            raise CalibnetError(f"{LOSS_FLAGS[name]} {value} is out of range: give a finite value "
+                                f"{'> 0' if strictly_positive else '>= 0'}.")
+        checked[name] = value
+    return checked
+
+
+def check_backbone_options(method: Method, backbone: BackboneOptions) -> None:
+    """Refuse backbone flags of another family (or any, on a method without a SAM backbone)."""
+    refused = [k for k in backbone.given() if k not in method.backbone_options]
+    if not refused:
+        return
+    if method.backbone == "none":
+        raise CalibnetError(f"--sam-model, --sam-checkpoint, --sam2-* and --target apply to SAM methods, not "
+                            f"{method.alias}.")
+    if method.backbone == "sam2":
+        raise CalibnetError(f"{method.alias} runs on SAM 2: use --sam2-model/--sam2-checkpoint, not "
+                            f"--sam-model/--sam-checkpoint.")
+    raise CalibnetError(f"--sam2-model, --sam2-checkpoint and --sam2-image-size apply to SAM 2 methods "
+                        f"(sam2_zeroshot, sam2ft, safeclick), not {method.alias}.")
+
+
+def check_network_options(method: Method, network: NetworkOptions) -> dict:
+    """The given network options; refuses them all, by flag, unless the method takes each."""
+    given = network.given()
+    if any(k not in method.network_options for k in given):
+        flags = ", ".join(NETWORK_FLAGS[k] for k in given)
+        raise CalibnetError(f"{flags} apply to {_takers(tuple(given), lambda m: m.network_options)}, "
+                            f"not {method.alias}.")
+    return given
+
+
+def check_head_options(method: Method, head: HeadOptions) -> None:
+    """A head method needs --base; the head flags apply to head methods only (usage errors)."""
+    if method.trains_head and head.base is None:
+        raise UsageError(f"{method.alias} needs --base METHOD, the trained run whose network it reads.")
+    if not method.trains_head and head.given():
+        raise UsageError("--base, --no-adversarial, --warmup-batches and --patience apply to confidence_head.")
+
+
+def check_prediction_options(request: TrainRequest) -> None:
+    """--no-ugpa without training changes prompt-setting predictions only, so it needs --prompts."""
+    prediction = request.prediction
+    if prediction.predict_only and request.network.ugpa is False and not prediction.prompt_settings:
+        raise UsageError("--no-ugpa with --predict-only needs --prompts SETTING (the run's own predictions "
+                         "follow its training options).")
