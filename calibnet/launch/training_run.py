@@ -126,7 +126,7 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
     if backbone is None:
         return {}
     config, warning = backbone
-    if getattr(trainer, "requires_checkpoint", None) and not config.pretrained:
+    if trainer.requires_checkpoint and not config.pretrained:
         raise CalibnetError(f"{method.alias} fine-tunes {trainer.requires_checkpoint} weights: download "
                             f"medsam_vit_b.pth (the MedSAM release) and pass --sam-checkpoint PATH or set "
                             f"CALIBNET_SAM_CHECKPOINT.")
@@ -143,7 +143,7 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
     trainer.sam_config, trainer.target_label, trainer.seed = config, target_label, spec.seed
     given = {k: v for k, v in (network_options or {}).items() if v is not None}
     options = {}
-    if hasattr(trainer, "network_options"):
+    if trainer.network_options is not None:
         options = trainer.network_options = {**trainer.network_options, **given, "seed": spec.seed}
     return {"backbone": asdict(config), "target_label": target_label,
             "network_options": options,
@@ -188,7 +188,7 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
                        loss_options=applied, **sam_record)
     trainer.print_to_log_file(f"calibnet run: method {spec.method}, {spec.split} {fold_text}, seed {spec.seed}, "
                               f"loss options {applied}" + (f" — {record.note}" if record.note else ""))
-    if not getattr(trainer, "trains", True):
+    if not trainer.trains:
         _save_untrained(trainer)
     else:
         _run_training(trainer, num_workers)

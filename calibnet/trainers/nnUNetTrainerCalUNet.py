@@ -39,10 +39,11 @@ class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
     lambda_cmp = DEFAULT_LAMBDA_CMP
     cmp_tau = DEFAULT_CMP_TAU
     cmp_gamma = DEFAULT_CMP_GAMMA
+    _samples_checked = False
 
     def _check_samples_independent(self) -> None:
         """FIP takes every g_b from one gradient of Σ_b L_b, which needs patches that do not interact."""
-        if getattr(self, "_samples_checked", False):
+        if self._samples_checked:
             return
         coupled = [type(m).__name__ for m in self.network.modules()
                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

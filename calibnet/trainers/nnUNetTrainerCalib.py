@@ -25,10 +25,44 @@ class nnUNetTrainerCalib(nnUNetTrainer):
     an unknown fold is an error that lists the valid folds. The fold's test cases (the shifted domain)
     are never handed to training or checkpoint selection. A non-finite loss stops training with a
     message naming the epoch, the step and the term.
+
+    What a trainer class declares about itself, read by launch/ and inference/ as plain attributes (the
+    defaults are those of plain nnU-Net; a subclass overrides what differs):
+
+    - ``split_family``: the family of calib_splits.json the fold index refers to (set per run by launch/).
+    - ``requires_prompts``: the network takes prompt channels derived from the ground truth, appended to
+      the image channels; the class then gives them at prediction time with :meth:`prompt_inputs`.
+    - ``trains``: False for a method with nothing to train (zero-shot SAM / SAM 2): calib_train only saves
+      the network as it is.
+    - ``predicts_with_mirroring``: False where test-time mirroring never applies (MedSAM-U: UGMP's
+      multiple prompts take its place), whatever the prediction asks.
+    - ``use_box``: SAM prompts are boxes rather than points (the row's prompts are named B100).
+    - ``caches_embeddings``: the frozen image encoder's slice embeddings are computed once and cached.
+    - ``requires_checkpoint``: None, or the pretrained weights the method cannot do without ("MedSAM").
+    - ``network_options``: None when the network takes no options; else the options it is built with,
+      recorded in calibnet_run.json (calib_train's network flags and the seed) and given back to
+      ``network_for`` when the run is loaded. (Which calib_train flags a method accepts is declared in
+      ``calibnet.methods``, not here.)
+
+    SAM trainers also declare the classmethods ``backbone_config(record)`` and ``network_for(config,
+    load_weights, **options)`` that rebuild the network of a run (``calibnet.trainers.nnUNetTrainerSAM``).
     """
 
-    split_family = "loco"  # which family of calib_splits.json the fold index refers to
-    requires_prompts = False  # whether the network takes prompt heat maps as extra input channels
+    split_family = "loco"
+    requires_prompts = False
+    trains = True
+    predicts_with_mirroring = True
+    use_box = False
+    caches_embeddings = False
+    requires_checkpoint = None
+    network_options = None
+    progress = None  # the epoch's progress bar while training
+    step_in_epoch = 0
+
+    @classmethod
+    def prompt_inputs(cls, foreground: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """The prompt channels appended to a preprocessed volume at prediction time (``requires_prompts``)."""
+        raise NotImplementedError(f"{cls.__name__} takes no prompt channels")
 
     def use_run_folder(self, folder: os.PathLike) -> None:
         """Write checkpoints and logs to ``folder`` (one per split, fold and seed) instead of fold_X."""
@@ -62,16 +96,16 @@ class nnUNetTrainerCalib(nnUNetTrainer):
                              desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}")
 
     def on_train_epoch_end(self, train_outputs):
-        if getattr(self, "progress", None) is not None:
+        if self.progress is not None:
             self.progress.close()
         super().on_train_epoch_end(train_outputs)
 
     def train_step(self, batch: dict) -> dict:
-        self.step_in_epoch = getattr(self, "step_in_epoch", 0) + 1
+        self.step_in_epoch += 1
         outputs = self.calib_train_step(batch)
         if not np.all(np.isfinite(outputs["loss"])):
             self.raise_non_finite("total loss")
-        if getattr(self, "progress", None) is not None:
+        if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{float(np.mean(outputs['loss'])):.4f}")
         return outputs

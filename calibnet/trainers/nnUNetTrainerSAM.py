@@ -109,7 +109,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         if self.was_initialized:
             raise RuntimeError("trainer already initialised")
         self._set_batch_size_and_oversample()
-        self.network = self.network_for(self.sam_config, **getattr(self, "network_options", {})).to(self.device)
+        self.network = self.network_for(self.sam_config, **(self.network_options or {})).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss = None  # the SAM objective is computed in calib_train_step
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
