@@ -19,14 +19,15 @@ from typing import Sequence
 
 from calibnet.errors import CalibnetError
 from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, NetworkOptions, PredictionOptions,
-                                     TrainRequest)
+                                     TrainRequest, TrainResult)
 from calibnet.methods import METHODS, get_method
 from calibnet.paths import DataRoots, setup_data_roots
 from calibnet.runs import DEFAULT_SEED, RunSpec
 
 __all__ = ["train", "predict", "evaluate", "plan_and_preprocess", "convert_synthetic", "convert_corrupt",
-           "convert_public", "method_list", "converter_list", "public_converters", "TrainRequest", "LossOptions", "BackboneOptions",
-           "NetworkOptions", "HeadOptions", "PredictionOptions", "PredictRequest", "PredictResult", "CommandResult"]
+           "convert_public", "method_list", "converter_list", "public_converters", "TrainRequest", "TrainResult",
+           "LossOptions", "BackboneOptions", "NetworkOptions", "HeadOptions", "PredictionOptions", "PredictRequest",
+           "PredictResult", "CommandResult"]
 
 
 @dataclass
@@ -40,10 +41,10 @@ class CommandResult:
 
 # ---- calib_train -------------------------------------------------------------------------------------------------
 
-def train(request: TrainRequest, roots: DataRoots | None = None, log=print):
+def train(request: TrainRequest, roots: DataRoots | None = None, log=print) -> TrainResult:
     """Train ``request.method`` on one fold (or a confidence head on a trained base run), then predict the
-    fold's val and test cases, as ``calib_train`` does; progress lines go to ``log``. Returns a
-    ``TrainResult`` (method, folder, prediction folders)."""
+    fold's val and test cases, as ``calib_train`` does; progress lines go to ``log``. Returns the method
+    trained, its folder and the prediction folders."""
     from calibnet.launch.train_and_predict import train_and_predict
 
     return train_and_predict(request, roots or setup_data_roots(), log)

@@ -1,5 +1,6 @@
-"""What a calib_train request may set, grouped as ``calib_train --help`` groups its flags, and the check of
-each group against the flags the method declares (``calibnet.methods``), with the messages calib_train prints.
+"""What a calib_train request may set, grouped as ``calib_train --help`` groups its flags, the check of each
+group against the flags the method declares (``calibnet.methods``) with the messages calib_train prints, and
+what a request produced (TrainResult).
 
 Every field left at None means "not given": the method's or the trainer's default applies. All checks run
 before anything is written.
@@ -7,6 +8,7 @@ before anything is written.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -169,3 +171,13 @@ def check_prediction_options(request: TrainRequest) -> None:
     if prediction.predict_only and request.network.ugpa is False and not prediction.prompt_settings:
         raise UsageError("--no-ugpa with --predict-only needs --prompts SETTING (the run's own predictions "
                          "follow its training options).")
+
+
+@dataclass
+class TrainResult:
+    """What a calib_train request produced."""
+    method: str  # the method trained (a SafeClick ablation when --no-e1 etc. asked for one)
+    folder: Path | None  # the run folder; of a confidence head: the head's folder (None with --predict-only)
+    trained: bool  # False with --predict-only
+    # prediction set (None: the run's own prompts, else the prompt-quality setting) -> {"val": folder, "test": ...}
+    predictions: dict = field(default_factory=dict)

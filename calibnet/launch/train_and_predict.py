@@ -5,25 +5,14 @@ calib_train prints it; the experiment grid runs the same step per cell.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 from calibnet.inference import predict_run_splits, score_run_splits
-from calibnet.launch.options import TrainRequest, check_head_options, check_prediction_options
+from calibnet.launch.options import TrainRequest, TrainResult, check_head_options, check_prediction_options
 from calibnet.launch.training_run import base_run_of, default_device, locate_run, train, train_confidence_head
 from calibnet.methods import get_method, safeclick_variant
 from calibnet.paths import DataRoots
 from calibnet.runs import CONFIDENCE_FILENAME, read_run
-
-
-@dataclass
-class TrainResult:
-    """What a calib_train request produced."""
-    method: str  # the method trained (a SafeClick ablation when --no-e1 etc. asked for one)
-    folder: Path | None  # the run folder; of a confidence head: the head's folder (None with --predict-only)
-    trained: bool  # False with --predict-only
-    # prediction set (None: the run's own prompts, else the prompt-quality setting) -> {"val": folder, "test": ...}
-    predictions: dict = field(default_factory=dict)
 
 
 def train_and_predict(request: TrainRequest, roots: DataRoots, log=print) -> TrainResult:
