@@ -26,8 +26,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from calibnet.inference.predict import _preprocessed_case, head_scores, load_model, mc_dropout_scores, \
-        raw_case_inputs
+    from calibnet.inference.cases import prepare_case, raw_case_inputs
+    from calibnet.inference.model_loading import load_model
+    from calibnet.inference.scores import head_scores, mc_dropout_scores
     from calibnet.planners.splits import get_fold, load_calib_splits
     from calibnet.launch.training_run import HeadOptions, train, train_confidence_head
     from calibnet.runs import RunSpec
@@ -45,7 +46,7 @@ def main() -> None:
         dataset = base.parent.parent.name
         fold = get_fold(load_calib_splits(roots.preprocessed / dataset), "scanner", 0)
         cases = raw_case_inputs(roots.raw / dataset, fold["val"] + fold["test"], plain.dataset_json)
-        inputs = [_preprocessed_case(plain, case, 0)[0] for case in cases]
+        inputs = [prepare_case(plain, case, 0).data for case in cases]
         channels = len(cases[0].images)
         timings = {"segmentation": [], "segmentation_and_head": [], "score_agreement_N2": [],
                    "score_agreement_N15": []}

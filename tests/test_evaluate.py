@@ -142,7 +142,7 @@ def test_stored_probabilities_reproduce_in_memory_calibration(tiny_dataset, eval
     import torch
 
     from calibnet.metrics.calibration import calibration_metrics
-    from calibnet.inference.predict import load_model, predict_cases, raw_case_inputs
+    from calibnet.inference import load_model, predict_cases, raw_case_inputs
 
     model = load_model(_run_folder(tiny_dataset), "cpu", use_mirroring=False, with_heads=False)
     predict_logits = model.predictor.predict_logits_from_preprocessed_data

@@ -75,7 +75,7 @@ def test_bad_medsam_u_options_give_one_clear_message(tiny_dataset, args, message
 
 
 def test_options_are_recorded_and_rebuild_the_same_network(tiny_dataset):
-    from calibnet.inference.predict import load_model
+    from calibnet.inference.model_loading import load_model
 
     tiny_dataset.activate()
     run_cli(train_cli.main, [511, "3d_fullres", "medsam_u", 3, *SHORT, "--adapter-blocks", "0", "--adapter-ratio",
@@ -143,9 +143,9 @@ def test_ugmp_jitter_is_seeded_by_case_slice_and_setting(monkeypatch):
     sets = [{"boxes": [(4.0, 4.0, 20.0, 20.0)], "points": [], "labels": []}] * 2  # slices 0 and 1 alike
 
     def jitter(case_id, setting=None):
-        network.set_case(case_id, setting)
         calls.clear()
-        network.decode_uncertainty_guided(torch.zeros(2, 1), sets, (32, 32))
+        with network.predicting(case_id=case_id, setting=setting):
+            network.decode_uncertainty_guided(torch.zeros(2, 1), sets, (32, 32))
         return calls[:3], calls[3:]  # N = 3 boxes per slice
 
     case_a, case_b = jitter("case_a"), jitter("case_b")
@@ -158,7 +158,8 @@ def test_ugmp_jitter_is_seeded_by_case_slice_and_setting(monkeypatch):
 
 
 def test_ugmp_jitter_of_an_unnamed_case_follows_its_input(monkeypatch):
-    """Without set_case the key comes from the case's images: two cases differ, one case repeats."""
+    """Outside network.predicting(case_id=...) the key comes from the case's images: two cases differ, one case
+    repeats."""
     network, calls = _recording_network(monkeypatch)
     box = torch.zeros(1, 1, 24, 24)
     box[0, 0, 4:17, 6:19] = 1

@@ -210,7 +210,7 @@ def test_vanilla_sam_predicts_without_a_training_loop(tiny_dataset):
 
 @pytest.mark.slow
 def test_sam_checkpoint_of_a_run_loads_for_prediction(calsam_run):
-    from calibnet.inference.predict import load_model
+    from calibnet.inference.model_loading import load_model
 
     _, folder = calsam_run
     model = load_model(folder, "cpu")

@@ -217,7 +217,7 @@ def test_calib_predict_on_new_images(tiny_dataset, trained, tmp_path):
 
 def test_checkpoint_of_another_architecture_is_refused(tiny_dataset, trained, tmp_path):
     from calibnet.errors import CalibnetError
-    from calibnet.inference.predict import load_model
+    from calibnet.inference.model_loading import load_model
 
     guided = tmp_path / "guided_run"
     shutil.copytree(trained["guided_nnunet"][1], guided, ignore=shutil.ignore_patterns("predictions"))
@@ -260,7 +260,7 @@ def test_mc_agreement_is_the_mean_over_labels_of_the_mean_pairwise_agreement():
     2·4/16 = 1/2, 0. NSD@1mm (voxels within 1 mm of the other surface): (6 + 4)/12 = 5/6, (6 + 6)/16 = 3/4,
     (2 + 2)/12 = 1/3. Label b: empty, empty, columns 1-4: both empty = 1, then 0 and 0 for Dice and NSD alike.
     """
-    from calibnet.inference.predict import mc_agreement_scores
+    from calibnet.inference.scores import mc_agreement_scores
 
     samples = [(_band((1, 5)), _band()), (_band((1, 3)), _band()), (_band((3, 7)), _band((1, 5)))]
     scores = mc_agreement_scores(np.array(samples), ["a", "b"], [3, 2], (1.0, 1.0))
@@ -280,7 +280,7 @@ def test_mc_agreement_is_the_mean_over_labels_of_the_mean_pairwise_agreement():
 
 def test_mc_sample_counts_need_two_samples_each():
     from calibnet.errors import CalibnetError
-    from calibnet.inference.predict import mc_agreement_scores, mc_sample_counts
+    from calibnet.inference.scores import mc_agreement_scores, mc_sample_counts
 
     assert mc_sample_counts([15, 2, 15]) == (2, 15) and mc_sample_counts(()) == ()
     with pytest.raises(CalibnetError, match="--mc-samples 1: .*N >= 2"):
@@ -293,7 +293,9 @@ def test_mc_samples_are_single_unmirrored_dropout_forwards(tiny_dataset, trained
     """max(N) passes with dropout on and mirroring off, one network forward per sliding window each; the
     scores of every N are those of the first N of these samples; mirroring and dropout are restored after."""
     from calibnet.metrics.segmentation import case_metrics, overlap_metrics
-    from calibnet.inference.predict import _preprocessed_case, load_model, mc_dropout_scores, raw_case_inputs
+    from calibnet.inference.cases import prepare_case, raw_case_inputs
+    from calibnet.inference.model_loading import load_model
+    from calibnet.inference.scores import mc_dropout_scores
     from calibnet.networks.mc_dropout import MCDropout
 
     folder = trained["nnunet_dropout"][1]
@@ -301,7 +303,8 @@ def test_mc_samples_are_single_unmirrored_dropout_forwards(tiny_dataset, trained
     predictor = model.predictor
     assert predictor.use_mirroring and predictor.allowed_mirroring_axes, "the test needs a mirroring predictor"
     case = raw_case_inputs(tiny_dataset.raw, [_fold(tiny_dataset, "loco", 1)["test"][0]], model.dataset_json)[0]
-    data, properties = _preprocessed_case(model, case, 0)
+    prepared = prepare_case(model, case, 0)
+    data, properties = prepared.data, prepared.properties
     dropouts = [m for m in predictor.network.modules() if isinstance(m, MCDropout)]
     forwards = []
     predictor.network.register_forward_hook(

@@ -7,8 +7,10 @@ UGMP and UGPA on every prompted slice (``calibnet.uncertainty_prompting``).
   uncertainty is lower), per slice. The initial box is the slice's ground-truth box, or the boxes of a
   prompt-quality setting (two or more boxes are UGMP's multiple prompts as they are).
 - Jitter seeding: each slice's boxes come from ``jitter_rng(seed, case key, slice, setting)``. The caller
-  names the case before predicting it with :meth:`MedSAMUSegmenter.set_case` (case id and prompt setting);
-  a network never told gets a key derived from the case's image channels (see :meth:`case_key_for`).
+  names the case and the prompt setting for the span of its prediction with ``network.predicting(prompt_sets,
+  case_id, setting)`` (declared on :class:`calibnet.networks.sam_backbone.SamSliceSegmenter`, which says
+  why a context rather than arguments of ``forward``); a network called outside such a block gets a key
+  derived from the case's image channels (see :meth:`MedSAMUSegmenter.case_key_for`).
 
 Training (``calibnet.trainers.nnUNetTrainerMedSAMU``) decodes slices directly; ``forward`` is the
 prediction path.
@@ -35,6 +37,8 @@ OWN_PROMPTS = "own"  # the prompt-setting name of the jitter when the slices' ow
 class MedSAMUSegmenter(SamSliceSegmenter):
     """SAM with MPA adapters whose prediction runs UGMP and UGPA on each prompted slice."""
 
+    writes_uncertainty_map = True  # Ū = H(ȳ) of the output, written next to each prediction
+
     def __init__(self, sam, adapter_blocks: str = "all", adapter_ratio: float = DEFAULT_BOTTLENECK_RATIO,
                  n_boxes: int = DEFAULT_N_BOXES, sigma: float = DEFAULT_SIGMA, top_k: int = DEFAULT_TOP_K,
                  edge_threshold: float = DEFAULT_EDGE_THRESHOLD, compare_on: str = "slice", ugpa: bool = True,
@@ -49,28 +53,20 @@ class MedSAMUSegmenter(SamSliceSegmenter):
         self.train_prompt_encoder = True
         self.options = dict(n_boxes=n_boxes, sigma=sigma, top_k=top_k, edge_threshold=edge_threshold,
                             compare_on=compare_on, ugpa=ugpa, seed=seed, point_spacing=point_spacing)
-        self.case_key = None  # the case being predicted (set_case); None: derived from the input (case_key_for)
-        self.prompt_setting_name = OWN_PROMPTS  # the prompt setting being predicted with (set_case)
         self.last_ugpa = []  # per slice of the last prediction: True/False (UGPA accepted), None (no prompt)
         self.last_uncertainty = []  # per prompted slice: mean entropy (bits) of the kept prediction
 
     def trainable_parameters(self) -> list:
         return adapter_parameters(self) + list(self.sam.prompt_encoder.parameters())
 
-    def set_case(self, case_id: str | None, setting=None) -> None:
-        """Name the case the next predictions are of, and the prompt setting they use (a
-        :class:`calibnet.prompt_quality.PromptSetting`, its name, or None for the slices' own prompts): each
-        slice's UGMP/UGPA jitter is drawn from ``jitter_rng(seed, case_id, slice, setting name)``. Holds until
-        set again; ``set_case(None)`` goes back to the key derived from the input (:meth:`case_key_for`)."""
-        self.case_key = None if case_id is None else str(case_id)
-        self.prompt_setting_name = OWN_PROMPTS if setting is None else str(getattr(setting, "name", setting))
-
     def case_key_for(self, volume: torch.Tensor, index: int = 0) -> str:
-        """The case key of batch item ``index``: the id given to :meth:`set_case` (with ``#index`` after it
-        for items past the first), else ``input-<crc32>`` of the item's image channels as float32 — stable for
-        the same case and different between cases, for callers that do not name the case."""
-        if self.case_key is not None:
-            return self.case_key if index == 0 else f"{self.case_key}#{index}"
+        """The case key of batch item ``index``: the case id of the prediction context (:meth:`predicting`,
+        with ``#index`` after it for items past the first), else ``input-<crc32>`` of the item's image
+        channels as float32 — stable for the same case and different between cases, for callers that do not
+        name the case."""
+        case_id = self.prediction_context.case_id
+        if case_id is not None:
+            return case_id if index == 0 else f"{case_id}#{index}"
         data = volume.detach().float().cpu().contiguous().numpy()
         return f"input-{zlib.crc32(data.tobytes()):08x}"
 
@@ -111,20 +107,27 @@ class MedSAMUSegmenter(SamSliceSegmenter):
                 "ugpa_accepted_fraction": float(np.mean(decided)) if decided else 0.0,
                 "ugpa_accepted": list(self.last_ugpa)}
 
+    def prediction_settings(self) -> dict:
+        """prompts.json records whether UGPA ran (``ugpa``: False for UGMP only)."""
+        return {"ugpa": self.options["ugpa"]}
+
     def decode_uncertainty_guided(self, embeddings: torch.Tensor, prompt_sets: list, slice_shape: tuple,
                                   case_key: str | None = None):
         """Foreground logits (Z, Y, X) of one case, UGMP + UGPA per prompted slice; slice z's jitter comes from
-        ``jitter_rng(seed, case_key, z, prompt setting)`` (``case_key`` defaults to the one of set_case)."""
-        case_key = self.case_key if case_key is None else case_key
+        ``jitter_rng(seed, case_key, z, prompt setting)``; ``case_key`` and the setting default to those of the
+        prediction context (:meth:`predicting`; no setting: the slices' own prompts, named ``own``)."""
+        case_key = self.prediction_context.case_id if case_key is None else case_key
         if case_key is None:
-            raise ValueError("decode_uncertainty_guided needs a case key: call set_case or pass case_key")
+            raise ValueError("decode_uncertainty_guided needs a case key: predict inside network.predicting(case_id="
+                             "...) or pass case_key")
+        setting = OWN_PROMPTS if self.prediction_context.setting is None else self.prediction_context.setting
         logits, self.last_ugpa, self.last_uncertainty = [], [], []
         for z, (embedding, prompts) in enumerate(zip(embeddings, prompt_sets)):
             if prompts is None:
                 logits.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device))
                 self.last_ugpa.append(None)
                 continue
-            rng = jitter_rng(self.options["seed"], case_key, z, self.prompt_setting_name)
+            rng = jitter_rng(self.options["seed"], case_key, z, setting)
             probability, accepted = self.uncertainty_guided(embedding, prompts["boxes"], prompts["points"],
                                                             prompts["labels"], slice_shape, rng)
             logits.append(torch.logit(torch.from_numpy(probability).to(embeddings.device), eps=1e-7))
@@ -136,13 +139,14 @@ class MedSAMUSegmenter(SamSliceSegmenter):
         if self.training:
             raise RuntimeError("MedSAMUSegmenter.forward is the prediction path; training decodes slices directly")
         images, prompt_channels = x[:, :-3], x[:, -3:]
+        prompt_sets = self.context_prompt_sets(x)
         logits = []
         for index, (volume, maps) in enumerate(zip(images, prompt_channels)):
             slices = to_three_channels(volume).transpose(0, 1)
             shape = tuple(volume.shape[-2:])
-            if self.prompt_override is not None:
+            if prompt_sets is not None:
                 sets = [None if p is None else {"boxes": list(p.boxes), "points": list(p.points),
-                                                "labels": list(p.labels)} for p in self.prompt_override[index]]
+                                                "labels": list(p.labels)} for p in prompt_sets]
             else:
                 sets = [None if p is None else {"boxes": [p["box"]], "points": [], "labels": []}
                         for p in self.prompts_from_channels(maps)]

@@ -6,10 +6,21 @@ with ``weights_only=True``) or a small randomly initialised ``tiny`` SAM for CPU
 frozen prompt encoder on each slice's prompts, and the mask decoder once per slice with that slice's own
 prompt set (the stock decoder repeats one image embedding per prompt, so slices are decoded one by one).
 Slices without a prompt get an empty prediction. Nothing in the installed package is modified.
+
+What a prediction is told besides its input. nnU-Net's predictor calls only ``network(x)`` (once per
+sliding window, and per mirrored copy), so what a SAM network needs to know about the case — the prompts
+of a prompt-quality setting, the case id that seeds MedSAM-U's jitter, the setting's name — cannot travel
+as arguments of ``forward``. It travels in a :class:`PredictionContext` that the network owns for the span
+of one prediction: ``with network.predicting(prompt_sets, case_id, setting): predictor.predict...(x)``.
+``forward`` reads ``network.prediction_context``; outside a ``predicting`` block that context is empty (the
+prompts come from the prompt channels, the case is unnamed), so nothing set for one case leaks into the
+next. The network protocol inference relies on is declared on :class:`SamSliceSegmenter`: ``predicting``,
+``prediction_summary``, ``prediction_settings`` and ``writes_uncertainty_map``; subclasses override them.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +30,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from calibnet.errors import CalibnetError
+from calibnet.prompt_quality import PromptSetting
 
 SAM_MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
 NOT_PRETRAINED = "tiny SAM, not pretrained"
@@ -130,6 +142,16 @@ def to_three_channels(volume: torch.Tensor) -> torch.Tensor:
     return volume[:3]
 
 
+@dataclass(frozen=True)
+class PredictionContext:
+    """What one prediction of a slice-wise SAM network knows besides its input (see :meth:`SamSliceSegmenter.
+    predicting`); the default is the empty context of a network called outside a ``predicting`` block."""
+    prompt_sets: tuple | None = None  # per slice of the case: SlicePrompts (or None) of a prompt-quality
+    #                                   setting; None: the prompts of the input's prompt channels
+    case_id: str | None = None  # the case predicted; None: unnamed (MedSAM-U then keys its jitter on the input)
+    setting: str | None = None  # the prompt setting's name; None: the slices' own prompts
+
+
 class SamSliceSegmenter(torch.nn.Module):
     """Slice-wise SAM returning nnU-Net-style two-class logits (background 0, foreground = SAM's logit).
 
@@ -139,7 +161,8 @@ class SamSliceSegmenter(torch.nn.Module):
     """
 
     train_prompt_encoder = False  # MedSAM-U's MPA trains it; every other method keeps it frozen
-    prompt_override = None  # per batch item, per slice: SlicePrompts of a prompt-quality setting
+    writes_uncertainty_map = False  # inference writes CASE_uncertainty.npz (the output's entropy): MedSAM-U
+    prediction_context = PredictionContext()  # the prediction under way (set by predicting only)
 
     def __init__(self, sam: Sam, use_box: bool = False):
         super().__init__()
@@ -149,9 +172,33 @@ class SamSliceSegmenter(torch.nn.Module):
         for module in (self.image_encoder, self.prompt_encoder):
             module.requires_grad_(False)
 
-    def set_case(self, case_id: str | None, setting=None) -> None:
-        """Name the case (and prompt setting) the next prediction is of; networks whose prediction draws random
-        numbers (MedSAM-U's UGMP jitter) seed them from it. Nothing to do here."""
+    @contextmanager
+    def predicting(self, prompt_sets: list | None = None, case_id: str | None = None,
+                   setting: PromptSetting | str | None = None):
+        """The context of the predictions made inside the block: ``prompt_sets`` (per slice of the one case
+        predicted: :class:`calibnet.prompt_quality.SlicePrompts` or None) replace the prompt channels;
+        ``case_id`` and ``setting`` (a :class:`calibnet.prompt_quality.PromptSetting`, its name, or None for
+        the slices' own prompts) name what is predicted — networks whose prediction draws random numbers
+        (MedSAM-U's UGMP jitter) seed them from it. The previous context comes back when the block ends."""
+        name = setting.name if isinstance(setting, PromptSetting) else setting
+        previous = self.prediction_context
+        self.prediction_context = PredictionContext(None if prompt_sets is None else tuple(prompt_sets),
+                                                    None if case_id is None else str(case_id),
+                                                    None if name is None else str(name))
+        try:
+            yield self
+        finally:
+            self.prediction_context = previous
+
+    def prediction_summary(self) -> dict:
+        """confidence.json entries of the last prediction besides the probabilities' own scores (none here;
+        MedSAM-U: UGMP's uncertainty and UGPA's decisions)."""
+        return {}
+
+    def prediction_settings(self) -> dict:
+        """What prompts.json records about how this network predicts, besides the prompt setting and seed
+        (nothing here; MedSAM-U: whether UGPA runs)."""
+        return {}
 
     @property
     def image_encoder(self) -> torch.nn.Module:
@@ -264,16 +311,25 @@ class SamSliceSegmenter(torch.nn.Module):
             outputs.append(torch.logit(torch.sigmoid(logits).mean(0), eps=1e-7))
         return torch.stack(outputs)
 
+    def context_prompt_sets(self, x: torch.Tensor) -> tuple | None:
+        """The prompt sets of the prediction context, None when the prompts come from the prompt channels;
+        they belong to one case, so ``x`` must hold one."""
+        prompt_sets = self.prediction_context.prompt_sets
+        if prompt_sets is not None and x.shape[0] != 1:
+            raise ValueError(f"the prompt sets of predicting() are those of one case; the input holds {x.shape[0]}")
+        return prompt_sets
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Two-class logits (B, 2, Z, Y, X); the prompts come from the prompt channels, or from
-        ``prompt_override`` (one list of per-slice prompt sets per batch item) when it is set."""
+        """Two-class logits (B, 2, Z, Y, X); the prompts come from the prompt channels, or from the prompt sets
+        of the prediction context (see :meth:`predicting`) when it has them."""
         images, prompt_channels = x[:, :-3], x[:, -3:]
+        prompt_sets = self.context_prompt_sets(x)
         logits = []
-        for index, (volume, maps) in enumerate(zip(images, prompt_channels)):
+        for volume, maps in zip(images, prompt_channels):
             slices = to_three_channels(volume).transpose(0, 1)  # (Z, 3, Y, X)
             shape = tuple(volume.shape[-2:])
-            if self.prompt_override is not None:
-                foreground = self.decode_prompt_sets(self.embed(slices), self.prompt_override[index], shape)
+            if prompt_sets is not None:
+                foreground = self.decode_prompt_sets(self.embed(slices), prompt_sets, shape)
             else:
                 foreground = self.decode(self.embed(slices), self.prompts_from_channels(maps), shape)
             logits.append(torch.stack([torch.zeros_like(foreground), foreground]))
