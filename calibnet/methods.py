@@ -45,6 +45,7 @@ class Method:
     trains_head: bool = False  # trains a confidence head on a finished base run (HEAD_FLAGS) instead of a network
     network_options: tuple = ()  # keys of NETWORK_FLAGS: options of the network it builds (medsam_u)
     ablations: tuple = ()  # (part, alias) pairs: calib_train ALIAS --no-PART trains that ablation instead
+    box_prompt: bool = False  # a SAM method prompted with the slice's ground-truth box (vanilla SAM; MedSAM-U jitters it)
 
     def __post_init__(self):
         unknown = ([self.backbone] if self.backbone not in BACKBONES else []) + \
@@ -62,6 +63,11 @@ class Method:
     def uses_sam2(self) -> bool:
         """Its backbone comes from the sam2 package (--sam2-* flags)."""
         return self.backbone == "sam2"
+
+    @property
+    def own_prompts(self) -> str:
+        """What its own predictions are prompted with: ``none``, ``default`` (CalSAM's points) or ``B100``."""
+        return "none" if not self.uses_sam else "B100" if self.box_prompt else "default"
 
     @property
     def backbone_options(self) -> tuple:
@@ -120,10 +126,11 @@ METHODS = {m.alias: m for m in (
            backbone="sam"),
     Method("vanilla_sam", "nnUNetTrainerSAM", "nnUNetTrainerVanillaSAM",
            "zero-shot SAM with the slice's ground-truth box (no training: calib_train only predicts)",
-           backbone="sam"),
+           backbone="sam", box_prompt=True),
     Method("medsam_u", "nnUNetTrainerMedSAMU", "nnUNetTrainerMedSAMU",
            "MedSAM-U: adapters in the image encoder + prompt encoder trained (focal + Dice, points and jittered "
-           "boxes); UGMP + UGPA at prediction", backbone="sam", network_options=_MEDSAM_U_NETWORK),
+           "boxes); UGMP + UGPA at prediction", backbone="sam", network_options=_MEDSAM_U_NETWORK,
+           box_prompt=True),
     Method("medsam", "nnUNetTrainerSAM", "nnUNetTrainerMedSAM",
            "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", backbone="sam"),
     Method("sam2_zeroshot", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2ZeroShot",

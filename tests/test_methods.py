@@ -28,6 +28,7 @@ def test_declared_fields_agree_with_the_trainer_class(alias):
         else "none"
     assert method.backbone == family
     assert method.trains_head == issubclass(trainer, nnUNetTrainerConfidenceHead)
+    assert method.box_prompt == trainer.use_box
     for option in method.loss_options:  # each loss flag sets a float attribute the trainer declares
         assert isinstance(getattr(trainer, option), float), (alias, option)
 

@@ -19,6 +19,7 @@ from calibnet.evaluation.report import plot_all, write_report
 from calibnet.evaluation.tables import (domain_generalisation_gap, failure_detection, per_domain, ranked_scores,
                                         significance)
 from calibnet.files import atomic_output_dir
+from calibnet.methods import method_of_trainer
 from calibnet.metrics.confidence_scores import score_kind
 from calibnet.paths import channel_files
 from calibnet.planners.splits import get_fold, load_calib_splits
@@ -93,10 +94,7 @@ def _pooled_summary(table: pd.DataFrame) -> dict:
 def _own_prompts(record: dict) -> str:
     """What a run's own predictions were prompted with: "none" (no prompts), "default" (CalSAM's points) or
     "B100" (the ground-truth box, vanilla SAM)."""
-    if record.get("backbone") is None:
-        return "none"
-    from calibnet.methods import method_of_trainer
-    return "B100" if getattr(method_of_trainer(record["trainer"]).trainer_class(), "use_box", False) else "default"
+    return method_of_trainer(record["trainer"]).own_prompts if record.get("backbone") is not None else "none"
 
 
 @dataclass
