@@ -32,9 +32,6 @@ class nnUNetTrainerMedSAMU(nnUNetTrainerSAMFT):
     predicts_with_mirroring = False  # UGMP's multiple prompts take the place of test-time augmentation
     slices_per_batch = 4
     network_options = {}  # adapter and UGMP/UGPA options, recorded in calibnet_run.json
-    accepted_network_options = {"adapter_blocks": "--adapter-blocks", "adapter_ratio": "--adapter-ratio",
-                                "n_boxes": "--ugmp-boxes", "sigma": "--ugmp-sigma", "top_k": "--ugpa-k",
-                                "compare_on": "--ugpa-compare", "ugpa": "--no-ugpa"}  # option -> calib_train flag
 
     @classmethod
     def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **options) -> MedSAMUSegmenter:
