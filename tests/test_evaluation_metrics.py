@@ -253,3 +253,13 @@ def test_runs_that_differ_in_configuration_or_options_get_rows_of_their_own(tmp_
     assert labels[tmp_path / "a"] == "nnunet (2d)" and labels[tmp_path / "b"] == "nnunet (3d_fullres)"
     assert labels[tmp_path / "c"] == labels[tmp_path / "d"] == "calunet"  # the same model on two folders: one row
     assert labels[tmp_path / "e"] == "calsam (lambda_fip=0.3)" and labels[tmp_path / "f"] == "calsam (lambda_fip=0.1)"
+
+
+def test_ablation_tables_are_not_repeated_for_the_same_methods():
+    from calibnet.evaluation.report import ablation_tables
+
+    rows = [{"method": m, "role": "target", "DSC": d, "HD95": 1.0, "ECE": 0.1}
+            for m, d in (("samft", 0.5), ("calsam", 0.6), ("samft_focal", 0.55))]
+    tables = ablation_tables(pd.DataFrame(rows))
+    assert [list(t["method"]) for t in tables] == [["samft", "calsam"], ["samft", "samft_focal", "calsam"]]
+    assert len(ablation_tables(pd.DataFrame(rows[:2]))) == 1
