@@ -38,8 +38,10 @@ def _list_methods(ctx, _param, value):
               help="N MC-dropout samples per case for the score-agreement baseline (nnunet_dropout; N >= 2, one "
                    "dropout forward each, no mirroring). Repeat for several N in one prediction, as the paper's "
                    "--mc-samples 2 --mc-samples 15 (max(N) samples, the first N for each); default off.")
-@click.option("--lambda-fip", type=float, default=None, help="Weight of FIP (calunet, unet_fip, calsam, sam_fip; default 0.3).")
-@click.option("--lambda-cmp", type=float, default=None, help="Weight of CMP (calunet, unet_cmp, calsam, sam_cmp; default 0.5).")
+@click.option("--lambda-fip", type=float, default=None,
+              help="Weight of FIP (calunet, unet_fip, calsam, sam_fip; default 0.3).")
+@click.option("--lambda-cmp", type=float, default=None,
+              help="Weight of CMP (calunet, unet_cmp, calsam, sam_cmp; default 0.5).")
 @click.option("--cmp-tau", type=float, default=None, help="CMP threshold τ on the voxel CE (default ln 2).")
 @click.option("--cmp-gamma", type=float, default=None, help="CMP steepness γ (default 0.1).")
 @click.option("--focal-gamma", type=float, default=None, help="Focal loss γ (focal, samft_focal; default 2).")
