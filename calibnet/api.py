@@ -98,14 +98,12 @@ def predict(request: PredictRequest, roots: DataRoots | None = None) -> PredictR
     if get_method(request.method).trains_head:
         raise CalibnetError(f"{request.method} is not a segmentation model: predict with the method it was trained "
                             f"on, e.g. calib_predict -m nnunet --confidence.")
-    spec = RunSpec(request.dataset_id, request.configuration, request.method, request.fold, request.split,
-                   request.seed)
-    folder = locate_run(spec, roots.preprocessed, roots.results)
+    folder = locate_run(RunSpec.of(request), roots.preprocessed, roots.results)
     model = load_model(folder, request.device or default_device(), use_mirroring=request.use_mirroring)
     _check_predict_request(request, model, folder)
     cases = folder_case_inputs(request.input_dir, model.dataset_json, request.prompts_from)
     confidences = predict_cases(model, cases, request.output_dir, save_probabilities=request.save_probabilities,
-                                prompt_seed=request.seed, mc_samples=sorted(set(request.mc_samples)),
+                                prompt_seed=request.seed, mc_samples=request.mc_samples,
                                 prompt_setting=request.prompt_setting)
     flagged = flagged_cases(confidences, request.flag_below) if request.confidence else {}
     note = model.record.get("note")

@@ -39,6 +39,12 @@ class RunSpec:
     split: str = "loco"
     seed: int = DEFAULT_SEED
 
+    @classmethod
+    def of(cls, request) -> "RunSpec":
+        """The spec of a request naming a run (calib_train's or calib_predict's: the same six fields)."""
+        return cls(request.dataset_id, request.configuration, request.method, request.fold, request.split,
+                   request.seed)
+
 
 @dataclass
 class RunRecord:

@@ -109,7 +109,7 @@ class TrainRequest:
 
     @property
     def spec(self) -> RunSpec:
-        return RunSpec(self.dataset_id, self.configuration, self.method, self.fold, self.split, self.seed)
+        return RunSpec.of(self)
 
 
 def _takers(options: tuple, declared) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,8 @@ from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
 from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, NetworkOptions, check_backbone_options,
                                      check_head_options, check_loss_options, check_network_options)
 from calibnet.methods import METHODS, get_method
-from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, model_checkpoint, read_run, resume_checkpoint,
-                           run_folder, write_run)
+from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, model_checkpoint, read_run,
+                           resume_checkpoint, run_folder, write_run)
 
 
 
@@ -229,7 +229,7 @@ def base_run_of(spec: RunSpec, base: str, preprocessed_root: Path, results_root:
                              if not (m.trains_head or m.uses_sam or m.trainer_class().requires_prompts))
         raise CalibnetError(f"--base {base}: a confidence head attaches to an nnU-Net U-Net without prompt inputs; "
                             f"choose one of {heads_on}.")
-    base_spec = RunSpec(spec.dataset_id, spec.configuration, base, spec.fold, spec.split, spec.seed)
+    base_spec = replace(spec, method=base)
     folder = locate_run(base_spec, preprocessed_root, results_root)
     checkpoint = model_checkpoint(folder)
     if not (folder / RUN_FILENAME).is_file() or checkpoint is None:
