@@ -24,8 +24,8 @@ import torch
 
 from calibnet.errors import CalibnetError
 from calibnet.metrics.entropy import binary_entropy
-from calibnet.networks.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adapter_parameters, insert_adapters,
-                                            parse_adapter_blocks)
+from calibnet.networks.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adaptable_blocks, adapter_parameters,
+                                            insert_adapters, parse_adapter_blocks)
 from calibnet.networks.sam_backbone import EMPTY_LOGIT, SamSliceSegmenter, to_three_channels
 from calibnet.uncertainty_prompting import (DEFAULT_EDGE_THRESHOLD, DEFAULT_N_BOXES, DEFAULT_POINT_SPACING,
                                             DEFAULT_SIGMA, DEFAULT_TOP_K, UGMPResult, adapt,
@@ -45,7 +45,7 @@ class MedSAMUSegmenter(SamSliceSegmenter):
                  seed: int = 0, point_spacing: float = DEFAULT_POINT_SPACING, unit_intensities: bool = False):
         super().__init__(sam, use_box=True, unit_intensities=unit_intensities)
         try:
-            blocks = parse_adapter_blocks(str(adapter_blocks), len(sam.image_encoder.blocks))
+            blocks = parse_adapter_blocks(str(adapter_blocks), len(adaptable_blocks(sam.image_encoder)))
         except ValueError as e:
             raise CalibnetError(f"--{e}") from None
         self.adapters = insert_adapters(sam.image_encoder, blocks, adapter_ratio)
