@@ -99,7 +99,8 @@ def predict(request: PredictRequest, roots: DataRoots | None = None) -> PredictR
         raise CalibnetError(f"{request.method} is not a segmentation model: predict with the method it was trained "
                             f"on, e.g. calib_predict -m nnunet --confidence.")
     folder = locate_run(RunSpec.of(request), roots.preprocessed, roots.results)
-    model = load_model(folder, request.device or default_device(), use_mirroring=request.use_mirroring)
+    model = load_model(folder, request.device or default_device(), use_mirroring=request.use_mirroring,
+                       preprocessed_root=roots.preprocessed)
     _check_predict_request(request, model, folder)
     cases = folder_case_inputs(request.input_dir, model.dataset_json, request.prompts_from)
     confidences = predict_cases(model, cases, request.output_dir, save_probabilities=request.save_probabilities,

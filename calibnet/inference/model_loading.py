@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from calibnet.errors import CalibnetError
+from calibnet.networks.embedding_store import EMBEDDINGS_FOLDER
 from calibnet.runs import MODEL_CHECKPOINTS, export_dataset_json, model_checkpoint, read_run, target_mask
 
 if TYPE_CHECKING:
@@ -114,10 +115,12 @@ def _build_network(trainer_class: type, record: dict, plans_manager, configurati
 
 def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True,
                checkpoint_name: str | None = None, with_heads: bool = True,
-               network_options: dict | None = None) -> LoadedModel:
+               network_options: dict | None = None, preprocessed_root: Path | None = None) -> LoadedModel:
     """Rebuild the trained network of ``run_folder`` (architecture from its trainer class) and wrap it in
     nnU-Net's predictor, with the confidence heads trained on it, if any (unless ``with_heads`` is off).
-    ``network_options`` override the recorded options of a SAM network (e.g. {"ugpa": False})."""
+    ``network_options`` override the recorded options of a SAM network (e.g. {"ugpa": False}). A SAM network
+    with a frozen encoder reads and keeps its slice embeddings in the dataset's embedding store under
+    ``preprocessed_root``, when given."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -138,6 +141,8 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     except (RuntimeError, KeyError) as e:
         raise CalibnetError(f"{checkpoint_path} does not fit the {trainer_class.__name__} architecture of this "
                             f"dataset's plans ({str(e).splitlines()[0]}).") from None
+    if preprocessed_root is not None and record.get("backbone") is not None and trainer_class.caches_embeddings:
+        network.use_embedding_store(Path(preprocessed_root) / record["dataset_name"] / EMBEDDINGS_FOLDER)
     device = torch.device(device)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True,
                                 use_mirroring=use_mirroring and trainer_class.predicts_with_mirroring,

@@ -140,7 +140,8 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
         if record.get("backbone") is None:
             raise CalibnetError(f"--prompts applies to SAM methods, not {record['spec']['method']}.")
     fold = _run_fold(record, preprocessed_root)
-    model = load_model(run_folder, device, use_mirroring, network_options=None if ugpa else {"ugpa": False})
+    model = load_model(run_folder, device, use_mirroring, network_options=None if ugpa else {"ugpa": False},
+                       preprocessed_root=preprocessed_root)
     prediction_set = prompt_setting
     if not ugpa:
         if prompt_setting is None or "ugpa" not in model.prediction_settings():  # the network has no UGPA
@@ -170,7 +171,8 @@ def score_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path, 
         return predict_run_splits(run_folder, raw_root, preprocessed_root, device, progress=progress)
     record = read_run(run_folder)
     fold = _run_fold(record, preprocessed_root)
-    model = load_model(run_folder, device, use_mirroring=False)  # heads read the unmirrored pass only
+    model = load_model(run_folder, device, use_mirroring=False,  # heads read the unmirrored pass only
+                       preprocessed_root=preprocessed_root)
     if not model.heads:
         raise CalibnetError(f"{run_folder} has no trained confidence head; train one with calib_train ... "
                             f"confidence_head --base {record['spec']['method']}.")

@@ -127,9 +127,9 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
         return {}
     config, warning = backbone
     if trainer.requires_checkpoint and not config.pretrained:
-        raise CalibnetError(f"{method.alias} fine-tunes {trainer.requires_checkpoint} weights: download "
-                            f"medsam_vit_b.pth (the MedSAM release) and pass --sam-checkpoint PATH or set "
-                            f"CALIBNET_SAM_CHECKPOINT.")
+        raise CalibnetError(f"{method.alias} fine-tunes {trainer.requires_checkpoint} weights, not a random SAM: "
+                            f"leave --sam-model out for the packaged LiteMedSAM, or download medsam_vit_b.pth (the "
+                            f"MedSAM release) and pass --sam-checkpoint PATH or set CALIBNET_SAM_CHECKPOINT.")
     if warning:
         log(f"warning: {warning}")
     labels = [v for k, v in trainer.dataset_json["labels"].items() if k != "background"]

@@ -179,14 +179,20 @@ class Sam2SliceSegmenter(SamSliceSegmenter):
         """Low-resolution logits straight to the slice's shape (nothing padded to crop)."""
         return F.interpolate(low_res, size=slice_shape, mode="bilinear", align_corners=False)
 
-    @torch.no_grad()
-    def embed(self, slices: torch.Tensor) -> torch.Tensor:
-        """Frozen-encoder features of (N, 3, Y, X) slices, packed flat (N, D)."""
+    def frozen_encoding(self) -> list:
+        return [self.image_encoder, self.mask_decoder.conv_s0, self.mask_decoder.conv_s1, self.sam.no_mem_embed]
+
+    @property
+    def embedding_layout(self) -> str:
+        return "sam2+middle" if self.needs_intermediate else "sam2"
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Frozen-encoder features of prepared (N, 3, S, S) inputs, packed flat (N, D)."""
         captured = []
         hook = self._middle_block.register_forward_hook(lambda _m, _i, out: captured.append(out)) \
             if self.needs_intermediate else None
         try:
-            out = self.sam.forward_image(self.slices_to_sam_input(slices))
+            out = self.sam.forward_image(inputs)
         finally:
             if hook is not None:
                 hook.remove()

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from calibnet.errors import CalibnetError
+from calibnet.networks.embedding_store import EmbeddingStore, weights_digest
 from calibnet.prompt_quality import PromptSetting
 
 SAM_MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
@@ -229,6 +230,8 @@ class SamSliceSegmenter(torch.nn.Module):
     train_prompt_encoder = False  # MedSAM-U's MPA trains it; every other method keeps it frozen
     writes_uncertainty_map = False  # inference writes CASE_uncertainty.npz (the output's entropy): MedSAM-U
     prediction_context = PredictionContext()  # the prediction under way (set by predicting only)
+    embedding_store = None  # an EmbeddingStore shared across runs, when attached (use_embedding_store)
+    embedding_layout = "sam"  # names what an embedding holds; subclasses that pack more name it otherwise
 
     def __init__(self, sam: Sam, use_box: bool = False, unit_intensities: bool = False):
         super().__init__()
@@ -332,8 +335,27 @@ class SamSliceSegmenter(torch.nn.Module):
 
     @torch.no_grad()
     def embed(self, slices: torch.Tensor) -> torch.Tensor:
-        """Frozen image-encoder embeddings of (N, 3, Y, X) slices."""
-        return self.sam.image_encoder(self.slices_to_sam_input(slices))
+        """Frozen image-encoder embeddings of (N, 3, Y, X) slices of one shape, through the embedding store when
+        one is attached (:meth:`use_embedding_store`)."""
+        inputs = self.slices_to_sam_input(slices)
+        if self.embedding_store is None:
+            return self.encode(inputs)
+        return self.embedding_store.embeddings(inputs, self.encode)
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The frozen encoder on prepared (N, 3, S, S) inputs."""
+        return self.sam.image_encoder(inputs)
+
+    def use_embedding_store(self, root) -> EmbeddingStore:
+        """Read and keep this network's frozen-encoder embeddings in the store under ``root`` (shared by every
+        run whose encoder has the same weights and embedding layout)."""
+        self.embedding_store = EmbeddingStore(root, weights_digest(*self.frozen_encoding()), self.embedding_layout,
+                                              type(self.image_encoder).__name__)
+        return self.embedding_store
+
+    def frozen_encoding(self) -> list:
+        """The modules and tensors whose weights make an embedding (what the store's folder is named by)."""
+        return [self.image_encoder]
 
     def sam_prompts(self, prompt: dict, slice_shape: tuple, dtype, device) -> tuple:
         """(points, boxes) of one slice's prompt dict in SAM's form: (x, y) pixel indices (the prompt encoder adds

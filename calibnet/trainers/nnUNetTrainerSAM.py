@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from calibnet.errors import CalibnetError
 from calibnet.runs import target_mask
@@ -25,7 +27,8 @@ from calibnet.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_
                                       confidence_misalignment_penalty, dice_plus_plus_loss,
                                       fisher_information_penalty, focal_loss, full_precision)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
-from calibnet.networks.sam_backbone import SamConfig, SamSliceSegmenter, build_sam, to_three_channels
+from calibnet.networks.embedding_store import EMBEDDINGS_FOLDER, STORE_DTYPE
+from calibnet.networks.sam_backbone import EMBED_CHUNK, SamConfig, SamSliceSegmenter, build_sam, to_three_channels
 
 
 class EmbeddingCache:
@@ -40,8 +43,8 @@ class EmbeddingCache:
         self.misses += len(missing)
         if missing:
             for key, embedding in zip(missing, compute(missing)):
-                self.store[key] = embedding.detach().cpu()
-        return torch.stack([self.store[k] for k in keys])
+                self.store[key] = embedding.detach().to("cpu", STORE_DTYPE)  # the store's values: half the memory
+        return torch.stack([self.store[k] for k in keys]).float()
 
 
 class CosineLR:
@@ -156,10 +159,11 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
             batches.append(SliceBatches(keys, self.slices_per_batch, self.seed + offset))
             all_keys += keys
         if self.caches_embeddings:
-            for start in range(0, len(all_keys), 32):  # encode every slice once, before the first step
-                self.embeddings(all_keys[start:start + 32])
-            self.print_to_log_file(f"embedding cache: {len(self.embedding_cache.store)} slices encoded once "
-                                   f"({self.sam_config.describe()})")
+            store = self.network.use_embedding_store(Path(self.preprocessed_dataset_folder_base) / EMBEDDINGS_FOLDER)
+            starts = range(0, len(all_keys), EMBED_CHUNK)
+            for start in tqdm(starts, desc="encoding slices", unit="batch", disable=len(starts) < 8):
+                self.embeddings(all_keys[start:start + EMBED_CHUNK])  # every slice once, before the first step
+            self.print_to_log_file(f"{store.summary()} ({self.sam_config.describe()})")
         return batches[0], batches[1]
 
     def on_epoch_end(self):
