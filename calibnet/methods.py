@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from calibnet.errors import CalibnetError
 
 BACKBONES = ("none", "sam", "sam2")  # nnU-Net's own network | segment_anything (SAM, MedSAM) | the sam2 package
+# calib_train --backbone NAME -> the family it names (litemedsam: the SAM family, whose default is LiteMedSAM)
+BACKBONE_NAMES = {"sam2": "sam2", "litemedsam": "sam"}
 
 # option name (a field of the launch/ option dataclasses) -> calib_train flag
 LOSS_FLAGS = {"lambda_fip": "--lambda-fip", "lambda_cmp": "--lambda-cmp", "cmp_tau": "--cmp-tau",
@@ -46,11 +48,13 @@ class Method:
     network_options: tuple = ()  # keys of NETWORK_FLAGS: options of the network it builds (medsam_u)
     ablations: tuple = ()  # (part, alias) pairs: calib_train ALIAS --no-PART trains that ablation instead
     box_prompt: bool = False  # a SAM method prompted with the slice's ground-truth box (vanilla SAM; MedSAM-U jitters it)
+    variants: tuple = ()  # (backbone name, alias) pairs: calib_train ALIAS --backbone NAME trains that alias instead
 
     def __post_init__(self):
         unknown = ([self.backbone] if self.backbone not in BACKBONES else []) + \
             [o for o in self.loss_options if o not in LOSS_FLAGS] + \
-            [o for o in self.network_options if o not in NETWORK_FLAGS]
+            [o for o in self.network_options if o not in NETWORK_FLAGS] + \
+            [name for name, _ in self.variants if name not in BACKBONE_NAMES]
         if unknown or (self.trains_head and self.backbone != "none"):
             raise ValueError(f"method {self.alias}: undeclared backbone or options {unknown}")
 
@@ -139,14 +143,28 @@ METHODS = {m.alias: m for m in (
            "SAM 2 with its mask decoder fine-tuned on imperfect prompts (AdamW, Dice + BCE)", backbone="sam2"),
     Method("safeclick", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClick",
            "SafeClick: SAM 2's decoder + expert layers E1/E2 + consensus reasoning layer, trained on imperfect "
-           "prompts", backbone="sam2",
-           ablations=(("e1", "safeclick_no_e1"), ("e2", "safeclick_no_e2"), ("crl", "safeclick_no_crl"))),
+           "prompts (--backbone litemedsam: safeclick_lite)", backbone="sam2",
+           ablations=(("e1", "safeclick_no_e1"), ("e2", "safeclick_no_e2"), ("crl", "safeclick_no_crl")),
+           variants=(("litemedsam", "safeclick_lite"),)),
     Method("safeclick_no_e1", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoE1",
            "ablation: SafeClick without E1 (same as safeclick --no-e1)", backbone="sam2"),
     Method("safeclick_no_e2", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoE2",
            "ablation: SafeClick without E2 (same as safeclick --no-e2)", backbone="sam2"),
     Method("safeclick_no_crl", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoCRL",
            "ablation: SafeClick without the CRL (same as safeclick --no-crl)", backbone="sam2"),
+    Method("safeclick_lite", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLite",
+           "SafeClick's plug-in on LiteMedSAM's decoder (pretrained; --sam-model/--sam-checkpoint for another SAM), "
+           "trained on imperfect prompts; no paper has this", backbone="sam",
+           ablations=(("e1", "safeclick_lite_no_e1"), ("e2", "safeclick_lite_no_e2"),
+                      ("crl", "safeclick_lite_no_crl")),
+           variants=(("sam2", "safeclick"),)),
+    Method("safeclick_lite_no_e1", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLiteNoE1",
+           "ablation: safeclick_lite without E1 (same as safeclick --backbone litemedsam --no-e1)", backbone="sam"),
+    Method("safeclick_lite_no_e2", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLiteNoE2",
+           "ablation: safeclick_lite without E2 (same as safeclick --backbone litemedsam --no-e2)", backbone="sam"),
+    Method("safeclick_lite_no_crl", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLiteNoCRL",
+           "ablation: safeclick_lite without the CRL (same as safeclick --backbone litemedsam --no-crl)",
+           backbone="sam"),
 )}
 
 SAFECLICK_ABLATIONS = dict(METHODS["safeclick"].ablations)
@@ -163,6 +181,29 @@ def safeclick_variant(method: str, removed: list) -> str:
     if len(removed) > 1:
         raise CalibnetError(f"{flags}: one ablation at a time (the paper's Table 3); train each separately.")
     return ablations[removed[0]]
+
+
+def backbone_variant(method: str, backbone: str | None) -> str:
+    """The method that ``calib_train METHOD --backbone NAME`` trains: METHOD itself when it runs on that backbone
+    already, else its declared variant on it (safeclick --backbone litemedsam: safeclick_lite)."""
+    if backbone is None:
+        return method
+    if backbone not in BACKBONE_NAMES:
+        raise CalibnetError(f"unknown --backbone {backbone!r}; choose from {', '.join(BACKBONE_NAMES)}.")
+    declared = get_method(method)
+    if declared.backbone == BACKBONE_NAMES[backbone]:
+        return method
+    variants = dict(declared.variants)
+    if backbone not in variants:
+        takers = ", ".join(m.alias for m in METHODS.values() if m.variants)
+        raise CalibnetError(f"--backbone {backbone}: {method} has no variant on it (--backbone applies to {takers}).")
+    return variants[backbone]
+
+
+def method_variant(method: str, backbone: str | None = None, removed: tuple = ()) -> str:
+    """The method ``calib_train METHOD [--backbone NAME] [--no-PART]`` trains: METHOD's variant on the backbone,
+    then one ablation of that (safeclick --backbone litemedsam --no-e1: safeclick_lite_no_e1)."""
+    return safeclick_variant(backbone_variant(method, backbone), list(removed))
 
 
 def get_method(alias: str) -> Method:

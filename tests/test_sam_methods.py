@@ -65,7 +65,8 @@ def test_calsam_trains_with_frozen_encoders_and_predicts(tiny_dataset, calsam_ru
     decoder = [k for k in fresh if k.startswith("sam.mask_decoder.") and fresh[k].is_floating_point()]
     assert any(not torch.equal(weights[k], fresh[k]) for k in decoder)
     record = json.loads((folder / "calibnet_run.json").read_text())
-    assert record["backbone"] == {"model": "tiny", "checkpoint": None, "source": None, "sha256": None}
+    assert record["backbone"] == {"model": "tiny", "checkpoint": None, "source": None, "sha256": None,
+                                  "image_channel": None}
     assert record["note"] == "tiny SAM, not pretrained"
     splits = json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())["loco"]["folds"][0]
     for role in ("val", "test"):

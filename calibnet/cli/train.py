@@ -60,6 +60,9 @@ def _list_methods(ctx, _param, value):
               help="SAM 2 / SAM 2.1 / MedSAM 2 weights (.pt), loaded with weights_only=True.")
 @click.option("--sam2-image-size", type=int, default=None,
               help="SAM 2 input size, a multiple of 32 (default 1024, SAM 2's; MedSAM 2: 512; tests: 128).")
+@click.option("--backbone", "on_backbone", type=click.Choice(["sam2", "litemedsam"]), default=None,
+              help="safeclick: the decoder that carries the plug-in: sam2 (default, the paper's) or litemedsam "
+                   "(trains safeclick_lite: LiteMedSAM, or the SAM of --sam-model/--sam-checkpoint).")
 @click.option("--no-e1", is_flag=True, help="safeclick ablation: without the cross-attention expert E1.")
 @click.option("--no-e2", is_flag=True, help="safeclick ablation: without the self-attention expert E2.")
 @click.option("--no-crl", is_flag=True, help="safeclick ablation: without the consensus reasoning layer.")
@@ -113,7 +116,7 @@ def _request(flags: dict) -> api.TrainRequest:
         split=flags["split"], seed=flags["seed"], epochs=flags["epochs"],
         iterations_per_epoch=flags["iters_per_epoch"], device=flags["device"],
         num_workers=flags["num_workers"], continue_training=flags["continue_training"],
-        ablations=tuple(part for part in ("e1", "e2", "crl") if flags[f"no_{part}"]),
+        ablations=tuple(part for part in ("e1", "e2", "crl") if flags[f"no_{part}"]), on_backbone=flags["on_backbone"],
         loss=_group(api.LossOptions, flags), backbone=_group(api.BackboneOptions, flags),
         network=api.NetworkOptions(adapter_blocks=flags["adapter_blocks"], adapter_ratio=flags["adapter_ratio"],
                                    n_boxes=flags["ugmp_boxes"], sigma=flags["ugmp_sigma"],

@@ -101,6 +101,7 @@ class TrainRequest:
     num_workers: int | None = None  # nnU-Net's data-augmentation processes for this training
     continue_training: bool = False
     ablations: tuple = ()  # parts removed from the method (--no-e1: ("e1",)), one at a time
+    on_backbone: str | None = None  # --backbone: the method's variant on this backbone (safeclick on litemedsam)
     loss: LossOptions = field(default_factory=LossOptions)
     backbone: BackboneOptions = field(default_factory=BackboneOptions)
     network: NetworkOptions = field(default_factory=NetworkOptions)
@@ -141,8 +142,10 @@ def check_backbone_options(method: Method, backbone: BackboneOptions) -> None:
         raise CalibnetError(f"--sam-model, --sam-checkpoint, --sam2-* and --target apply to SAM methods, not "
                             f"{method.alias}.")
     if method.backbone == "sam2":
+        other = dict(method.variants).get("litemedsam")
+        hint = f" (or --backbone litemedsam: {other})." if other else "."
         raise CalibnetError(f"{method.alias} runs on SAM 2: use --sam2-model/--sam2-checkpoint, not "
-                            f"--sam-model/--sam-checkpoint.")
+                            f"--sam-model/--sam-checkpoint{hint}")
     raise CalibnetError(f"--sam2-model, --sam2-checkpoint and --sam2-image-size apply to SAM 2 methods "
                         f"(sam2_zeroshot, sam2ft, safeclick), not {method.alias}.")
 
@@ -176,7 +179,7 @@ def check_prediction_options(request: TrainRequest) -> None:
 @dataclass
 class TrainResult:
     """What a calib_train request produced."""
-    method: str  # the method trained (a SafeClick ablation when --no-e1 etc. asked for one)
+    method: str  # the method trained (a SafeClick ablation or backbone variant when --no-e1, --backbone asked)
     folder: Path | None  # the run folder; of a confidence head: the head's folder (None with --predict-only)
     trained: bool  # False with --predict-only
     # prediction set (None: the run's own prompts, else the prompt-quality setting) -> {"val": folder, "test": ...}

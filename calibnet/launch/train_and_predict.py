@@ -1,7 +1,7 @@
-"""One calib_train request from start to end: the method it names (SafeClick ablations included), a network
-or a confidence head trained, then the fold's val (source) and test (target) cases predicted with the run's
-own prompts and with each prompt-quality setting asked for. Progress goes to ``log`` line by line, as
-calib_train prints it; the experiment grid runs the same step per cell.
+"""One calib_train request from start to end: the method it names (SafeClick ablations and backbone variants
+included), a network or a confidence head trained, then the fold's val (source) and test (target) cases
+predicted with the run's own prompts and with each prompt-quality setting asked for. Progress goes to ``log``
+line by line, as calib_train prints it; the experiment grid runs the same step per cell.
 """
 from __future__ import annotations
 
@@ -10,18 +10,21 @@ from dataclasses import replace
 from calibnet.inference import predict_run_splits, score_run_splits
 from calibnet.launch.options import TrainRequest, TrainResult, check_head_options, check_prediction_options
 from calibnet.launch.training_run import base_run_of, default_device, locate_run, train, train_confidence_head
-from calibnet.methods import get_method, safeclick_variant
+from calibnet.methods import get_method, method_variant
 from calibnet.paths import DataRoots
 from calibnet.runs import CONFIDENCE_FILENAME, read_run
 
 
 def train_and_predict(request: TrainRequest, roots: DataRoots, log=print) -> TrainResult:
     """Do what ``calib_train`` does for ``request``; every flag is checked before anything is written."""
-    method = safeclick_variant(request.method, list(request.ablations))
+    method = method_variant(request.method, request.on_backbone, request.ablations)
     if method != request.method:
-        log(f"--no-{request.ablations[0]}: method {method} (a SafeClick ablation)")
-        request = replace(request, method=method, ablations=())
-    request = replace(request, device=request.device or default_device())
+        flags = ([f"--backbone {request.on_backbone}"] if request.on_backbone else []) + \
+            [f"--no-{part}" for part in request.ablations]
+        kind = "a SafeClick ablation" if request.ablations else f"{request.method} on {request.on_backbone}"
+        log(f"{' '.join(flags)}: method {method} ({kind})")
+    request = replace(request, method=method, ablations=(), on_backbone=None,
+                      device=request.device or default_device())
     check_head_options(get_method(method), request.head)
     if get_method(method).trains_head:
         return _train_head(request, roots, log)

@@ -123,6 +123,8 @@ def _resolve_backbone(method, backbone: BackboneOptions):
 def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
                    network_options: dict | None = None) -> dict:
     """Backbone, target and prompt seed of a SAM method; returns what calibnet_run.json records."""
+    from calibnet.networks.sam_backbone import SamConfig, sam_image_channel
+
     if backbone is None:
         return {}
     config, warning = backbone
@@ -140,6 +142,12 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
         raise CalibnetError("SAM methods train one binary model: pass --target with a label value for this "
                             "region-based dataset (e.g. --target 1), or leave it out on label datasets for the "
                             "union of all foreground.")
+    if isinstance(config, SamConfig):  # a grayscale-trained SAM reads one channel (recorded with the backbone)
+        channel = sam_image_channel(config, trainer.dataset_json["channel_names"], trainer.unit_intensities(config))
+        config = replace(config, image_channel=channel)
+        if channel is not None:
+            log(f"SAM input: channel {channel} ({trainer.dataset_json['channel_names'][str(channel)]}) repeated "
+                f"to three, as the backbone was trained")
     trainer.sam_config, trainer.target_label, trainer.seed = config, target_label, spec.seed
     given = {k: v for k, v in (network_options or {}).items() if v is not None}
     options = {}

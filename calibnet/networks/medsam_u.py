@@ -26,7 +26,7 @@ from calibnet.errors import CalibnetError
 from calibnet.metrics.entropy import binary_entropy
 from calibnet.networks.sam_adapters import (DEFAULT_BOTTLENECK_RATIO, adaptable_blocks, adapter_parameters,
                                             insert_adapters, parse_adapter_blocks)
-from calibnet.networks.sam_backbone import EMPTY_LOGIT, SamSliceSegmenter, to_three_channels
+from calibnet.networks.sam_backbone import EMPTY_LOGIT, SamSliceSegmenter
 from calibnet.uncertainty_prompting import (DEFAULT_EDGE_THRESHOLD, DEFAULT_N_BOXES, DEFAULT_POINT_SPACING,
                                             DEFAULT_SIGMA, DEFAULT_TOP_K, UGMPResult, adapt,
                                             default_min_distance, jitter_rng, jittered_boxes, run_ugmp)
@@ -42,8 +42,9 @@ class MedSAMUSegmenter(SamSliceSegmenter):
     def __init__(self, sam, adapter_blocks: str = "all", adapter_ratio: float = DEFAULT_BOTTLENECK_RATIO,
                  n_boxes: int = DEFAULT_N_BOXES, sigma: float = DEFAULT_SIGMA, top_k: int = DEFAULT_TOP_K,
                  edge_threshold: float = DEFAULT_EDGE_THRESHOLD, compare_on: str = "slice", ugpa: bool = True,
-                 seed: int = 0, point_spacing: float = DEFAULT_POINT_SPACING, unit_intensities: bool = False):
-        super().__init__(sam, use_box=True, unit_intensities=unit_intensities)
+                 seed: int = 0, point_spacing: float = DEFAULT_POINT_SPACING, unit_intensities: bool = False,
+                 image_channel: int | None = None):
+        super().__init__(sam, use_box=True, unit_intensities=unit_intensities, image_channel=image_channel)
         try:
             blocks = parse_adapter_blocks(str(adapter_blocks), len(adaptable_blocks(sam.image_encoder)))
         except ValueError as e:
@@ -142,7 +143,7 @@ class MedSAMUSegmenter(SamSliceSegmenter):
         prompt_sets = self.context_prompt_sets(x)
         logits = []
         for index, (volume, maps) in enumerate(zip(images, prompt_channels)):
-            slices = to_three_channels(volume).transpose(0, 1)
+            slices = self.slice_images(volume)
             shape = tuple(volume.shape[-2:])
             if prompt_sets is not None:
                 sets = [None if p is None else {"boxes": list(p.boxes), "points": list(p.points),

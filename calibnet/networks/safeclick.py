@@ -24,6 +24,9 @@ reason for the zero initialisation ("initially preserves the prompt-driven featu
 and activation to the consensus branch and keep the zero-initialised convolution last, so the plug-in
 starts out as exactly SAM 2's decoder (the zero-convolution pattern of ControlNet).
 
+The same plug-in sits on segment-anything's mask decoder (LiteMedSAM, SAM, MedSAM) in
+``calibnet.networks.safeclick_sam``; nothing here needs the sam2 package but :class:`SafeClickSegmenter`'s backbone.
+
 Ablations (Table 3): without E1 the cross term disappears (CRL mixes the self term only); without E2 the
 CRL works on x_f itself; without the CRL the experts' outputs are summed and go to the fusion directly.
 """
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from sam2.modeling.sam2_utils import LayerNorm2d
+from segment_anything.modeling.common import LayerNorm2d  # the same module as sam2's; SAM 1 needs no sam2
 from torch import nn
 
 from calibnet.networks.sam2_backbone import Sam2SliceSegmenter

@@ -49,12 +49,14 @@ EMBED_CHUNK = 8  # slices per encoder call at prediction (bounds the encoder's a
 @dataclass(frozen=True)
 class SamConfig:
     """A SAM backbone and where its weights come from: ``checkpoint`` (a file; None for tiny), ``source``
-    (who published them: a package and its version, or "user checkpoint") and the file's ``sha256``."""
+    (who published them: a package and its version, or "user checkpoint") and the file's ``sha256``; and
+    what it reads: ``image_channel`` (see :func:`sam_image_channel`)."""
 
     model: str = "tiny"
     checkpoint: str | None = None
     source: str | None = None
     sha256: str | None = None
+    image_channel: int | None = None  # the one input channel a grayscale-trained SAM reads; None: channel mix
 
     @property
     def pretrained(self) -> bool:
@@ -200,6 +202,16 @@ def build_sam(config: SamConfig, load_weights: bool = True) -> Sam:
     return sam
 
 
+def sam_image_channel(config: SamConfig, channel_names: dict, grayscale: bool) -> int | None:
+    """The input channel a SAM trained on grayscale images (LiteMedSAM, MedSAM: one modality repeated to three
+    channels, as their authors prepare it) reads: FLAIR where the dataset has one (the lesion contrast of brain
+    MRI), else the first channel; None for SAMs that read the channel mix of :func:`to_three_channels`."""
+    if not (grayscale and config.pretrained):
+        return None
+    names = [str(channel_names[k]).lower() for k in sorted(channel_names, key=int)]
+    return names.index("flair") if "flair" in names else 0
+
+
 def to_three_channels(volume: torch.Tensor) -> torch.Tensor:
     """(C, Z, Y, X) -> (3, Z, Y, X): one channel repeated, two as (c0, c1, c0), more: the first three."""
     if volume.shape[0] == 1:
@@ -233,11 +245,13 @@ class SamSliceSegmenter(torch.nn.Module):
     embedding_store = None  # an EmbeddingStore shared across runs, when attached (use_embedding_store)
     embedding_layout = "sam"  # names what an embedding holds; subclasses that pack more name it otherwise
 
-    def __init__(self, sam: Sam, use_box: bool = False, unit_intensities: bool = False):
+    def __init__(self, sam: Sam, use_box: bool = False, unit_intensities: bool = False,
+                 image_channel: int | None = None):
         super().__init__()
         self.sam = sam
         self.use_box = use_box
         self.unit_intensities = unit_intensities  # encoder input in [0, 1] (LiteMedSAM, MedSAM), else SAM's
+        self.image_channel = image_channel  # one channel repeated (grayscale-trained SAMs), None: channel mix
         self.decoder = self.mask_decoder  # nnU-Net toggles .decoder.deep_supervision; SAM has none
         for module in (self.image_encoder, self.prompt_encoder):
             module.requires_grad_(False)
@@ -298,6 +312,16 @@ class SamSliceSegmenter(torch.nn.Module):
         low = torch.quantile(flat, 0.005, dim=1)[:, None, None, None]
         high = torch.quantile(flat, 0.995, dim=1)[:, None, None, None]
         return ((slices - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+
+    def slice_images(self, volume: torch.Tensor) -> torch.Tensor:
+        """(C, Z, Y, X) image channels -> the (Z, 3, Y, X) slices the encoder reads: the chosen channel repeated,
+        or the channel mix of :func:`to_three_channels`."""
+        if self.image_channel is not None:
+            if self.image_channel >= volume.shape[0]:
+                raise CalibnetError(f"the SAM reads input channel {self.image_channel}, but the image has "
+                                    f"{volume.shape[0]} channel(s).")
+            volume = volume[self.image_channel:self.image_channel + 1]
+        return to_three_channels(volume).transpose(0, 1)
 
     def resized_shape(self, slice_shape: tuple) -> tuple:
         """The (h, w) a (Y, X) slice takes inside the encoder's S×S input: the longest side resized to S, the
@@ -463,7 +487,7 @@ class SamSliceSegmenter(torch.nn.Module):
         prompt_sets = self.context_prompt_sets(x)
         logits = []
         for volume, maps in zip(images, prompt_channels):
-            slices = to_three_channels(volume).transpose(0, 1)  # (Z, 3, Y, X)
+            slices = self.slice_images(volume)  # (Z, 3, Y, X)
             shape = tuple(volume.shape[-2:])
             if prompt_sets is not None:
                 foreground = self.decode_prompt_sets(self.embed_prompted(slices, prompt_sets), prompt_sets, shape)

@@ -17,7 +17,7 @@ from calibnet.prompts import slice_box
 from calibnet.losses import binary_soft_dice_loss, focal_loss
 from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFT
 from calibnet.networks.medsam_u import MedSAMUSegmenter
-from calibnet.networks.sam_backbone import SamConfig, build_sam, to_three_channels
+from calibnet.networks.sam_backbone import SamConfig, build_sam
 from calibnet.uncertainty_prompting import jittered_boxes
 
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # Eq. 15's scalar α and γ; the paper gives no values (Lin et al.'s usual ones)
@@ -37,7 +37,7 @@ class nnUNetTrainerMedSAMU(nnUNetTrainerSAMFT):
     @classmethod
     def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **options) -> MedSAMUSegmenter:
         return MedSAMUSegmenter(build_sam(sam_config, load_weights), unit_intensities=cls.unit_intensities(sam_config),
-                                **{**cls.network_options, **options})
+                                image_channel=sam_config.image_channel, **{**cls.network_options, **options})
 
     def initialize(self):
         super().initialize()
@@ -59,7 +59,7 @@ class nnUNetTrainerMedSAMU(nnUNetTrainerSAMFT):
         return torch.cat([self.network.embed(self._slice(case_id, z)[None].to(self.device)) for case_id, z in keys])
 
     def _slice(self, case_id: str, z: int) -> torch.Tensor:
-        return to_three_channels(self.volumes[case_id][0][:, z:z + 1])[:, 0]
+        return self.network.slice_images(self.volumes[case_id][0][:, z:z + 1])[0]
 
     def slice_prompts(self, keys: list) -> list:
         """Training prompts: 1–3 random foreground points and the jittered ground-truth box per slice."""

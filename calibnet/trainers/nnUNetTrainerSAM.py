@@ -28,7 +28,7 @@ from calibnet.losses import (DEFAULT_CMP_GAMMA, DEFAULT_CMP_TAU, DEFAULT_LAMBDA_
                                       fisher_information_penalty, focal_loss, full_precision)
 from calibnet.trainers.nnUNetTrainerCalib import nnUNetTrainerCalib
 from calibnet.networks.embedding_store import EMBEDDINGS_FOLDER, STORE_DTYPE
-from calibnet.networks.sam_backbone import EMBED_CHUNK, SamConfig, SamSliceSegmenter, build_sam, to_three_channels
+from calibnet.networks.sam_backbone import EMBED_CHUNK, SamConfig, SamSliceSegmenter, build_sam
 
 
 class EmbeddingCache:
@@ -109,7 +109,8 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     @classmethod
     def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **_options) -> SamSliceSegmenter:
         return SamSliceSegmenter(build_sam(sam_config, load_weights), use_box=cls.use_box,
-                                 unit_intensities=cls.unit_intensities(sam_config))
+                                 unit_intensities=cls.unit_intensities(sam_config),
+                                 image_channel=sam_config.image_channel)
 
     @classmethod
     def unit_intensities(cls, sam_config: SamConfig) -> bool:
@@ -194,7 +195,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
                 by_shape.setdefault(tuple(self.volumes[key[0]][0].shape[-2:]), []).append(key)
             embedded = {}
             for keys_of_shape in by_shape.values():
-                slices = torch.stack([to_three_channels(self.volumes[c][0][:, z:z + 1])[:, 0]
+                slices = torch.stack([self.network.slice_images(self.volumes[c][0][:, z:z + 1])[0]
                                       for c, z, _ in keys_of_shape])
                 embedded.update(zip(keys_of_shape, self.network.embed(slices.to(self.device))))
             return [embedded[key] for key in missing]

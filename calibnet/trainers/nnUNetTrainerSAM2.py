@@ -7,6 +7,9 @@ trains is SAM 2's mask decoder (``sam2ft``), or the mask decoder with the SafeCl
 transformer) — AdamW, lr 1e-4, cosine decay, 8 slices per batch, Dice + BCE. Training prompts come from
 SafeClick's imperfect-prompt distribution: per slice, either one point displaced from the centre of mass
 by U(0, 1) × the object radius or the ground-truth box scaled by U(0.5, 1.5), each with probability ½.
+
+That training (:class:`ImperfectPromptTraining`, :class:`SafeClickTraining`) is shared with SafeClick on
+LiteMedSAM's decoder (``calibnet.trainers.nnUNetTrainerSafeClickLite``).
 """
 from __future__ import annotations
 
@@ -32,19 +35,9 @@ def imperfect_prompt(mask: np.ndarray, rng: np.random.Generator) -> dict:
     return {"box": scaled_box(slice_box(mask), rng.uniform(*BOX_SCALE_RANGE), mask.shape)}
 
 
-class nnUNetTrainerSAM2FT(nnUNetTrainerSAMFT):
-    """SAM 2 with its mask decoder fine-tuned on imperfect prompts (the SafeClick paper's "SAM 2" rows)."""
-
-    sam_config = Sam2Config()
-    network_options = {}
-
-    @classmethod
-    def backbone_config(cls, record: dict) -> Sam2Config:
-        return Sam2Config(**record)
-
-    @classmethod
-    def network_for(cls, sam_config: Sam2Config, load_weights: bool = True, **_options) -> Sam2SliceSegmenter:
-        return Sam2SliceSegmenter(build_sam2_model(sam_config, load_weights), use_box=cls.use_box)
+class ImperfectPromptTraining:
+    """SafeClick's training of a slice-wise SAM trainer (a mixin before ``nnUNetTrainerSAMFT``): AdamW with cosine
+    decay, one imperfect prompt per slice."""
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.initial_lr)
@@ -59,29 +52,55 @@ class nnUNetTrainerSAM2FT(nnUNetTrainerSAMFT):
         return prompts
 
 
-class nnUNetTrainerSAM2ZeroShot(nnUNetTrainerSAM2FT):
-    """SAM 2 as it is: no training."""
+class SafeClickTraining(ImperfectPromptTraining):
+    """What every SafeClick trainer adds, whatever its backbone: the plug-in's options (``network_options``:
+    e1/e2/crl, which the ablation trainers switch off) and a log line about the plug-in."""
 
-    trains = False
-
-
-class nnUNetTrainerSafeClick(nnUNetTrainerSAM2FT):
-    """SafeClick: SAM 2's mask decoder with the CEL/CRL plug-in, trained on imperfect prompts."""
-
-    network_options = {}  # e1/e2/crl; the ablation trainers below switch one off
+    network_options = {}
 
     @classmethod
-    def network_for(cls, sam_config: Sam2Config, load_weights: bool = True, **options) -> SafeClickSegmenter:
+    def safeclick_options(cls, options: dict) -> SafeClickOptions:
+        """The plug-in's options: the class's, overridden by ``options`` (a run's record; other keys ignored)."""
         names = {f.name for f in fields(SafeClickOptions)}
-        chosen = {k: v for k, v in {**cls.network_options, **options}.items() if k in names}
-        return SafeClickSegmenter(build_sam2_model(sam_config, load_weights), use_box=cls.use_box,
-                                  options=SafeClickOptions(**chosen))
+        return SafeClickOptions(**{k: v for k, v in {**cls.network_options, **options}.items() if k in names})
 
     def initialize(self):
         super().initialize()
         plugin = self.network.plugin_parameters()
         self.print_to_log_file(f"{self.network.plugin.options.describe()}: {sum(p.numel() for p in plugin)} plug-in "
                                f"parameters; options {asdict(self.network.plugin.options)}")
+
+
+class nnUNetTrainerSAM2FT(ImperfectPromptTraining, nnUNetTrainerSAMFT):
+    """SAM 2 with its mask decoder fine-tuned on imperfect prompts (the SafeClick paper's "SAM 2" rows)."""
+
+    sam_config = Sam2Config()
+    network_options = {}
+
+    @classmethod
+    def backbone_config(cls, record: dict) -> Sam2Config:
+        return Sam2Config(**record)
+
+    @classmethod
+    def network_for(cls, sam_config: Sam2Config, load_weights: bool = True, **_options) -> Sam2SliceSegmenter:
+        return Sam2SliceSegmenter(build_sam2_model(sam_config, load_weights), use_box=cls.use_box)
+
+
+class nnUNetTrainerSAM2ZeroShot(nnUNetTrainerSAM2FT):
+    """SAM 2 as it is: no training."""
+
+    trains = False
+
+
+class nnUNetTrainerSafeClick(SafeClickTraining, nnUNetTrainerSAM2FT):
+    """SafeClick: SAM 2's mask decoder with the CEL/CRL plug-in, trained on imperfect prompts."""
+
+    network_options = {}  # e1/e2/crl; the ablation trainers below switch one off
+
+    @classmethod
+    def network_for(cls, sam_config: Sam2Config, load_weights: bool = True, **options) -> SafeClickSegmenter:
+        return SafeClickSegmenter(build_sam2_model(sam_config, load_weights), use_box=cls.use_box,
+                                  options=cls.safeclick_options(options))
 
 
 class nnUNetTrainerSafeClickNoE1(nnUNetTrainerSafeClick):
