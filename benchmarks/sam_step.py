@@ -1,11 +1,14 @@
 """Time SAM training steps; prints JSON.
 
-    python benchmarks/sam_step.py [--shape 64] [--steps 10] [--device cpu] [--sam-model tiny|vit_b ...]
+    python benchmarks/sam_step.py [--shape 64] [--steps 10] [--device cpu] [--sam-model litemedsam|tiny|vit_b ...]
                                   [--sam-checkpoint PATH]
 
-On the synthetic benchmark (built in a temporary CALIBNET_DATA) and one fixed batch of slices:
+On the synthetic benchmark (built in a temporary CALIBNET_DATA) and one fixed batch of slices, with the
+default backbone (LiteMedSAM) unless told otherwise:
+- the frozen encoder's seconds per slice;
 - the decoder step of samft vs calsam (the FIP + CMP overhead; the CalSAM paper reports about +15 %);
-- a samft step with the embedding cache vs with the frozen encoder recomputed every step.
+- a samft step with the embedding cache vs with the frozen encoder recomputed every step;
+- what the store's float16 does to the decoder's logits (max |Δ| and the share of pixels whose mask flips).
 Medians over ``--steps`` steps after two warm-up steps.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import replace
 
 import torch
 
@@ -25,7 +29,34 @@ def _median_step(trainer, batch, steps: int, device: str, clear_cache: bool = Fa
             trainer.embedding_cache.store.clear()
         trainer.calib_train_step(batch)
 
-    return statistics.median(step_times(step, steps, device))
+    store = trainer.network.embedding_store
+    if clear_cache:
+        trainer.network.embedding_store = None  # the encoder itself, every step
+    try:
+        return statistics.median(step_times(step, steps, device))
+    finally:
+        trainer.network.embedding_store = store
+
+
+def _encoder_and_float16(trainer, batch) -> dict:
+    """Encoder seconds per slice on the batch's slices, and the float16 store's effect on their logits."""
+    import time
+
+    network = trainer.network
+    keys = batch["keys"]
+    slices = torch.stack([network.slice_images(trainer.volumes[c][0][:, z:z + 1])[0] for c, z in keys])
+    with torch.no_grad():
+        inputs = network.slices_to_sam_input(slices.to(trainer.device))
+        start = time.perf_counter()
+        exact = network.encode(inputs)
+        seconds = (time.perf_counter() - start) / len(keys)
+        prompts = trainer.slice_prompts(keys)
+        shape = tuple(slices.shape[-2:])
+        full = network.decode(exact, prompts, shape)
+        half = network.decode(exact.half().float(), prompts, shape)
+    return {"encoder_seconds_per_slice": round(seconds, 3),
+            "float16_max_abs_logit_change": float((full - half).abs().max()),
+            "float16_mask_pixels_flipped": float(((full > 0) != (half > 0)).float().mean())}
 
 
 def main() -> None:
@@ -33,11 +64,11 @@ def main() -> None:
     parser.add_argument("--shape", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sam-model", default="tiny")
+    parser.add_argument("--sam-model", default=None, help="default: litemedsam (the packaged LiteMedSAM)")
     parser.add_argument("--sam-checkpoint", default=None)
     args = parser.parse_args()
 
-    from calibnet.networks.sam_backbone import resolve_sam_config
+    from calibnet.networks.sam_backbone import resolve_sam_config, sam_image_channel
     from calibnet.launch.training_run import prepare_trainer
     from calibnet.runs import RunSpec
     from common import temporary_benchmark_dataset
@@ -49,13 +80,15 @@ def main() -> None:
         for method in ("samft", "calsam"):
             trainer, *_ = prepare_trainer(RunSpec(501, "3d_fullres", method, 0), roots.preprocessed, roots.results,
                                           args.device)
-            trainer.sam_config = config
+            trainer.sam_config = replace(config, image_channel=sam_image_channel(
+                config, trainer.dataset_json["channel_names"], trainer.unit_intensities(config)))
             trainer.initialize()
             trainer.step_in_epoch = 0
             train_batches, _ = trainer.get_dataloaders()
             batch = batch or next(train_batches)
             result[f"{method}_cached_step_seconds"] = round(_median_step(trainer, batch, args.steps, args.device), 4)
             if method == "samft":
+                result.update(_encoder_and_float16(trainer, batch))
                 result["samft_encoder_every_step_seconds"] = round(
                     _median_step(trainer, batch, args.steps, args.device, clear_cache=True), 4)
     print(json.dumps({
