@@ -140,7 +140,8 @@ METHODS = {m.alias: m for m in (
     Method("sam2_zeroshot", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2ZeroShot",
            "zero-shot SAM 2 (no training: calib_train only predicts)", backbone="sam2"),
     Method("sam2ft", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2FT",
-           "SAM 2 with its mask decoder fine-tuned on imperfect prompts (AdamW, Dice + BCE)", backbone="sam2"),
+           "SAM 2 with its mask decoder fine-tuned on imperfect prompts (AdamW, Dice + BCE; --backbone litemedsam: "
+           "samft_imperfect)", backbone="sam2", variants=(("litemedsam", "samft_imperfect"),)),
     Method("safeclick", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClick",
            "SafeClick: SAM 2's decoder + expert layers E1/E2 + consensus reasoning layer, trained on imperfect "
            "prompts (--backbone litemedsam: safeclick_lite)", backbone="sam2",
@@ -152,6 +153,9 @@ METHODS = {m.alias: m for m in (
            "ablation: SafeClick without E2 (same as safeclick --no-e2)", backbone="sam2"),
     Method("safeclick_no_crl", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoCRL",
            "ablation: SafeClick without the CRL (same as safeclick --no-crl)", backbone="sam2"),
+    Method("samft_imperfect", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSAMFTImperfect",
+           "SAM-FT on imperfect prompts with SafeClick's recipe (AdamW): the baseline of safeclick_lite",
+           backbone="sam", variants=(("sam2", "sam2ft"),)),
     Method("safeclick_lite", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLite",
            "SafeClick's plug-in on LiteMedSAM's decoder (pretrained; --sam-model/--sam-checkpoint for another SAM), "
            "trained on imperfect prompts; no paper has this", backbone="sam",
@@ -185,7 +189,8 @@ def safeclick_variant(method: str, removed: list) -> str:
 
 def backbone_variant(method: str, backbone: str | None) -> str:
     """The method that ``calib_train METHOD --backbone NAME`` trains: METHOD itself when it runs on that backbone
-    already, else its declared variant on it (safeclick --backbone litemedsam: safeclick_lite)."""
+    already, else its declared variant on it (safeclick --backbone litemedsam: safeclick_lite; sam2ft
+    --backbone litemedsam: samft_imperfect, its baseline)."""
     if backbone is None:
         return method
     if backbone not in BACKBONE_NAMES:

@@ -1,6 +1,7 @@
 """SafeClick on segment-anything's decoder: the pretrained LiteMedSAM (one slice, each model built once per
 module: a TinyViT forward takes ~2 s on 2 cores) and the tiny SAM (calib_train end to end)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -147,13 +148,37 @@ def test_backbone_flag_picks_the_litemedsam_variant_then_the_ablation():
     assert method_variant("safeclick", "sam2") == "safeclick" and method_variant("safeclick_lite", "sam2") == "safeclick"
     assert method_variant("samft", "litemedsam") == "samft"  # already on it
     assert method_variant("safeclick") == "safeclick"
-    with pytest.raises(CalibnetError, match="--backbone sam2: nnunet has no variant on it .*safeclick, safeclick_lite"):
+    with pytest.raises(CalibnetError, match=re.escape("--backbone sam2: nnunet has no variant on it (--backbone "
+                                                      "applies to sam2ft, safeclick, samft_imperfect, safeclick_lite)")):
         method_variant("nnunet", "sam2")
     with pytest.raises(CalibnetError, match="unknown --backbone 'hiera'"):
         method_variant("safeclick", "hiera")
     lite = get_method("safeclick_lite")
     assert lite.backbone == "sam" and lite.trainer_class().__name__ == "nnUNetTrainerSafeClickLite"
     assert lite.trainer_class().safeclick_options({"e2": False, "seed": 1}) == SafeClickOptions(e2=False)
+
+
+def test_sam2ft_on_litemedsam_is_safeclick_lites_baseline():
+    from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFT
+    from calibnet.trainers.nnUNetTrainerSAM2 import ImperfectPromptTraining
+
+    assert method_variant("sam2ft", "litemedsam") == "samft_imperfect"
+    assert method_variant("samft_imperfect", "sam2") == "sam2ft"
+    assert method_variant("samft_imperfect") == method_variant("samft_imperfect", "litemedsam") == "samft_imperfect"
+    with pytest.raises(CalibnetError, match="--no-e1 ablate parts of safeclick, not samft_imperfect"):
+        method_variant("sam2ft", "litemedsam", ("e1",))
+    baseline = get_method("samft_imperfect")
+    assert baseline.backbone == "sam" and baseline.backbone_options == get_method("safeclick_lite").backbone_options
+    assert baseline.summary == ("SAM-FT on imperfect prompts with SafeClick's recipe (AdamW): the baseline of "
+                                "safeclick_lite")
+    assert not baseline.ablations and baseline.own_prompts == get_method("safeclick_lite").own_prompts == "default"
+    trainer, lite = baseline.trainer_class(), get_method("safeclick_lite").trainer_class()
+    assert trainer.__name__ == "nnUNetTrainerSAMFTImperfect" and issubclass(trainer, nnUNetTrainerSAMFT)
+    # safeclick_lite's recipe (prompts, optimiser, schedule) without the plug-in: samft's network
+    for name in ("slice_prompts", "configure_optimizers"):
+        assert getattr(trainer, name) is getattr(lite, name) is getattr(ImperfectPromptTraining, name)
+    assert trainer.network_for.__func__ is nnUNetTrainerSAMFT.network_for.__func__
+    assert type(trainer.network_for(SamConfig())) is SamSliceSegmenter
 
 
 def _run(tiny_dataset, trainer):
@@ -193,6 +218,30 @@ def test_safeclick_on_litemedsam_trains_the_decoder_and_plugin_only(tiny_dataset
 
 
 @pytest.mark.slow
+def test_sam2ft_on_litemedsam_trains_the_decoder_only_on_imperfect_prompts(tiny_dataset):
+    tiny_dataset.activate()
+    output = run_cli(train_cli.main, [511, "3d_fullres", "sam2ft", FOLD, *SHORT]).output
+    assert "--backbone litemedsam: method samft_imperfect (sam2ft on litemedsam)" in output
+    assert "tiny SAM, not pretrained" in output
+    folder = _run(tiny_dataset, "nnUNetTrainerSAMFTImperfect")
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights, fresh = checkpoint["network_weights"], SamSliceSegmenter(build_sam(SamConfig())).state_dict()
+    assert set(weights) == set(fresh)  # samft's network: no plug-in
+    frozen = [k for k in fresh if k.startswith(("sam.image_encoder.", "sam.prompt_encoder."))]
+    assert len(frozen) > 20 and all(torch.equal(weights[k], fresh[k]) for k in frozen)
+    decoder = [k for k in fresh if k.startswith("sam.mask_decoder.") and fresh[k].is_floating_point()]
+    assert any(not torch.equal(weights[k], fresh[k]) for k in decoder)
+    assert checkpoint["optimizer_state"]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's (samft's Adam: 0)
+    record = json.loads((folder / "calibnet_run.json").read_text())
+    assert record["spec"]["method"] == "samft_imperfect" and record["backbone"]["model"] == "tiny"
+    splits = json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())["loco"]["folds"][FOLD]
+    for role in ("val", "test"):
+        predictions = folder / "predictions" / role
+        assert sorted(p.name[:-7] for p in predictions.glob("*.nii.gz")) == sorted(splits[role])
+        assert np.load(predictions / f"{splits[role][0]}.npz")["probabilities"].shape == (2, 32, 32, 32)
+
+
+@pytest.mark.slow
 def test_an_ablation_on_litemedsam_trains_without_its_part(tiny_dataset, lite_run):
     tiny_dataset.activate()
     output = run_cli(train_cli.main, [511, "3d_fullres", "safeclick", FOLD, *SHORT, "--no-e1"]).output
@@ -208,6 +257,7 @@ def test_an_ablation_on_litemedsam_trains_without_its_part(tiny_dataset, lite_ru
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["safeclick", "--sam-model", "tiny"], "(or --backbone litemedsam: safeclick_lite)"),
+    (["sam2ft", "--sam-model", "tiny"], "(or --backbone litemedsam: samft_imperfect)"),
     (["safeclick", "--backbone", "litemedsam", "--sam2-model", "hiera_t"], "apply to SAM 2 methods"),
     (["safeclick", "--backbone", "litemedsam", "--no-e1", "--no-crl"], "one ablation at a time"),
     (["calsam", "--backbone", "sam2"], "--backbone sam2: calsam has no variant on it"),
@@ -219,5 +269,5 @@ def test_bad_litemedsam_safeclick_requests_get_one_message(tiny_dataset, args, m
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     results = tiny_dataset.data_dir / "results" / "Dataset511_Tiny"
     for trainer in ("nnUNetTrainerSafeClick", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLiteNoE1",
-                    "nnUNetTrainerCalSAM"):
+                    "nnUNetTrainerCalSAM", "nnUNetTrainerSAM2FT", "nnUNetTrainerSAMFTImperfect"):
         assert not (results / f"{trainer}__CalibPlans__3d_fullres" / "loco_fold2_seed42").exists()

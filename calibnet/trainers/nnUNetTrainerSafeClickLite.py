@@ -7,13 +7,23 @@ tests), with its preprocessing (LiteMedSAM and MedSAM read one channel in [0, 1]
 (``SafeClickTraining``): image and prompt encoders frozen and every slice encoded once, the mask decoder and
 the plug-in trained with AdamW, lr 1e-4, cosine decay, 8 slices per batch, Dice + BCE, one imperfect prompt
 per slice.
+
+``samft_imperfect`` (``nnUNetTrainerSAMFTImperfect``, or ``sam2ft --backbone litemedsam``) is its baseline, as
+``sam2ft`` is SafeClick's on SAM 2: the same backbone and training without the plug-in — the plain
+``SamSliceSegmenter`` of ``samft``, whose recipe (CalSAM's centroid + background point, Adam) differs from
+safeclick_lite's by more than the plug-in.
 """
 from __future__ import annotations
 
 from calibnet.networks.safeclick_sam import SafeClickSamSegmenter
 from calibnet.networks.sam_backbone import SamConfig, build_sam
 from calibnet.trainers.nnUNetTrainerSAM import nnUNetTrainerSAMFT
-from calibnet.trainers.nnUNetTrainerSAM2 import SafeClickTraining
+from calibnet.trainers.nnUNetTrainerSAM2 import ImperfectPromptTraining, SafeClickTraining
+
+
+class nnUNetTrainerSAMFTImperfect(ImperfectPromptTraining, nnUNetTrainerSAMFT):
+    """SAM-FT (a SAM 1-family decoder, LiteMedSAM by default) trained with SafeClick's recipe: one imperfect prompt
+    per slice, AdamW, cosine decay. ``safeclick_lite`` without the plug-in; the network is ``samft``'s."""
 
 
 class nnUNetTrainerSafeClickLite(SafeClickTraining, nnUNetTrainerSAMFT):
