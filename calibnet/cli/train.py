@@ -61,8 +61,8 @@ def _list_methods(ctx, _param, value):
 @click.option("--sam2-image-size", type=int, default=None,
               help="SAM 2 input size, a multiple of 32 (default 1024, SAM 2's; MedSAM 2: 512; tests: 128).")
 @click.option("--backbone", "on_backbone", type=click.Choice(["sam2", "litemedsam"]), default=None,
-              help="safeclick: the decoder that carries the plug-in: sam2 (default, the paper's) or litemedsam "
-                   "(trains safeclick_lite: LiteMedSAM, or the SAM of --sam-model/--sam-checkpoint).")
+              help="safeclick, sam2ft: the backbone: sam2 (default, the paper's) or litemedsam (trains "
+                   "safeclick_lite / samft_imperfect: LiteMedSAM, or the SAM of --sam-model/--sam-checkpoint).")
 @click.option("--no-e1", is_flag=True, help="safeclick ablation: without the cross-attention expert E1.")
 @click.option("--no-e2", is_flag=True, help="safeclick ablation: without the self-attention expert E2.")
 @click.option("--no-crl", is_flag=True, help="safeclick ablation: without the consensus reasoning layer.")
