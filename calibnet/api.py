@@ -1,6 +1,7 @@
 """What each command does, callable from Python: ``calib_train`` is :func:`train`, ``calib_predict``
 :func:`predict`, ``calib_evaluate`` :func:`evaluate`, ``calib_plan_and_preprocess`` :func:`plan_and_preprocess`,
-``calib_convert`` :func:`convert_synthetic`, :func:`convert_corrupt` and :func:`convert_public`.
+``calib_convert`` :func:`convert_synthetic`, :func:`convert_corrupt` and :func:`convert_public`,
+``calib_experiment`` :func:`experiment`.
 
 The console scripts (``calibnet/cli/``) only parse flags into these calls and print what they return (the
 ``lines``/``warnings`` of a result, or ``log`` while a long command runs). Every function takes the data roots
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from calibnet.errors import CalibnetError
+from calibnet.launch.experiment import FlagKind, TrainParser
+from calibnet.launch.grid import GridOptions as ExperimentOptions
 from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, NetworkOptions, PredictionOptions,
                                      TrainRequest, TrainResult)
 from calibnet.methods import METHODS, get_method
@@ -27,7 +30,8 @@ from calibnet.runs import DEFAULT_SEED, RunSpec
 __all__ = ["train", "predict", "evaluate", "plan_and_preprocess", "convert_synthetic", "convert_corrupt",
            "convert_public", "method_list", "converter_list", "public_converters", "TrainRequest", "TrainResult",
            "LossOptions", "BackboneOptions", "NetworkOptions", "HeadOptions", "PredictionOptions", "PredictRequest",
-           "PredictResult", "CommandResult"]
+           "PredictResult", "CommandResult", "check_train", "experiment", "ExperimentOptions", "ExperimentResult",
+           "TrainParser", "FlagKind"]
 
 
 @dataclass
@@ -48,6 +52,14 @@ def train(request: TrainRequest, roots: DataRoots | None = None, log=print) -> T
     from calibnet.launch.train_and_predict import train_and_predict
 
     return train_and_predict(request, roots or setup_data_roots(), log)
+
+
+def check_train(request: TrainRequest, roots: DataRoots | None = None) -> str:
+    """Refuse ``request`` as calib_train would (flags against the method, prompt settings, preprocessed dataset
+    and configuration, fold), without training; returns the method it would train."""
+    from calibnet.launch.request_checks import check_request
+
+    return check_request(request, (roots or setup_data_roots()).preprocessed)
 
 
 def method_list() -> list:
@@ -150,6 +162,42 @@ def evaluate(split: str, dataset_id: int | None = None, methods: Sequence[str] |
     roots = roots or setup_data_roots()
     return evaluate_runs(roots.results, roots.raw, roots.preprocessed, split, dataset_id, methods, folds, seeds,
                          seed, configurations=configurations)
+
+
+# ---- calib_experiment --------------------------------------------------------------------------------------------
+
+@dataclass
+class ExperimentResult:
+    """What calib_experiment did: the grid read from the file, the state of every cell, the evaluation (once
+    every cell is finished and the file asks for it)."""
+    experiment: object  # launch.experiment.Experiment
+    grid: object  # launch.grid.GridResult
+    evaluation: object = None  # calib_evaluate's Evaluation
+    lines: list = field(default_factory=list)
+
+
+def experiment(path: Path, train_parser: TrainParser, options: ExperimentOptions = ExperimentOptions(),
+               roots: DataRoots | None = None, log=print) -> ExperimentResult:
+    """Run the grid of an experiment file (methods × folds × seeds, each cell an ordinary calib_train run),
+    skipping finished cells, then calib_evaluate it. Every cell is checked before the first runs, with
+    calib_train's own flag parser ``train_parser`` (``calibnet.cli.experiment.train_parser()`` builds it from
+    the calib_train command); progress lines go to ``log``."""
+    from calibnet.launch.experiment import load_experiment
+    from calibnet.launch.grid import run_grid
+
+    roots = roots or setup_data_roots()
+    loaded = load_experiment(Path(path), train_parser, roots)
+    grid = run_grid(loaded, options, roots, log)
+    result = ExperimentResult(loaded, grid, lines=list(grid.lines))
+    if options.dry_run or not grid.complete or not loaded.evaluate:
+        return result
+    methods = [m for m in loaded.methods]
+    log(f"calib_evaluate --split {loaded.split} -d {loaded.dataset_id} --methods {','.join(methods)} --folds "
+        f"{','.join(map(str, loaded.folds))} --seeds {','.join(map(str, loaded.seeds))} --configuration "
+        f"{loaded.configuration}")
+    result.evaluation = evaluate(loaded.split, loaded.dataset_id, methods, loaded.folds, loaded.seeds,
+                                 [loaded.configuration], roots=roots)
+    return result
 
 
 # ---- calib_plan_and_preprocess -----------------------------------------------------------------------------------

@@ -1,0 +1,484 @@
+"""Running the cells of an experiment (``calibnet.launch.experiment``), resumably, where the compute is.
+
+Each cell is ``python -m calibnet.cli.train ARGV`` in a subprocess, run by :func:`run_cell` — a module-level
+function, so that submitit can pickle it for SLURM — with the data roots of the submitting command. A cell is
+finished when its run folder holds the model checkpoint, calibnet_run.json and every prediction set it writes
+(``runs.py``); finished cells are never run again. While a cell runs, its process holds an exclusive lock on
+``.calib_experiment.lock`` in the run folder, so a second attempt (a rerun while a killed command's cells still
+run, a job submitted twice) finds it busy and leaves it alone. An interrupted cell of a method that trains
+continues from its checkpoint (``calib_train --continue``); one whose continuation failed starts afresh.
+
+Executors: ``local`` (``concurrent.futures`` threads, each waiting on its cell's subprocess: sequential, or
+``-j N`` at once), ``submitit-local`` and ``slurm`` (``submitit.AutoExecutor``, cells submitted with
+``map_array``: a SLURM array job with at most ``-j`` tasks at once; the local executor of submitit runs the
+same jobs as processes on this machine, ``-j`` at a time).
+
+Under ``$nnUNet_results/DatasetXXX/experiments/<name>/``: ``logs/<cell>.log`` (stdout and stderr of the last
+attempt, written as ``.<cell>.log.partial`` while it runs), ``logs/<cell>.json`` (its outcome),
+``status.json`` (every cell's state, rewritten as cells end) and ``submitit/`` (submitit's own files).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from calibnet.errors import CalibnetError
+from calibnet.files import atomic_write_json
+from calibnet.launch.experiment import Cell, Experiment
+from calibnet.paths import DataRoots
+from calibnet.runs import RUN_FILENAME, model_checkpoint, prediction_set_complete, resume_checkpoint
+
+LOCK_NAME = ".calib_experiment.lock"
+EXECUTORS = ("local", "submitit-local", "slurm")
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local jobs are killed after timeout_min (its default: 2 min)
+POLL_SECONDS = 5.0
+SLURM_ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
+                "SUSPENDED")
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """How ``calib_experiment`` runs the cells (``--executor``, ``-j``, the SLURM resources, ...)."""
+    executor: str = "local"
+    jobs: int | None = None  # cells at once (default: local 1, submitit-local 1, slurm no limit)
+    dry_run: bool = False
+    wait: bool = True  # slurm: False returns once the jobs are submitted
+    partition: str | None = None
+    time_min: int | None = None  # per cell; required with slurm
+    gpus_per_job: int | None = None
+    cpus_per_job: int | None = None
+    mem_gb: float | None = None
+    poll_seconds: float = POLL_SECONDS
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """What one job runs: a cell's calib_train argv, where its run and log go, and the submitting environment."""
+    name: str
+    argv: tuple
+    folder: Path
+    prompts: tuple
+    resumable: bool
+    logs: Path
+    env: dict  # the data roots, absolute
+    python: str
+
+
+@dataclass
+class CellOutcome:
+    name: str
+    state: str  # finished | failed | interrupted (killed by a signal) | running (elsewhere)
+    seconds: float = 0.0
+    log: str | None = None
+    returncode: int | None = None
+    mode: str = ""  # fresh | continue | "" (nothing run)
+    message: str = ""
+    job: str | None = None  # submitit job id
+
+
+@dataclass
+class GridResult:
+    states: dict  # cell -> finished | failed | interrupted | running | to run | to resume | submitted
+    outcomes: list = field(default_factory=list)  # CellOutcome of the cells run now
+    job_ids: list = field(default_factory=list)
+    status_file: Path | None = None
+    lines: list = field(default_factory=list)  # the summary calib_experiment prints at the end
+
+    @property
+    def complete(self) -> bool:
+        return all(state == "finished" for state in self.states.values())
+
+
+def cell_finished(folder: Path, prompts=()) -> bool:
+    """The run has its model checkpoint, its record and every prediction set (its own prompts and ``prompts``)."""
+    folder = Path(folder)
+    return (model_checkpoint(folder) is not None and (folder / RUN_FILENAME).is_file()
+            and prediction_set_complete(folder) and all(prediction_set_complete(folder, s) for s in prompts))
+
+
+def _last_outcome(logs: Path, name: str) -> dict:
+    path = Path(logs) / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on ``path``; None while another process holds it. On a file
+    system without locks the descriptor is returned unlocked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass
+    return fd
+
+
+def _write_holder(fd: int, text: str) -> None:
+    """Say in the lock file who holds the lock (shown while the cell counts as running)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{text}\n".encode(), 0)
+
+
+def lock_holder(folder: Path) -> str:
+    """Who holds a run folder's lock, as its holder wrote it."""
+    try:
+        return (Path(folder) / LOCK_NAME).read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _mode(job: CellJob) -> str:
+    """``continue`` from the run's checkpoint, unless there is none, the method does not train, or the last
+    attempt was a continuation that failed (then ``fresh``)."""
+    if not job.resumable or resume_checkpoint(job.folder) is None:
+        return "fresh"
+    last = _last_outcome(job.logs, job.name)
+    return "fresh" if last.get("mode") == "continue" and last.get("state") == "failed" else "continue"
+
+
+def run_cell(job: CellJob, on_start: Callable | None = None) -> CellOutcome:
+    """Run one cell unless it is finished or running elsewhere; its output goes to ``logs/<cell>.log`` and its
+    outcome to ``logs/<cell>.json``. ``on_start(process, mode)`` is called once its subprocess runs."""
+    fd = _lock(Path(job.folder) / LOCK_NAME)
+    if fd is None:
+        return CellOutcome(job.name, "running", message=lock_holder(job.folder))
+    try:
+        if cell_finished(job.folder, job.prompts):
+            return CellOutcome(job.name, "finished", message="finished before")
+        mode = _mode(job)
+        argv = [job.python, "-m", "calibnet.cli.train", *job.argv] + (["--continue"] if mode == "continue" else [])
+        partial, log = job.logs / f".{job.name}.log.partial", job.logs / f"{job.name}.log"
+        job.logs.mkdir(parents=True, exist_ok=True)
+        start = time.monotonic()
+        with open(partial, "w") as out:
+            out.write(f"$ calib_train {shlex.join(argv[3:])}\n# on {socket.gethostname()}, "
+                      f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+            out.flush()
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       env={**os.environ, **job.env}, pass_fds=(fd,))
+            _write_holder(fd, f"calib_train pid {process.pid} on {socket.gethostname()}")
+            if on_start is not None:
+                on_start(process, mode)
+            returncode = process.wait()
+        os.replace(partial, log)
+        state = ("finished" if returncode == 0 and cell_finished(job.folder, job.prompts)
+                 else "interrupted" if returncode < 0 else "failed")
+        outcome = CellOutcome(job.name, state, time.monotonic() - start, str(log), returncode, mode)
+        atomic_write_json(job.logs / f"{job.name}.json",
+                          {**asdict(outcome), "argv": list(argv[3:]), "host": socket.gethostname(),
+                           "ended": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        return outcome
+    finally:
+        os.close(fd)
+
+
+def cell_state(cell: Cell, logs: Path) -> str:
+    """finished | running (its lock is held) | failed / interrupted (the last attempt; it will be retried) |
+    to resume (an interrupted training with a checkpoint) | to run."""
+    if cell_finished(cell.folder, cell.prompts):
+        return "finished"
+    if (cell.folder / LOCK_NAME).exists():
+        fd = _lock(cell.folder / LOCK_NAME)
+        if fd is None:
+            return "running"
+        os.close(fd)
+    last = _last_outcome(logs, cell.name).get("state")
+    if last in ("failed", "interrupted"):
+        return last
+    return "to resume" if cell.resumable and resume_checkpoint(cell.folder) is not None else "to run"
+
+
+def _queued_on_slurm(experiment: Experiment, states: dict) -> dict:
+    """{cell: job id} of cells an earlier ``--executor slurm`` run submitted whose job SLURM still has pending or
+    running (asked through submitit, i.e. sacct), so that a rerun does not submit them again."""
+    try:
+        previous = json.loads((experiment.folder / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    submitted = {name: entry["job"] for name, entry in previous.get("cells", {}).items()
+                 if entry.get("state") == "submitted" and entry.get("executor") == "slurm" and entry.get("job")
+                 and states.get(name) not in (None, "finished", "running")}
+    if not submitted or shutil.which("sacct") is None:
+        return {}
+    import submitit
+
+    folder = experiment.folder / "submitit"
+    return {name: job for name, job in submitted.items()
+            if submitit.SlurmJob(folder, job).state.split(" ")[0] in SLURM_ACTIVE}
+
+
+def _keep_logs_of_finished(experiment: Experiment, states: dict) -> None:
+    """A cell can finish just before its command is killed: its log, still under the temporary name, is kept."""
+    logs = experiment.folder / "logs"
+    for name, state in states.items():
+        partial = logs / f".{name}.log.partial"
+        if state == "finished" and partial.is_file() and not (logs / f"{name}.log").is_file():
+            os.replace(partial, logs / f"{name}.log")
+
+
+def cell_job(cell: Cell, experiment: Experiment, roots: DataRoots) -> CellJob:
+    env = {"nnUNet_raw": str(roots.raw), "nnUNet_preprocessed": str(roots.preprocessed),
+           "nnUNet_results": str(roots.results)}
+    return CellJob(cell.name, cell.argv, cell.folder, cell.prompts, cell.resumable, experiment.folder / "logs", env,
+                   sys.executable)
+
+
+class _Status:
+    """status.json: every cell's state, rewritten (atomically) whenever one changes."""
+
+    def __init__(self, experiment: Experiment, states: dict, executor: str):
+        self.experiment, self.executor = experiment, executor
+        self.folders = {cell.name: str(cell.folder) for cell in experiment.cells}
+        self.cells = {}
+        for name, state in states.items():
+            self.cells[name] = {"state": state, "folder": self.folders[name]}
+            log = experiment.folder / "logs" / f"{name}.log"
+            if log.is_file():
+                self.cells[name]["log"] = str(log)
+        self.path = experiment.folder / "status.json"
+        self.lock = threading.Lock()
+
+    def update(self, name: str, **entry) -> None:
+        with self.lock:
+            self.cells[name] = {"folder": self.folders[name],
+                                **{k: v for k, v in entry.items() if v not in (None, "")}}
+            self.write()
+
+    def write(self) -> None:
+        counts = {}
+        for cell in self.cells.values():
+            counts[cell["state"]] = counts.get(cell["state"], 0) + 1
+        atomic_write_json(self.path, {
+            "experiment": self.experiment.name, "file": str(Path(self.experiment.path).resolve()),
+            "dataset": self.experiment.dataset_name, "configuration": self.experiment.configuration,
+            "split": self.experiment.split, "executor": self.executor,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "counts": counts,
+            "cells": self.cells})
+
+    def states(self) -> dict:
+        return {name: cell["state"] for name, cell in self.cells.items()}
+
+
+def _describe(outcome: CellOutcome) -> str:
+    if outcome.state == "finished":
+        return f"{outcome.name}: finished in {outcome.seconds:.0f} s" if outcome.mode else \
+            f"{outcome.name}: finished before, skipped"
+    if outcome.state == "running":
+        return f"{outcome.name}: running elsewhere ({outcome.message}), skipped"
+    cause = f"exit status {outcome.returncode}" if outcome.returncode is not None else outcome.message
+    return f"{outcome.name}: {outcome.state} ({cause}): see {outcome.log}"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, a scheduler ending the command) stops the local cells as Ctrl-C does."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_local(jobs: list, parallel: int, report: Callable, log: Callable) -> None:
+    """Run the cells in threads, ``parallel`` at once, each waiting on its subprocess; an interruption
+    (Ctrl-C, SIGTERM) terminates the running cells, which are continued on the next run."""
+    processes, guard = [], threading.Lock()
+
+    def starter(job):
+        def started(process, mode):
+            with guard:
+                processes.append(process)
+            log(f"{job.name}: started" + (" (continuing from its checkpoint)" if mode == "continue" else ""))
+        return started
+
+    with _sigterm_as_interrupt(), ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = {pool.submit(run_cell, job, starter(job)): job for job in jobs}
+        try:
+            for future in as_completed(futures):
+                try:
+                    report(future.result())
+                except Exception as e:  # a cell that could not even start (e.g. its log folder is not writable)
+                    report(CellOutcome(futures[future].name, "failed", message=f"{type(e).__name__}: {e}"))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            with guard:
+                for process in processes:
+                    if process.poll() is None:
+                        process.terminate()
+            raise
+
+
+def _submitit_executor(folder: Path, options: GridOptions, name: str):
+    """submitit's AutoExecutor for SLURM or for local processes, with the resources of each cell."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if options.executor == "slurm" else "local")
+    executor.update_parameters(name=f"calib_{name}", timeout_min=int(options.time_min or LOCAL_TIMEOUT_MIN),
+                               gpus_per_node=options.gpus_per_job, cpus_per_task=options.cpus_per_job,
+                               mem_gb=options.mem_gb, slurm_partition=options.partition,
+                               slurm_array_parallelism=options.jobs)
+    return executor
+
+
+def _job_outcome(submitted, job: CellJob) -> CellOutcome:
+    """What a finished submitit job returned, or why it failed (killed, out of time, ...)."""
+    try:
+        outcome = submitted.result()
+    except Exception as e:  # submitit raises what the job raised, or why it never returned
+        message = str(e).strip().splitlines()
+        outcome = CellOutcome(job.name, "failed", message=f"job {submitted.job_id}: {message[0] if message else e}",
+                              log=str(submitted.paths.stderr))
+    outcome.job = submitted.job_id
+    return outcome
+
+
+def _run_submitit(jobs: list, experiment: Experiment, options: GridOptions, report: Callable,
+                  submitted_line: Callable) -> list:
+    """Submit the cells with ``map_array`` (SLURM: one array job; submitit's local executor: ``-j`` at a time)
+    and, unless ``--no-wait``, wait for them; returns the job ids."""
+    executor = _submitit_executor(experiment.folder / "submitit", options, experiment.name)
+    slurm = options.executor == "slurm"
+    queue, running, ids = list(jobs), {}, []
+    with _sigterm_as_interrupt():
+        try:
+            while queue or running:
+                free = len(queue) if slurm else (options.jobs or 1) - len(running)
+                if queue and free > 0:
+                    batch, queue = queue[:free], queue[free:]
+                    for submitted, job in zip(executor.map_array(run_cell, batch), batch):
+                        running[submitted] = job
+                        ids.append(submitted.job_id)
+                        submitted_line(job, submitted.job_id)
+                if not options.wait:
+                    return ids
+                for submitted in [s for s in running if s.done()]:
+                    report(_job_outcome(submitted, running.pop(submitted)))
+                if queue or running:
+                    time.sleep(options.poll_seconds)
+        except BaseException:
+            if not slurm:  # local jobs end with this command; SLURM jobs run on (a rerun collects them)
+                for submitted in running:
+                    submitted.cancel(check=False)
+            raise
+    return ids
+
+
+def _plan_lines(experiment: Experiment, states: dict) -> list:
+    sizes = " × ".join(f"{n} {word}{'s' if n != 1 else ''}" for n, word in (
+        (len(experiment.methods), "method"), (len(experiment.folds), "fold"), (len(experiment.seeds), "seed")))
+    lines = [f"{experiment.name}: {len(experiment.cells)} cells ({sizes}) of {experiment.dataset_name} "
+             f"{experiment.configuration}, {experiment.split} split"]
+    lines += [f"  {states[c.name]:<11} {c.name:<40} " + (f"(its lock is held by {lock_holder(c.folder)})"
+                                                           if states[c.name] == "running"
+                                                           else f"calib_train {shlex.join(c.argv)}")
+              for c in experiment.cells]
+    return lines
+
+
+def _summary(experiment: Experiment, result: GridResult) -> list:
+    counts = {}
+    for state in result.states.values():
+        counts[state] = counts.get(state, 0) + 1
+    ran = sum(o.state == "finished" and bool(o.mode) for o in result.outcomes)
+    lines = [f"{experiment.name}: {len(result.states)} cells: "
+             + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+             + (f" ({ran} run now)" if ran else "") + f"; status: {result.status_file}"]
+    if any(state in ("failed", "interrupted", "to run", "to resume") for state in result.states.values()):
+        lines.append(f"rerun `calib_experiment {experiment.path}` to retry the cells that did not finish "
+                     f"(their logs: {experiment.folder / 'logs'}).")
+    if counts.get("running") or counts.get("submitted"):
+        lines.append(f"cells still running or queued: rerun `calib_experiment {experiment.path}` once they end to "
+                     f"collect them" + (" and evaluate." if experiment.evaluate else "."))
+    return lines
+
+
+def _check_options(options: GridOptions) -> None:
+    if options.executor not in EXECUTORS:
+        raise CalibnetError(f"unknown executor {options.executor!r}; choose {', '.join(EXECUTORS)}.")
+    if not options.wait and options.executor != "slurm":
+        raise CalibnetError("--no-wait applies to --executor slurm (local cells end with the command).")
+    if options.executor == "slurm" and options.time_min is None:
+        raise CalibnetError("--executor slurm needs --time MINUTES: the longest one cell may run.")
+    if options.executor == "slurm" and not options.dry_run and shutil.which("srun") is None:
+        raise CalibnetError("--executor slurm: no SLURM here (srun is not on PATH); submit from a SLURM login node, "
+                            "or use --executor local or submitit-local.")
+
+
+def grid_states(experiment: Experiment) -> tuple[dict, dict]:
+    """({cell: state}, {cell: SLURM job id} of the cells still queued or running on SLURM)."""
+    states = {cell.name: cell_state(cell, experiment.folder / "logs") for cell in experiment.cells}
+    queued = _queued_on_slurm(experiment, states)
+    states.update({name: "submitted" for name in queued})
+    return states, queued
+
+
+def run_grid(experiment: Experiment, options: GridOptions, roots: DataRoots, log: Callable = print) -> GridResult:
+    """Run every cell that is not finished (nor running elsewhere) with ``options.executor``, one progress line
+    per cell to ``log``; with ``dry_run``, only say what each cell's state is."""
+    _check_options(options)
+    states, queued = grid_states(experiment)
+    if options.dry_run:
+        return GridResult(states, lines=_plan_lines(experiment, states))
+    _keep_logs_of_finished(experiment, states)
+    todo = [cell for cell in experiment.cells if states[cell.name] not in ("finished", "running", "submitted")]
+    status = _Status(experiment, states, options.executor)
+    for name, job in queued.items():
+        status.cells[name].update(job=job, executor="slurm")
+    status.write()
+    result = GridResult(states, status_file=status.path)
+    skipped = {state: sum(s == state for s in states.values()) for state in ("finished", "running", "submitted")}
+    log(f"{experiment.name}: {len(todo)} of {len(states)} cells to run with --executor {options.executor}"
+        + (" (" + ", ".join(f"{n} {state}" for state, n in skipped.items() if n) + ")" if len(todo) < len(states)
+           else ""))
+    log_lines = [f"{cell.name}: running elsewhere ({lock_holder(cell.folder)}), left alone"
+                 for cell in experiment.cells if states[cell.name] == "running"]
+    for line in log_lines:
+        log(line)
+
+    def report(outcome: CellOutcome) -> None:
+        result.outcomes.append(outcome)
+        log(f"[{len(result.outcomes)}/{len(todo)}] {_describe(outcome)}")
+        status.update(outcome.name, state=outcome.state, seconds=round(outcome.seconds, 1), log=outcome.log,
+                      job=outcome.job, message=outcome.message)
+
+    def submitted(job: CellJob, job_id: str) -> None:
+        log(f"{job.name}: submitted as job {job_id}")
+        status.update(job.name, state="submitted", job=job_id, executor=options.executor)
+
+    jobs = [cell_job(cell, experiment, roots) for cell in todo]
+    if jobs and options.executor == "local":
+        _run_local(jobs, options.jobs or 1, report, log)
+    elif jobs:
+        result.job_ids = _run_submitit(jobs, experiment, options, report, submitted)
+    result.states = status.states()
+    result.lines = _summary(experiment, result)
+    return result
