@@ -46,7 +46,7 @@ from calibnet.runs import RUN_FILENAME, model_checkpoint, prediction_set_complet
 LOCK_NAME = ".calib_experiment.lock"
 EXECUTORS = ("local", "submitit-local", "slurm")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local jobs are killed after timeout_min (its default: 2 min)
-POLL_SECONDS = 5.0
+POLL_SECONDS = {"submitit-local": 1.0, "slurm": 10.0}  # between looks at the jobs (SLURM: sacct, cached by submitit)
 SLURM_ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
                 "SUSPENDED")
 
@@ -63,7 +63,7 @@ class GridOptions:
     gpus_per_job: int | None = None
     cpus_per_job: int | None = None
     mem_gb: float | None = None
-    poll_seconds: float = POLL_SECONDS
+    poll_seconds: float | None = None  # default: POLL_SECONDS of the executor
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,20 @@ def _mode(job: CellJob) -> str:
     return "fresh" if last.get("mode") == "continue" and last.get("state") == "failed" else "continue"
 
 
+def _wait(process: subprocess.Popen) -> int:
+    """The exit status of a cell's calib_train; if this job is stopped meanwhile (Ctrl-C, a cancelled local
+    job), calib_train is stopped too rather than left running."""
+    try:
+        return process.wait()
+    except BaseException:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+
+
 def run_cell(job: CellJob, on_start: Callable | None = None) -> CellOutcome:
     """Run one cell unless it is finished or running elsewhere; its output goes to ``logs/<cell>.log`` and its
     outcome to ``logs/<cell>.json``. ``on_start(process, mode)`` is called once its subprocess runs."""
@@ -169,29 +183,44 @@ def run_cell(job: CellJob, on_start: Callable | None = None) -> CellOutcome:
             return CellOutcome(job.name, "finished", message="finished before")
         mode = _mode(job)
         argv = [job.python, "-m", "calibnet.cli.train", *job.argv] + (["--continue"] if mode == "continue" else [])
-        partial, log = job.logs / f".{job.name}.log.partial", job.logs / f"{job.name}.log"
-        job.logs.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        with open(partial, "w") as out:
-            out.write(f"$ calib_train {shlex.join(argv[3:])}\n# on {socket.gethostname()}, "
-                      f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
-            out.flush()
-            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env={**os.environ, **job.env}, pass_fds=(fd,))
-            _write_holder(fd, f"calib_train pid {process.pid} on {socket.gethostname()}")
-            if on_start is not None:
-                on_start(process, mode)
-            returncode = process.wait()
-        os.replace(partial, log)
+        try:
+            returncode = _attempt(job, argv, fd, lambda process: on_start and on_start(process, mode))
+        except BaseException:  # this job was stopped (its calib_train too): say so, then stop
+            _record(job, CellOutcome(job.name, "interrupted", time.monotonic() - start, mode=mode), argv)
+            raise
         state = ("finished" if returncode == 0 and cell_finished(job.folder, job.prompts)
                  else "interrupted" if returncode < 0 else "failed")
-        outcome = CellOutcome(job.name, state, time.monotonic() - start, str(log), returncode, mode)
-        atomic_write_json(job.logs / f"{job.name}.json",
-                          {**asdict(outcome), "argv": list(argv[3:]), "host": socket.gethostname(),
-                           "ended": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        return outcome
+        return _record(job, CellOutcome(job.name, state, time.monotonic() - start, returncode=returncode, mode=mode),
+                       argv)
     finally:
         os.close(fd)
+
+
+def _attempt(job: CellJob, argv: list, fd: int, on_start: Callable) -> int:
+    """Run calib_train (holding the cell's lock ``fd``) with its output in the cell's temporary log."""
+    job.logs.mkdir(parents=True, exist_ok=True)
+    with open(job.logs / f".{job.name}.log.partial", "w") as out:
+        out.write(f"$ calib_train {shlex.join(argv[3:])}\n# on {socket.gethostname()}, "
+                  f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        out.flush()
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, **job.env}, pass_fds=(fd,))
+        _write_holder(fd, f"calib_train pid {process.pid} on {socket.gethostname()}")
+        on_start(process)
+        return _wait(process)
+
+
+def _record(job: CellJob, outcome: CellOutcome, argv: list) -> CellOutcome:
+    """Move the attempt's log into place and write its outcome beside it."""
+    log = job.logs / f"{job.name}.log"
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(job.logs / f".{job.name}.log.partial", log)
+    outcome.log = str(log)
+    atomic_write_json(job.logs / f"{job.name}.json",
+                      {**asdict(outcome), "argv": list(argv[3:]), "host": socket.gethostname(),
+                       "ended": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return outcome
 
 
 def cell_state(cell: Cell, logs: Path) -> str:
@@ -287,39 +316,46 @@ def _describe(outcome: CellOutcome) -> str:
             f"{outcome.name}: finished before, skipped"
     if outcome.state == "running":
         return f"{outcome.name}: running elsewhere ({outcome.message}), skipped"
-    cause = f"exit status {outcome.returncode}" if outcome.returncode is not None else outcome.message
+    cause = f"exit status {outcome.returncode}" if outcome.returncode is not None else outcome.message or "stopped"
     return f"{outcome.name}: {outcome.state} ({cause}): see {outcome.log}"
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (``kill``, a scheduler ending the command) stops the local cells as Ctrl-C does."""
+def _interruptible():
+    """SIGTERM (``kill``, a scheduler ending the command) stops the local cells as Ctrl-C does. SIGINT is
+    handled too, even where the command was started with it ignored (``&`` in a script): the cells then
+    start with its default action, so that stopping a local submitit job (its SIGINT) stops its calib_train."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, interrupt),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_local(jobs: list, parallel: int, report: Callable, log: Callable) -> None:
     """Run the cells in threads, ``parallel`` at once, each waiting on its subprocess; an interruption
     (Ctrl-C, SIGTERM) terminates the running cells, which are continued on the next run."""
-    processes, guard = [], threading.Lock()
+    processes, guard, stopping = [], threading.Lock(), threading.Event()
 
     def starter(job):
         def started(process, mode):
             with guard:
                 processes.append(process)
+                if stopping.is_set():  # started while the others were being stopped
+                    process.terminate()
+                    return
             log(f"{job.name}: started" + (" (continuing from its checkpoint)" if mode == "continue" else ""))
         return started
 
-    with _sigterm_as_interrupt(), ThreadPoolExecutor(max_workers=parallel) as pool:
+    with _interruptible(), ThreadPoolExecutor(max_workers=parallel) as pool:
         futures = {pool.submit(run_cell, job, starter(job)): job for job in jobs}
         try:
             for future in as_completed(futures):
@@ -331,6 +367,7 @@ def _run_local(jobs: list, parallel: int, report: Callable, log: Callable) -> No
             for future in futures:
                 future.cancel()
             with guard:
+                stopping.set()
                 for process in processes:
                     if process.poll() is None:
                         process.terminate()
@@ -368,7 +405,7 @@ def _run_submitit(jobs: list, experiment: Experiment, options: GridOptions, repo
     executor = _submitit_executor(experiment.folder / "submitit", options, experiment.name)
     slurm = options.executor == "slurm"
     queue, running, ids = list(jobs), {}, []
-    with _sigterm_as_interrupt():
+    with _interruptible():
         try:
             while queue or running:
                 free = len(queue) if slurm else (options.jobs or 1) - len(running)
@@ -383,7 +420,7 @@ def _run_submitit(jobs: list, experiment: Experiment, options: GridOptions, repo
                 for submitted in [s for s in running if s.done()]:
                     report(_job_outcome(submitted, running.pop(submitted)))
                 if queue or running:
-                    time.sleep(options.poll_seconds)
+                    time.sleep(options.poll_seconds or POLL_SECONDS[options.executor])
         except BaseException:
             if not slurm:  # local jobs end with this command; SLURM jobs run on (a rerun collects them)
                 for submitted in running:
