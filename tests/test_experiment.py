@@ -3,12 +3,14 @@ finished cell (local executor, then submitit's local executor for real), failed 
 retried, malformed experiment files refused before anything runs (naming FILE:LINE), --dry-run, and the SLURM
 submission (array job, resources, --no-wait, no second submission of queued cells) through stand-in sbatch,
 srun and sacct commands."""
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,7 +87,24 @@ def _kill_once_a_cell_finished(command, folders, log_file, timeout=900):
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        _wait_until_gone(process.pid)
     assert process.returncode == -signal.SIGKILL, log_file.read_text()
+
+
+def _wait_until_gone(group: int, timeout: float = 120) -> None:
+    """Wait until no live process of the process group is left: a SIGKILLed process releases its cell lock only
+    when it has exited, which on a loaded machine can take a moment after the signal (zombies hold no lock)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == group and fields[0] != "Z":
+                    alive.append(stat.parent.name)
+        if not alive:
+            return
+        time.sleep(0.2)
 
 
 def test_a_grid_killed_mid_way_resumes_and_finishes_without_redoing_a_finished_cell(results, tmp_path):
