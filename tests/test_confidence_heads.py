@@ -1,6 +1,7 @@
 """confidence_head end to end on the tiny dataset: a frozen nnunet_dropout base (scanner fold 0), heads trained
 with and without adversarial perturbations, their scores in confidence.json, calib_predict --confidence and
-calib_evaluate's failure-detection table; plus the trainer's adversarial step and the feature capture."""
+calib_evaluate's failure-detection table; the same path on the 2d configuration (a 2-D head on slices); plus
+the trainer's adversarial step and the feature capture."""
 import hashlib
 import json
 import shutil
@@ -242,3 +243,51 @@ def test_early_stopping_keeps_the_best_head(tiny_dataset, heads):
     assert final["best_epoch"] == 0
     for name, value in best["head_weights"].items():
         assert torch.equal(final["head_weights"][name], value)
+
+
+SEED_2D = 11  # a seed of its own, so no other test's 2d nnunet run is shared
+
+
+def test_2d_head_trains_on_slices_and_scores_every_val_and_test_case(tiny_dataset):
+    """2d end to end: an nnunet base on the 2d configuration, an adversarial head on its frozen network (2-D
+    convolutions on slice patches), per-case scores in the base's val/test confidence.json, and rows in
+    calib_evaluate's failure-detection table."""
+    import math
+
+    import pandas as pd
+
+    tiny_dataset.activate()
+    seed = ["--seed", SEED_2D]
+    tiny = ["--iters-per-epoch", 2, "--device", "cpu", "--num-workers", 0]
+    run_cli(train_cli.main, [511, "2d", "nnunet", 0, "--split", "scanner", *seed, "--epochs", 1, *tiny,
+                             "--disable-tta"])
+    output = run_cli(train_cli.main, [511, "2d", "confidence_head", 0, "--split", "scanner", "--base", "nnunet", *seed,
+                                      "--warmup-batches", 1, "--epochs", 1, *tiny]).output
+    base = (tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / "nnUNetTrainerCalib__CalibPlans__2d"
+            / f"scanner_fold0_seed{SEED_2D}")
+    folder = base / "confidence_head"
+    assert f"trained confidence head: {folder}" in output
+    checkpoint = torch.load(folder / "checkpoint_final.pth", weights_only=True)
+    assert checkpoint["head_config"]["dims"] == 2 and checkpoint["outputs"] == ["dice:lesion", "nsd:lesion"]
+    assert checkpoint["head_weights"]["features.0.weight"].ndim == 4  # Conv2d
+    history = json.loads((folder / "head_training.json").read_text())
+    assert [e["adversarial_batches"] for e in history["epochs"]] == [1]  # batch 0 warm-up, batch 1 adversarial
+    assert math.isfinite(history["epochs"][0]["val_mse"])
+    splits = json.loads((tiny_dataset.preprocessed / "calib_splits.json").read_text())
+    fold = splits["scanner"]["folds"][0]
+    for role in ("val", "test"):
+        confidence = json.loads((base / "predictions" / role / "confidence.json").read_text())
+        assert sorted(confidence) == sorted(fold[role])
+        for case, scores in confidence.items():
+            for kind in ("dice", "nsd"):
+                value = scores[f"adversarial_head_predicted_{kind}"]
+                assert math.isfinite(value) and 0 < value < 1, (case, kind, value)
+            assert "mean_max_probability_foreground" in scores, "adding head scores must keep the base's scores"
+    run_cli(evaluate_cli.main, ["--split", "scanner", "--methods", "nnunet", "--configuration", "2d",
+                                "--seeds", SEED_2D])
+    rows = pd.read_csv(tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / "evaluation" / "scanner"
+                       / "failure_detection.csv")
+    pooled = rows[rows["domain"] == "pooled"].set_index("score")
+    assert pooled.loc["adversarial_head_predicted_dice", "quality"] == "DSC"
+    assert pooled.loc["adversarial_head_predicted_nsd", "quality"] == "NSD"
+    assert pooled.loc[["adversarial_head_predicted_dice", "adversarial_head_predicted_nsd"], "MAE"].notna().all()

@@ -6,6 +6,14 @@ nnU-Net's sliding window calls the network once per tile without mirroring and t
 :class:`FeatureCapture` keeps the unmirrored call of each tile and places the tiles' features on a grid
 covering the whole (padded) case at the feature resolution, averaging where tiles overlap. When the case
 fits one patch, as the heads' training patches did, this is exactly that patch's features.
+
+2d configurations: nnU-Net predicts a 3-D case slice by slice (its slicers name the slice by index), so the
+grid is (slices, in-plane feature grid) and a head trained on 2-D slice patches scores every slice. The case's
+score per label/region is the mean of its slices' scores weighted by the slice's predicted foreground of that
+label/region in the segmentation being scored: volumetric Dice is the (|P_s| + |T_s|)-weighted mean of the
+slice Dice values, and |P_s| stands in for the unknown |T_s| (the same weights are used for NSD). Where the
+label is predicted in no slice, the plain mean over slices is used. A 2-D dataset (one slice per case) gets
+its slice's score, the paper's own setting.
 """
 from __future__ import annotations
 
@@ -17,8 +25,34 @@ import torch
 
 from calibnet.errors import CalibnetError
 from calibnet.networks.confidence_head import HEAD_FOLDERS, ConfidenceHead, feature_stage
+from calibnet.runs import label_targets
 
 HEAD_CHECKPOINT = "checkpoint_final.pth"
+SLICES_PER_FORWARD = 64  # 2-D heads score a case's slices in chunks of this many
+
+
+def slice_foreground(logits: torch.Tensor, dataset_json: dict) -> dict:
+    """{label/region name: (slices,) predicted foreground pixels per slice} of a prediction's logits
+    ((C, slices, *in-plane), the preprocessed grid), thresholded as the head's training targets were: argmax in
+    the label's values, or logit > 0 for regions."""
+    targets = label_targets(dataset_json, {})
+    logits = logits.detach().float().cpu()
+    argmax = None if targets.regions else logits.argmax(0)
+    counts = {}
+    for index, (name, values) in enumerate(targets.masks.items()):
+        mask = logits[index] > 0 if targets.regions else torch.isin(argmax, torch.tensor(values))
+        counts[name] = mask.reshape(mask.shape[0], -1).sum(1).double()
+    return counts
+
+
+def weighted_slice_mean(values: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """The mean of per-slice ``values`` weighted by ``weights`` (predicted foreground per slice); the plain
+    mean when there are no weights or they are all zero."""
+    values = values.double()
+    if weights is None or float(weights.sum()) <= 0:
+        return float(values.mean())
+    weights = weights.to(values)
+    return float((values * weights).sum() / weights.sum())
 
 
 @dataclass
@@ -28,12 +62,29 @@ class LoadedHead:
     outputs: list  # "dice:NAME" ..., "nsd:NAME" ...
     checkpoint: Path
 
-    def scores(self, features: torch.Tensor) -> dict:
-        """Predicted Dice and NSD of one case (means over foreground labels/regions; per label when several)."""
+    def scores(self, features: torch.Tensor, slice_weights: dict | None = None) -> dict:
+        """Predicted Dice and NSD of one case (means over foreground labels/regions; per label when several).
+
+        ``features``: (1, C, *grid) from :meth:`FeatureCapture.case_features`. A 2-D head given the grid of a
+        3-D case ((1, C, slices, y, x)) scores each slice and averages them, weighted per label/region by
+        ``slice_weights`` ({name: (slices,) predicted foreground}, see :func:`slice_foreground`)."""
+        if self.head.dims == 2 and features.ndim == 5:
+            return self._by_kind(self._slice_scores(features[0].transpose(0, 1), slice_weights or {}))
         with torch.no_grad():
             values = self.head(features.float()).squeeze(0).cpu().numpy().astype(float)
+        return self._by_kind(dict(zip(self.outputs, (float(value) for value in values))))
+
+    def _slice_scores(self, slices: torch.Tensor, slice_weights: dict) -> dict:
+        """{output name: case value} from (slices, C, y, x) features of a 2-D head."""
+        with torch.no_grad():
+            values = torch.cat([self.head(chunk.float()) for chunk in torch.split(slices, SLICES_PER_FORWARD)])
+        values = values.cpu()
+        return {name: weighted_slice_mean(values[:, column], slice_weights.get(name.split(":", 1)[1]))
+                for column, name in enumerate(self.outputs)}
+
+    def _by_kind(self, values: dict) -> dict:
         by_kind = {"dice": {}, "nsd": {}}
-        for name, value in zip(self.outputs, values):
+        for name, value in values.items():
             kind, label = name.split(":", 1)
             by_kind[kind][label] = float(value)
         scores = {f"{self.prefix}_predicted_{kind}": float(np.mean(list(v.values()))) for kind, v in by_kind.items()}
@@ -94,7 +145,8 @@ class FeatureCapture:
             self._armed = False
 
     def case_features(self) -> torch.Tensor:
-        """(1, C, *grid) features of the last prediction, the tiles placed at the feature resolution."""
+        """(1, C, *grid) features of the last prediction, the tiles placed at the feature resolution; for 2-D
+        tiles of a 3-D case (2d configurations) the grid is (slices, *in-plane feature grid)."""
         if not self.tiles or len(self.tiles) != len(self.slicers):
             raise CalibnetError("no features were recorded during the prediction; confidence heads need nnU-Net's "
                                 "sliding-window predictor.")
@@ -102,18 +154,23 @@ class FeatureCapture:
         if tile.shape[1] != self.expected_channels:
             raise CalibnetError(f"the network gives {tile.shape[1]}-channel features but the head expects "
                                 f"{self.expected_channels}; the head was trained on another base network.")
+        dims = tile.ndim - 2
         spatial = list(self.slicers[0][1:])
-        if len(spatial) != tile.ndim - 2 or not all(isinstance(s, slice) for s in spatial):
-            raise CalibnetError("confidence heads score 3-D sliding-window predictions only (3d_fullres).")
-        patch = [s.stop - s.start for s in spatial]
+        by_slice = int(len(spatial) == dims + 1 and isinstance(spatial[0], (int, np.integer)))  # 2-D tiles, 3-D case
+        if len(spatial) != dims + by_slice or not all(isinstance(s, slice) for s in spatial[by_slice:]):
+            raise CalibnetError("confidence heads score nnU-Net sliding-window predictions (3d_fullres, or 2d slice "
+                                "by slice) only.")
+        patch = [s.stop - s.start for s in spatial[by_slice:]]
         stride = [p / f for p, f in zip(patch, tile.shape[2:])]
-        grid = [int(np.ceil(n / s)) for n, s in zip(self.shape, stride)]
-        canvas = torch.zeros((tile.shape[1], *grid), device=tile.device)
-        counts = torch.zeros(grid, device=tile.device)
+        grid = [int(np.ceil(n / s)) for n, s in zip(self.shape[by_slice:], stride)]
+        slices = list(self.shape[:1]) if by_slice else []
+        canvas = torch.zeros((tile.shape[1], *slices, *grid), device=tile.device)
+        counts = torch.zeros((*slices, *grid), device=tile.device)
         for features, slicer in zip(self.tiles, self.slicers):
             starts = [min(int(round(s.start / st)), g - f) for s, st, g, f in
-                      zip(slicer[1:], stride, grid, features.shape[2:])]
-            where = tuple(slice(a, a + f) for a, f in zip(starts, features.shape[2:]))
+                      zip(slicer[1 + by_slice:], stride, grid, features.shape[2:])]
+            where = ((slicer[1],) if by_slice else ()) + tuple(slice(a, a + f)
+                                                               for a, f in zip(starts, features.shape[2:]))
             canvas[(slice(None), *where)] += features[0]
             counts[where] += 1
         return (canvas / counts.clamp_min(1))[None]

@@ -76,7 +76,7 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
         prepared = prepare_case(model, case, prompt_seed, setting)
         mc_scores = mc_dropout_scores(model, prepared.data, mc_samples, len(case.images), prepared.properties)
         logits = model.predict_logits(prepared).cpu()
-        scores = {**mc_scores, **head_scores(model), **model.prediction_summary()}
+        scores = {**mc_scores, **head_scores(model, logits), **model.prediction_summary()}
         confidences[case.case_id] = _export_case(model, prepared, logits, output_folder, scores, save_probabilities,
                                                  regions)
         atomic_write_json(confidence_path, confidences)
@@ -109,9 +109,9 @@ def score_existing_predictions(model: LoadedModel, cases: list, output_folder: P
     confidences = json.loads(confidence_path.read_text())
     head_prefixes = tuple(f"{prefix}_" for prefix in HEAD_FOLDERS.values())
     for case in tqdm(cases, desc=description, unit="case", disable=not progress):
-        model.predict_logits(prepare_case(model, case, 0))
+        logits = model.predict_logits(prepare_case(model, case, 0))
         entry = {k: v for k, v in confidences.get(case.case_id, {}).items() if not k.startswith(head_prefixes)}
-        confidences[case.case_id] = {**entry, **head_scores(model)}
+        confidences[case.case_id] = {**entry, **head_scores(model, logits)}
     atomic_write_json(confidence_path, confidences)
     return confidences
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from calibnet.errors import CalibnetError
+from calibnet.inference.confidence_heads import slice_foreground
 from calibnet.inference.model_loading import LoadedModel
 from calibnet.metrics.entropy import binary_entropy, normalised_entropy
 from calibnet.metrics.segmentation import case_metrics, overlap_metrics
@@ -158,9 +159,14 @@ def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, sample_counts, n_i
     return scores
 
 
-def head_scores(model: LoadedModel) -> dict:
-    """The confidence heads' scores of the model's last prediction (empty for a model without heads)."""
+def head_scores(model: LoadedModel, logits: torch.Tensor | None = None) -> dict:
+    """The confidence heads' scores of the model's last prediction (empty for a model without heads).
+    ``logits``: that prediction's logits (preprocessed grid); 2-D heads (2d configurations) weight their slices'
+    scores by the predicted foreground per slice (``calibnet.inference.confidence_heads``), or take the plain
+    mean over slices without them."""
     if not model.heads:
         return {}
     features = model.feature_capture.case_features()
-    return {k: v for head in model.heads for k, v in head.scores(features).items()}
+    by_slice = logits is not None and features.ndim == 5 and any(head.head.dims == 2 for head in model.heads)
+    weights = slice_foreground(logits, model.dataset_json) if by_slice else None
+    return {k: v for head in model.heads for k, v in head.scores(features, weights).items()}

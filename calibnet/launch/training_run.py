@@ -258,8 +258,6 @@ def train_confidence_head(spec: RunSpec, head: HeadOptions, preprocessed_root: P
     base_folder, base_record, base_checkpoint = base_run_of(spec, head.base, preprocessed_root, results_root)
     folder = head_folder(base_folder, head.adversarial)
     trainer, method, _, fold_text, _ = prepare_trainer(spec, preprocessed_root, results_root, device, folder=folder)
-    if len(trainer.configuration_manager.patch_size) != 3:
-        raise CalibnetError(f"confidence_head works on 3-D configurations (3d_fullres); {spec.configuration} is 2-D.")
     trainer.output_folder_base = str(folder)  # nnU-Net's plans/dataset copies go beside the head
     trainer.attach_base(get_method(head.base).trainer_class(), base_checkpoint, base_record)
     trainer.adversarial = head.adversarial

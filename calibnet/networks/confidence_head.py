@@ -2,9 +2,12 @@
 trainer wires in: the head, the adversarial perturbation, the α update and the one-batch buffer.
 
 - :class:`ConfidenceHead` — wide but shallow: two 3×3(×3) convolution blocks reduce the channels to 8, an
-  adaptive average pool brings any spatial size to ``pooled_size`` per axis (3-D features need a
-  fixed-size reduction before the fully connected layers), then two fully connected layers through a
-  hidden size of 128 give scores in [0, 1] (e.g. volumetric Dice and NSD).
+  adaptive average pool brings any spatial size to ``pooled_size`` per axis (features of any case size
+  need a fixed-size reduction before the fully connected layers), then two fully connected layers through
+  a hidden size of 128 give scores in [0, 1] (e.g. volumetric Dice and NSD). ``dims`` is the number of
+  spatial axes of the network it reads: 3 for 3d_fullres, 2 for 2d (one score row per slice); the
+  convolution, normalisation and pooling ops are chosen from it as nnU-Net does
+  (``convert_dim_to_conv_op``).
 - :func:`adversarial_perturbation` — δ = −α·∇ₓC / (‖∇ₓC‖² + ε) per sample: one gradient step that the head
   expects to lower its predicted score by about α (first-order Taylor expansion).
 - :func:`update_alpha` — α ← α − η·(observed predicted drop − Δs), so the predicted drop tracks Δs.
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from dynamic_network_architectures.building_blocks.helper import (convert_dim_to_conv_op, get_matching_instancenorm,
+                                                                  get_matching_pool_op)
 
 from calibnet.errors import CalibnetError
 
@@ -36,18 +41,24 @@ def head_folder(base_run: Path, adversarial: bool) -> Path:
 class ConfidenceHead(torch.nn.Module):
     def __init__(self, in_channels: int, dims: int = 3, hidden: int = 128, pooled_size: int = 4, outputs: int = 2):
         super().__init__()
-        conv = torch.nn.Conv3d if dims == 3 else torch.nn.Conv2d
-        norm = torch.nn.InstanceNorm3d if dims == 3 else torch.nn.InstanceNorm2d
+        if dims not in (2, 3):
+            raise CalibnetError(f"a confidence head reads 2-D or 3-D features, not {dims}-D ones.")
+        self.dims = dims
+        conv = convert_dim_to_conv_op(dims)
+        norm = get_matching_instancenorm(conv)
         middle = max(8, in_channels // 2)
         self.features = torch.nn.Sequential(
             conv(in_channels, middle, 3, padding=1), norm(middle, affine=True), torch.nn.LeakyReLU(inplace=True),
             conv(middle, 8, 3, padding=1), norm(8, affine=True), torch.nn.LeakyReLU(inplace=True))
-        self.pool = (torch.nn.AdaptiveAvgPool3d if dims == 3 else torch.nn.AdaptiveAvgPool2d)(pooled_size)
+        self.pool = get_matching_pool_op(conv, adaptive=True, pool_type="avg")(pooled_size)
         self.scores = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * pooled_size ** dims, hidden),
                                           torch.nn.LeakyReLU(inplace=True), torch.nn.Linear(hidden, outputs))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, *spatial) penultimate-decoder features -> (B, outputs) scores in [0, 1]."""
+        """(B, C, *spatial) penultimate-decoder features, ``dims`` spatial axes -> (B, outputs) scores in [0, 1]."""
+        if features.ndim != self.dims + 2:
+            raise CalibnetError(f"a {self.dims}-D confidence head takes (batch, channels, {self.dims} spatial axes) "
+                                f"features, got shape {tuple(features.shape)}.")
         return torch.sigmoid(self.scores(self.pool(self.features(features))))
 
 

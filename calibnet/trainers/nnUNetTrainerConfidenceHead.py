@@ -5,7 +5,10 @@ The base run's network (nnunet, calunet, nnunet_dropout, …) is rebuilt from it
 from its checkpoint and frozen (no gradients, evaluation mode, so normalisation and dropout behave as at
 prediction time). A :class:`~calibnet.networks.confidence_head.ConfidenceHead` reads the output of the
 penultimate decoder stage and learns, with MSE, the volumetric Dice and NSD (per foreground label or
-region) of the frozen network's own segmentation of each training patch against its ground truth.
+region) of the frozen network's own segmentation of each training patch against its ground truth. On a 2d
+configuration the patches are nnU-Net's 2-D slice patches, so the head (2-D convolutions) learns the Dice and
+NSD of each slice, as in the paper's own 2-D setting; ``calibnet.inference.confidence_heads`` turns its
+per-slice scores into a per-case score.
 
 With the adversarial scheme on (the default), after ``warmup_batches`` clean batches every batch is half
 clean, half the previous batch's perturbed copies x' = x − α·∇ₓC/(‖∇ₓC‖² + ε), whose true scores come from
@@ -97,7 +100,9 @@ class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
         self.network.eval()
         self._features = None
         feature_stage(self.network).register_forward_hook(self._keep_features)
-        self.head_config = {"in_channels": feature_channels(self.network), "dims": 3, "outputs": len(self.outputs)}
+        self.head_config = {"in_channels": feature_channels(self.network),
+                            "dims": len(self.configuration_manager.patch_size),  # 3d_fullres: 3, 2d: 2 (slices)
+                            "outputs": len(self.outputs)}
         self.head = ConfidenceHead(**self.head_config).to(self.device)
         optimizer = torch.optim.Adam(self.head.parameters(), lr=self.initial_lr)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, exponent=0.0)  # constant lr
@@ -111,7 +116,8 @@ class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
     # ------------------------------------------------------------------ scores
     def true_scores(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(N, 2L) Dice and NSD@1mm of the frozen network's segmentation of each sample against its ground
-        truth, per foreground label/region, with calibnet's empty-mask conventions (DESIGN §7)."""
+        truth, per foreground label/region, with calibnet's empty-mask conventions (DESIGN §7). A sample is a
+        3-D patch (3d_fullres) or a 2-D slice patch (2d, NSD with the in-plane spacing)."""
         spacing = self.configuration_manager.spacing
         logits, target = logits.detach().float().cpu(), target.detach().cpu()
         rows = []
