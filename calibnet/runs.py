@@ -48,7 +48,16 @@ class RunSpec:
 
 @dataclass
 class RunRecord:
-    """What calibnet_run.json holds."""
+    """What calibnet_run.json holds. calib_train adds ``"seconds"`` once training has finished (written by
+    ``calibnet/launch/train_and_predict.py``, read by the evaluation's compute table; older runs lack it)::
+
+        "seconds": {"training": 812.4,                   # the training call (summed over --continue attempts)
+                    "prediction": 35.1,                  # val + test with the run's own prompts (last prediction)
+                    "prediction_prompts": {"3B0.5": 20.2},            # per prompt-quality prediction set
+                    "confidence_heads": {"confidence_head": {"training": 95.0, "scoring": 12.3}}}
+
+    Only runs trained since seconds were kept have ``training``; every other key may be absent too.
+    """
     spec: dict
     dataset_name: str
     trainer: str
@@ -78,6 +87,26 @@ def read_run(folder: Path) -> dict:
 
 def write_run(folder: Path, record: dict) -> None:
     atomic_write_json(Path(folder) / RUN_FILENAME, record)
+
+
+RUN_LOCK_FILENAME = ".calibnet_run.lock"
+
+
+def update_run(folder: Path, change) -> dict:
+    """Read a run's record, let ``change(record)`` edit it in place and write it back atomically, holding an
+    exclusive lock on ``.calibnet_run.lock`` in the run folder meanwhile, so that two processes adding to one
+    record (two confidence heads trained on one base) keep each other's entries. Returns the record."""
+    import fcntl
+
+    with open(Path(folder) / RUN_LOCK_FILENAME, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: update unlocked
+            pass
+        record = read_run(folder)
+        change(record)
+        write_run(folder, record)
+    return record
 
 
 def model_checkpoint(folder: Path, name: str | None = None) -> Path | None:
@@ -177,6 +206,11 @@ class Run:
     @property
     def configuration(self) -> str:
         return self.record["spec"]["configuration"]
+
+    @property
+    def seconds(self) -> dict:
+        """The wall-clock seconds calib_train recorded (see RunRecord); {} for runs recorded before that."""
+        return self.record.get("seconds") or {}
 
     @property
     def identity(self) -> dict:

@@ -1,5 +1,8 @@
 """calib_evaluate end to end: two methods trained for one epoch on the scanner split of the tiny dataset."""
 import json
+import math
+import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -204,3 +207,71 @@ def test_temperature_scaling_does_not_increase_the_source_nll(tiny_dataset, eval
         labels.append(truth[image != 0])
     probabilities, labels = np.concatenate(probabilities, 1), np.concatenate(labels).astype(np.int64)
     assert nll(apply_temperature(probabilities, temperature), labels) <= nll(probabilities, labels) + 1e-6
+
+
+def _compute_rows(report: str) -> tuple[str, list]:
+    """(caption, table rows as lists of cells, header first) of the report's compute-time section."""
+    section = report.split("## Compute time (seconds)")[1].split("\n## ")[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("|")]
+    return section, [rows[0]] + rows[2:]
+
+
+def test_compute_time_shows_the_recorded_seconds(tiny_dataset, evaluation):
+    _, folder = evaluation
+    section, rows = _compute_rows((folder / "report.md").read_text())
+    compute = pd.read_csv(folder / "compute_time.csv").set_index("method")
+    summary = json.loads((folder / "summary.json").read_text())["compute_seconds"]
+    assert 0 < summary["evaluation"] and f"This evaluation (calib_evaluate up to writing this report): " \
+        f"{summary['evaluation']:.1f} s." in section
+    assert rows[0] == ["method", "runs", "timed", "training s", "prediction s"]
+    for method, trainer in (("nnunet", "nnUNetTrainerCalib"), ("samft", "nnUNetTrainerSAMFT")):
+        seconds = json.loads((_run_folder(tiny_dataset, trainer) / "calibnet_run.json").read_text())["seconds"]
+        assert compute.loc[method, "runs"] == compute.loc[method, "timed"] == 1
+        assert compute.loc[method, "training s"] == pytest.approx(seconds["training"], abs=1e-9)
+        assert compute.loc[method, "prediction s"] == pytest.approx(seconds["prediction"], abs=1e-9)
+        assert [method, "1", "1", f"{seconds['training']:.1f}", f"{seconds['prediction']:.1f}"] in rows
+
+
+def test_compute_time_of_hand_written_records(tiny_dataset, evaluation, tmp_path):
+    """Two nnunet runs (training 10 and 20 s, prediction 2.5 and 3.5 s, a plain head on the first), a samft run
+    recorded before seconds were kept: the report shows the means over the runs that recorded each step and
+    "—" for samft."""
+    data = tmp_path / "data"
+    results = data / "results" / "Dataset511_Tiny"
+    for name in ("raw", "preprocessed"):
+        (data / name).mkdir(parents=True)
+        os.symlink(tiny_dataset.data_dir / name / "Dataset511_Tiny", data / name / "Dataset511_Tiny")
+    records = {("nnUNetTrainerCalib", 42): {"training": 10.0, "prediction": 2.5,
+                                           "confidence_heads": {"confidence_head_plain": {"training": 4.0,
+                                                                                          "scoring": 1.5}}},
+               ("nnUNetTrainerCalib", 43): {"training": 20.0, "prediction": 3.5},
+               ("nnUNetTrainerSAMFT", 42): None}
+    for (trainer, seed), seconds in records.items():
+        folder = results / f"{trainer}__CalibPlans__3d_fullres" / f"scanner_fold0_seed{seed}"
+        shutil.copytree(_run_folder(tiny_dataset, trainer), folder, ignore=shutil.ignore_patterns("*.pth"))
+        record = json.loads((folder / "calibnet_run.json").read_text())
+        record["spec"]["seed"] = seed
+        record.pop("seconds", None)
+        if seconds is not None:
+            record["seconds"] = seconds
+        (folder / "calibnet_run.json").write_text(json.dumps(record))
+    use_data_dir(data)
+    run_cli(evaluate_cli.main, ["--split", "scanner", "--folds", 0])
+    folder = results / "evaluation" / "scanner"
+    _, rows = _compute_rows((folder / "report.md").read_text())
+    assert rows == [["method", "runs", "timed", "training s", "prediction s"],  # no prompt-setting sets
+                    ["nnunet", "2", "2", "15.0", "3.0"],
+                    ["nnunet + confidence_head_plain", "1", "1", "4.0", "1.5"],
+                    ["samft", "1", "0", "—", "—"]]
+    compute = pd.read_csv(folder / "compute_time.csv")
+    assert compute["method"].tolist() == ["nnunet", "nnunet + confidence_head_plain", "samft"]
+    assert compute["runs"].tolist() == [2, 1, 1] and compute["timed"].tolist() == [2, 1, 0]
+    assert compute["training s"].tolist()[:2] == [15.0, 4.0] and math.isnan(compute["training s"].iloc[2])
+    assert compute["prediction s"].tolist()[:2] == [3.0, 1.5] and compute["prompt settings s"].isna().all()
+    per_run = pd.read_csv(folder / "compute_time_per_run.csv")
+    assert sorted(per_run["training s"].dropna()) == [4.0, 10.0, 20.0] and len(per_run) == 4
+    summary = json.loads((folder / "summary.json").read_text())["compute_seconds"]
+    assert summary["methods"][2] == {"method": "samft", "runs": 1, "timed": 0, "training s": None,
+                                     "prediction s": None, "prompt settings s": None}
+    assert summary["methods"][0]["training s"] == 15.0 and summary["evaluation"] > 0

@@ -1,6 +1,8 @@
 """calib_train and calib_predict end to end on the tiny dataset (32³, 1 epoch of 2 iterations, CPU)."""
 import json
+import math
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -94,18 +96,44 @@ def test_loss_options_are_recorded_and_checked(tiny_dataset, trained):
     assert result.exit_code == 1 and "--cmp-gamma 0.0 is out of range" in result.output
 
 
+def _seconds(folder):
+    return json.loads((folder / "calibnet_run.json").read_text())["seconds"]
+
+
+def _set_seconds(folder, seconds):
+    record = json.loads((folder / "calibnet_run.json").read_text())
+    (folder / "calibnet_run.json").write_text(json.dumps({**record, "seconds": seconds}))
+
+
+def test_the_record_holds_the_seconds_of_training_and_prediction(tiny_dataset, trained):
+    output, folder = trained["nnunet"]
+    seconds = _seconds(folder)
+    assert set(seconds) == {"training", "prediction"}
+    for step in ("training", "prediction"):
+        assert isinstance(seconds[step], float) and math.isfinite(seconds[step]) and seconds[step] > 0, step
+    assert f"trained nnunet: {folder} ({seconds['training']:.1f} s)" in output
+
+
 def test_scanner_split_trains_on_one_vendor_and_continue_resumes(tiny_dataset):
     tiny_dataset.activate()
     run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--split", "scanner", *SHORT])
     folder = _results(tiny_dataset, "nnUNetTrainerCalib", "scanner", 1)
+    assert _seconds(folder)["training"] > 0
     log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
     listed = log.split("train cases: ")[1].splitlines()[0].strip().split(", ")
     domains = {line.split(",")[0]: line.split(",")[2] for line in (tiny_dataset.raw / "domains.csv").read_text().splitlines()[1:]}
     assert listed and {domains[c] for c in listed} == {"GE"}
     assert sorted(p.name[:-7] for p in (folder / "predictions" / "test").glob("*.nii.gz")) == \
         sorted(c for c, v in domains.items() if v != "GE")
+    # --continue adds its training seconds to those recorded; entries of the previous model's outputs go
+    _set_seconds(folder, {"training": 1000.0, "prediction": 2000.0, "prediction_prompts": {"3B0.5": 5.0}})
+    start = time.perf_counter()
     run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--split", "scanner", "--continue", "--epochs", 2,
                              "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta", "--num-workers", 0])
+    elapsed = time.perf_counter() - start
+    seconds = _seconds(folder)
+    assert set(seconds) == {"training", "prediction"}
+    assert 1000.0 < seconds["training"] and seconds["training"] - 1000.0 + seconds["prediction"] <= elapsed
     checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert checkpoint["current_epoch"] == 2
     log = "".join(p.read_text() for p in folder.glob("training_log_*.txt"))
@@ -117,8 +145,14 @@ def test_predict_only_redoes_the_predictions(tiny_dataset, trained):
     folder = trained["nnunet"][1]
     stale = folder / "predictions" / "test" / "stale.nii.gz"
     stale.write_text("x")
+    _set_seconds(folder, {"training": 123.25, "prediction": 1000.0})  # both impossible for the tiny run
+    start = time.perf_counter()
     run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--predict-only", "--device", "cpu", "--disable-tta"])
+    elapsed = time.perf_counter() - start
     assert not stale.exists() and (folder / "predictions" / "test" / "confidence.json").is_file()
+    seconds = _seconds(folder)  # the training seconds kept, the prediction seconds those of this prediction
+    assert seconds["training"] == 123.25 and 0 < seconds["prediction"] <= elapsed and set(seconds) == {
+        "training", "prediction"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -372,3 +406,27 @@ def test_dropout_is_off_in_plain_prediction_and_on_for_sampling():
     assert torch.equal(layer(x), x)
     layer.sampling = True
     assert (layer(x) == 0).any()
+
+
+def test_confidence_head_seconds_go_into_the_base_record(tiny_dataset, trained):
+    """A head's training and scoring seconds in its base's record, under the head's folder name; --predict-only
+    replaces the scoring seconds only. (Last in the file: the head stays in the focal run.)"""
+    tiny_dataset.activate()
+    base = trained["focal"][1]
+    before = _seconds(base)
+    start = time.perf_counter()
+    output = run_cli(train_cli.main, [511, "3d_fullres", "confidence_head", 1, "--base", "focal", "--no-adversarial",
+                                      "--warmup-batches", 1, *SHORT]).output
+    elapsed = time.perf_counter() - start
+    seconds = _seconds(base)
+    head = seconds.pop("confidence_heads")
+    assert seconds == before and set(head) == {"confidence_head_plain"}
+    head = head["confidence_head_plain"]
+    assert set(head) == {"training", "scoring"} and 0 < head["training"] and 0 < head["scoring"]
+    assert head["training"] + head["scoring"] <= elapsed
+    assert f"trained confidence head: {base / 'confidence_head_plain'} ({head['training']:.1f} s)" in output
+    _set_seconds(base, {**before, "confidence_heads": {"confidence_head_plain": {"training": 77.5, "scoring": 1e4}}})
+    run_cli(train_cli.main, [511, "3d_fullres", "confidence_head", 1, "--base", "focal", "--no-adversarial",
+                             "--predict-only", "--device", "cpu"])
+    rescored = _seconds(base)["confidence_heads"]["confidence_head_plain"]
+    assert rescored["training"] == 77.5 and 0 < rescored["scoring"] < 1e4

@@ -4,6 +4,8 @@ calibration, failure detection, significance, report, plots — written atomical
 from __future__ import annotations
 
 import json
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +18,8 @@ from calibnet.metrics.calibration import pool_bins
 from calibnet.evaluation.case_evaluation import evaluate_case, recalibrated_case_metrics
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
 from calibnet.evaluation.report import plot_all, write_report
-from calibnet.evaluation.tables import (domain_generalisation_gap, failure_detection, per_domain, ranked_scores,
-                                        significance)
+from calibnet.evaluation.tables import (compute_time, domain_generalisation_gap, failure_detection, per_domain,
+                                        ranked_scores, significance)
 from calibnet.files import atomic_output_dir
 from calibnet.methods import method_of_trainer
 from calibnet.metrics.confidence_scores import score_kind
@@ -171,11 +173,36 @@ def _evaluate_set(data: _Dataset, run, fold: dict, setting, label: str, prompts:
         collected.posthoc_parameters[f"{label} fold {run.fold} seed {run.seed}"] = parameters
 
 
+def compute_per_run(runs: list, labels: dict) -> pd.DataFrame:
+    """The seconds calib_train recorded in each run's calibnet_run.json (``Run.seconds``), one row per run and
+    one per confidence head recorded in it (``LABEL + HEAD``: its training and scoring as training and
+    prediction); NaN where a step was not recorded (runs trained before seconds were kept)."""
+    def number(value):
+        return float(value) if isinstance(value, (int, float)) else math.nan
+
+    rows = []
+    for run in runs:
+        seconds, label = run.seconds, labels[run.folder]
+        prompts = [number(v) for v in (seconds.get("prediction_prompts") or {}).values()]
+        base = {"configuration": run.configuration, "fold": run.fold, "seed": run.seed}
+        rows.append({"method": label, **base,
+                     "timed": any(k in seconds for k in ("training", "prediction", "prediction_prompts")),
+                     "training s": number(seconds.get("training")), "prediction s": number(seconds.get("prediction")),
+                     "prompt settings s": sum(prompts) if prompts else math.nan})
+        for head, entry in sorted((seconds.get("confidence_heads") or {}).items()):
+            rows.append({"method": f"{label} + {head}", **base, "timed": True,
+                         "training s": number(entry.get("training")), "prediction s": number(entry.get("scoring")),
+                         "prompt settings s": math.nan})
+    return pd.DataFrame(rows, columns=["method", "configuration", "fold", "seed", "timed", "training s",
+                                       "prediction s", "prompt settings s"])
+
+
 def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split: str, dataset_id: int | None = None,
              methods=None, folds=None, seeds=None, seed: int = 0, progress: bool = True,
              configurations=None) -> Evaluation:
     """Evaluate every run of ``split`` and write the evaluation folder; returns the report and tables. Runs of
     one method that differ in configuration, backbone or method options get rows of their own."""
+    started = time.perf_counter()
     dataset, runs, missing = discover_runs(results_root, split, dataset_id, methods, folds, seeds, configurations)
     labels = run_labels(runs)
     raw = Path(raw_root) / dataset
@@ -190,13 +217,21 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
             _evaluate_set(data, run, fold, setting, label, prompts, rng, collected)
     notes = sorted({f"{labels[r.folder]}: {r.note}" for r in runs if r.note})
     final = Path(results_root) / dataset / "evaluation" / split
-    report, per_case = _write_evaluation(final, dataset, split, runs, notes, collected)
+    report, per_case = _write_evaluation(final, dataset, split, runs, notes, collected,
+                                         compute_per_run(runs, labels), started)
     return Evaluation(final, report, per_case, collected.missing)
 
 
-def _write_evaluation(final: Path, dataset: str, split: str, runs: list, notes: list,
-                      collected: _Collected) -> tuple[str, pd.DataFrame]:
-    """Every table, summary.json, plots and the report, into ``final`` atomically."""
+def _json_records(table: pd.DataFrame) -> list:
+    """Table rows for JSON, NaN as null."""
+    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            for row in table.to_dict("records")]
+
+
+def _write_evaluation(final: Path, dataset: str, split: str, runs: list, notes: list, collected: _Collected,
+                      compute_runs: pd.DataFrame, started: float) -> tuple[str, pd.DataFrame]:
+    """Every table, summary.json, plots and the report, into ``final`` atomically; the evaluation's own
+    seconds run from ``started`` (a ``time.perf_counter()`` value) to the writing of the report."""
     per_case = pd.DataFrame(collected.rows + collected.posthoc_rows)
     plain = per_case[~per_case["method"].str.contains(r" \+ ")]
     per_center = per_domain(per_case, split)
@@ -205,6 +240,7 @@ def _write_evaluation(final: Path, dataset: str, split: str, runs: list, notes: 
     tests = significance(per_case)
     pooled, pooled_bins = pooled_calibration(collected.bins_by)
     ranked, unranked = ranked_scores(per_case)
+    compute = compute_time(compute_runs)
     summary = {
         "dataset": dataset, "split": split, "runs": [str(r.folder) for r in runs], "notes": notes,
         "missing": collected.missing,
@@ -220,11 +256,15 @@ def _write_evaluation(final: Path, dataset: str, split: str, runs: list, notes: 
     with atomic_output_dir(final, overwrite=True) as folder:
         for name, table in (("per_case", per_case), ("per_center", per_center), ("dgg_per_fold", dgg_runs),
                             ("dgg", dgg), ("failure_detection", failure), ("pooled_calibration", pooled),
-                            ("significance", tests)):
+                            ("significance", tests), ("compute_time", compute),
+                            ("compute_time_per_run", compute_runs)):
             table.to_csv(folder / f"{name}.csv", index=False)
         (folder / "per_center.md").write_text(per_center.to_markdown(index=False, floatfmt=".3f"))
         (folder / "posthoc_parameters.json").write_text(json.dumps(collected.posthoc_parameters, indent=2))
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         plots = plot_all(folder, per_case, pooled_bins, split)
-        report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes, plots, pooled)
+        evaluation_seconds = time.perf_counter() - started
+        summary["compute_seconds"] = {"evaluation": evaluation_seconds, "methods": _json_records(compute)}
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes, plots, pooled,
+                              compute, evaluation_seconds)
     return report, per_case

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from calibnet.metrics.failure_detection import risk_coverage
-from calibnet.evaluation.tables import LOWER_IS_BETTER, domain_columns
+from calibnet.evaluation.tables import COMPUTE_COLUMNS, LOWER_IS_BETTER, domain_columns
 
 ABLATIONS = (("samft", "sam_fip", "sam_cmp", "calsam"), ("nnunet", "unet_fip", "unet_cmp", "calunet"),
              ("samft", "samft_focal", "samft_dicepp", "calsam"))  # CalSAM Table 3: baselines on SAM-FT
@@ -127,11 +127,34 @@ def _markdown(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, floatfmt=".3f") if not table.empty else "_(nothing to show)_"
 
 
+def compute_section(compute: pd.DataFrame | None, evaluation_seconds: float | None) -> list:
+    """The report's "Compute time (seconds)" lines: the table of ``tables.compute_time`` with one decimal and
+    "—" where no run of the row recorded the step, and the evaluation's own seconds in the caption (no lines
+    without a table)."""
+    if compute is None:
+        return []
+    shown = compute.astype(object)
+    for column in COMPUTE_COLUMNS:
+        shown[column] = [f"{v:.1f}" if np.isfinite(v) else "—" for v in compute[column].astype(float)]
+    if compute["prompt settings s"].isna().all():  # no run was predicted with a prompt-quality setting
+        shown = shown.drop(columns="prompt settings s")
+    took = "" if evaluation_seconds is None else \
+        f" This evaluation (calib_evaluate up to writing this report): {evaluation_seconds:.1f} s."
+    return ["## Compute time (seconds)", "",
+            "Wall-clock seconds from each run's calibnet_run.json, mean over the runs of the row that recorded "
+            "them (`timed` of `runs`; — = none did, e.g. runs trained before seconds were kept). prediction = val + "
+            "test with the run's own prompts; prompt settings (shown when there are any) = all its prompt-quality "
+            "prediction sets together; `+ confidence_head` rows: the head's training and its scoring of the base "
+            "run's predictions." + took,
+            "", shown.to_markdown(index=False, colalign=("left",) + ("right",) * (shown.shape[1] - 1),
+                                  disable_numparse=True) if not shown.empty else "_(nothing to show)_", ""]
+
+
 def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame, dgg: pd.DataFrame,
                  failure: pd.DataFrame, significance: pd.DataFrame, notes: list, plots: list,
-                 pooled: pd.DataFrame | None = None) -> str:
+                 pooled: pd.DataFrame | None = None, compute: pd.DataFrame | None = None, seconds=None) -> str:
     """Write report.md and tables.tex (and prompt_robustness.csv when there is that table); returns the
-    Markdown."""
+    Markdown. ``compute`` (``tables.compute_time``) and ``seconds`` (the evaluation's) make the compute section."""
     main = main_table(per_case, dgg, split)
     calibration = calibration_table(per_case)
     ablations = ablation_tables(per_case)
@@ -176,7 +199,7 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
               "good). Tied scores share the mean risk of their block.", "",
               _markdown(failure[failure["domain"] == "pooled"] if not failure.empty else failure), ""]
     lines += ["## Significance against the strongest baseline (** p < 0.01, * p < 0.05, paired t-test)", "",
-              _markdown(significance), ""]
+              _markdown(significance), ""] + compute_section(compute, seconds)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     text = "\n".join(lines) + "\n"
     (folder / "report.md").write_text(text)

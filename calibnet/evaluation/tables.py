@@ -158,3 +158,20 @@ def significance(per_case: pd.DataFrame, metrics=None) -> pd.DataFrame:
                          "baseline_mean": float(np.mean(y)) if len(y) else float("nan"),
                          "t_test_p": t_p, "wilcoxon_p": w_p, "significant": stars(t_p)})
     return pd.DataFrame(rows)
+
+
+COMPUTE_COLUMNS = ("training s", "prediction s", "prompt settings s")
+
+
+def compute_time(per_run: pd.DataFrame) -> pd.DataFrame:
+    """Per row label (method, qualified as the other tables are; ``METHOD + HEAD`` for a confidence head):
+    ``runs`` (runs of the row), ``timed`` (those that recorded seconds) and the mean of each of
+    ``COMPUTE_COLUMNS`` over the runs that recorded it (NaN where none did)."""
+    columns = ["method", "runs", "timed", *COMPUTE_COLUMNS]
+    if per_run.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = per_run.groupby("method", sort=True)
+    table = grouped[list(COMPUTE_COLUMNS)].mean()
+    table.insert(0, "timed", grouped["timed"].sum().astype(int))
+    table.insert(0, "runs", grouped.size())
+    return table.reset_index()[columns]

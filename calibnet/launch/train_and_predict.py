@@ -2,9 +2,26 @@
 included), a network or a confidence head trained, then the fold's val (source) and test (target) cases
 predicted with the run's own prompts and with each prompt-quality setting asked for. Progress goes to ``log``
 line by line, as calib_train prints it; the experiment grid runs the same step per cell.
+
+Each step's wall-clock seconds go into the run's calibnet_run.json under ``"seconds"`` (format in
+``calibnet.runs.RunRecord``), written as soon as the step has finished:
+
+- ``training``: the training call. Training writes a fresh record, so the entry starts afresh and what was
+  measured for the previous model (its predictions, prompt-setting predictions, heads) goes with it;
+  ``--continue`` adds the attempt to the training seconds recorded before (an attempt that never finished
+  recorded nothing, so its seconds are not counted; a run recorded before seconds were kept starts at 0).
+- ``prediction``: the val and test predictions with the run's own prompts, replaced by each new prediction
+  (``--predict-only`` keeps ``training``).
+- ``prediction_prompts``: {prediction set: seconds} of each prompt-quality setting (``3B0.5``,
+  ``3B0.5_noUGPA``), each replaced when that set is predicted again.
+- ``confidence_heads``: {head folder: {"training", "scoring"}} in the *base* run's record (a head has no
+  record of its own): the head's training call, and the scoring of the base's val and test predictions that
+  follows it (that pass scores every head of the base, and predicts the base first where its predictions
+  are missing). ``--predict-only`` replaces ``scoring`` and keeps ``training``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from calibnet.inference import predict_run_splits, score_run_splits
@@ -12,7 +29,7 @@ from calibnet.launch.options import TrainRequest, TrainResult, check_head_option
 from calibnet.launch.training_run import base_run_of, default_device, locate_run, train, train_confidence_head
 from calibnet.methods import get_method, method_variant
 from calibnet.paths import DataRoots
-from calibnet.runs import CONFIDENCE_FILENAME, read_run
+from calibnet.runs import CONFIDENCE_FILENAME, RUN_FILENAME, read_run, update_run
 
 
 def train_and_predict(request: TrainRequest, roots: DataRoots, log=print) -> TrainResult:
@@ -37,41 +54,80 @@ def _train_network(request: TrainRequest, roots: DataRoots, log) -> TrainResult:
     if prediction.predict_only:
         folder = locate_run(request.spec, roots.preprocessed, roots.results)
     else:
+        before = _recorded_training_seconds(request, roots) if request.continue_training else 0.0
+        start = time.perf_counter()
         folder = train(request.spec, roots.preprocessed, roots.results, request.epochs, request.iterations_per_epoch,
                        request.device, request.continue_training, request.num_workers, log=log, loss=request.loss,
                        backbone=request.backbone, network=request.network)
-        note = read_run(folder).get("note")
-        log(f"trained {request.method}: {folder}" + (f" ({note})" if note else ""))
+        seconds = before + time.perf_counter() - start
+        record = update_run(folder, lambda r: r.__setitem__("seconds", {"training": seconds}))
+        note = record.get("note")
+        log(f"trained {request.method}: {folder} ({seconds:.1f} s" + (f"; {note})" if note else ")"))
     result = TrainResult(request.method, folder, trained=not prediction.predict_only)
     if not (prediction.predict_only and prediction.prompt_settings):  # the method's own prompts
+        start = time.perf_counter()
         written = predict_run_splits(folder, roots.raw, roots.preprocessed, request.device,
                                      use_mirroring=prediction.use_mirroring,
                                      mc_samples=sorted(set(prediction.mc_samples)))
+        _record_seconds(folder, ("prediction",), time.perf_counter() - start)
         result.predictions[None] = written
         for role, predictions in written.items():
             log(f"  {role} predictions: {predictions}")
     # without training, --no-ugpa predicts the prompt settings with UGMP only; in training it is a network option
     ugpa = not (prediction.predict_only and request.network.ugpa is False)
     for setting in prediction.prompt_settings:
+        start = time.perf_counter()
         written = predict_run_splits(folder, roots.raw, roots.preprocessed, request.device, prompt_setting=setting,
                                      ugpa=ugpa)
+        prediction_set = written["val"].parent.name[len("prompts_"):]  # the setting, with _noUGPA where it applies
+        _record_seconds(folder, ("prediction_prompts", prediction_set), time.perf_counter() - start)
         result.predictions[setting] = written
         for role, predictions in written.items():
             log(f"  {role} predictions with prompts {setting}: {predictions}")
     return result
 
 
+def _recorded_training_seconds(request: TrainRequest, roots: DataRoots) -> float:
+    """The training seconds in the record of the run that ``--continue`` resumes (0 when it has none)."""
+    folder = locate_run(request.spec, roots.preprocessed, roots.results)
+    if not (folder / RUN_FILENAME).is_file():
+        return 0.0
+    return float((read_run(folder).get("seconds") or {}).get("training", 0.0))
+
+
+def _record_seconds(folder, keys: tuple, seconds: float) -> None:
+    """Set ``record["seconds"][keys[0]][keys[1]]…`` of the run in ``folder`` to ``seconds`` (other entries
+    kept)."""
+    def change(record):
+        entry = record.setdefault("seconds", {})
+        for key in keys[:-1]:
+            entry = entry.setdefault(key, {})
+        entry[keys[-1]] = float(seconds)
+
+    update_run(folder, change)
+
+
 def _train_head(request: TrainRequest, roots: DataRoots, log) -> TrainResult:
     """Train a confidence head on the base run (unless --predict-only), then score the base run's val and test
     predictions with it."""
+    from calibnet.networks.confidence_head import head_folder
+
     spec, base = request.spec, request.head.base
     base_folder = base_run_of(spec, base, roots.preprocessed, roots.results)[0]
+    head = head_folder(base_folder, request.head.adversarial).name
     folder = None
     if not request.prediction.predict_only:
+        start = time.perf_counter()
         folder = train_confidence_head(spec, request.head, roots.preprocessed, roots.results, request.epochs,
                                        request.iterations_per_epoch, request.device, request.num_workers, log=log)
-        log(f"trained confidence head: {folder}")
+        seconds = time.perf_counter() - start
+        # a new head: its previous scoring seconds belong to the head it replaces
+        update_run(base_folder, lambda r: r.setdefault("seconds", {}).setdefault("confidence_heads", {})
+                   .__setitem__(head, {"training": seconds}))
+        log(f"trained confidence head: {folder} ({seconds:.1f} s)")
+    start = time.perf_counter()
     written = score_run_splits(base_folder, roots.raw, roots.preprocessed, request.device)
+    _record_seconds(base_folder, ("confidence_heads", head, "scoring"), time.perf_counter() - start)
     for role, predictions in written.items():
         log(f"  {role} predictions of {base} with predicted Dice/NSD: {predictions / CONFIDENCE_FILENAME}")
     return TrainResult(spec.method, folder, trained=folder is not None, predictions={None: written})
