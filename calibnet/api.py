@@ -54,12 +54,18 @@ def train(request: TrainRequest, roots: DataRoots | None = None, log=print) -> T
     return train_and_predict(request, roots or setup_data_roots(), log)
 
 
-def check_train(request: TrainRequest, roots: DataRoots | None = None) -> str:
-    """Refuse ``request`` as calib_train would (flags against the method, prompt settings, preprocessed dataset
-    and configuration, fold), without training; returns the method it would train."""
-    from calibnet.launch.request_checks import check_request
+def check_train(request: TrainRequest, roots: DataRoots | None = None, base_run: bool = True) -> str:
+    """Refuse ``request`` as calib_train would (flags against the method, a confidence head's base method,
+    prompt settings, preprocessed dataset and configuration, fold), without training; returns the method it
+    would train. A confidence head also needs its finished base run, unless ``base_run`` is False (a grid that
+    trains the base first)."""
+    from calibnet.launch.request_checks import check_base_run, check_request
 
-    return check_request(request, (roots or setup_data_roots()).preprocessed)
+    roots = roots or setup_data_roots()
+    method = check_request(request, roots.preprocessed)
+    if base_run and get_method(method).trains_head:
+        check_base_run(RunSpec.of(request), request.head.base, roots.preprocessed, roots.results)
+    return method
 
 
 def method_list() -> list:
@@ -178,10 +184,11 @@ class ExperimentResult:
 
 def experiment(path: Path, train_parser: TrainParser, options: ExperimentOptions = ExperimentOptions(),
                roots: DataRoots | None = None, log=print) -> ExperimentResult:
-    """Run the grid of an experiment file (methods × folds × seeds, each cell an ordinary calib_train run),
-    skipping finished cells, then calib_evaluate it. Every cell is checked before the first runs, with
-    calib_train's own flag parser ``train_parser`` (``calibnet.cli.experiment.train_parser()`` builds it from
-    the calib_train command); progress lines go to ``log``."""
+    """Run the grid of an experiment file (methods × folds × seeds, each cell an ordinary calib_train run;
+    confidence heads after their base cells), skipping finished cells, then calib_evaluate it (the grid's
+    networks: a head's scores are failure-detection rows of its base). Every cell is checked before the first
+    runs, with calib_train's own flag parser ``train_parser`` (``calibnet.cli.experiment.train_parser()`` builds
+    it from the calib_train command); progress lines go to ``log``."""
     from calibnet.launch.experiment import load_experiment
     from calibnet.launch.grid import run_grid
 
@@ -191,7 +198,7 @@ def experiment(path: Path, train_parser: TrainParser, options: ExperimentOptions
     result = ExperimentResult(loaded, grid, lines=list(grid.lines))
     if options.dry_run or not grid.complete or not loaded.evaluate:
         return result
-    methods = [m for m in loaded.methods]
+    methods = list(loaded.evaluated)  # a confidence head's scores are rows of its base method
     log(f"calib_evaluate --split {loaded.split} -d {loaded.dataset_id} --methods {','.join(methods)} --folds "
         f"{','.join(map(str, loaded.folds))} --seeds {','.join(map(str, loaded.seeds))} --configuration "
         f"{loaded.configuration}")

@@ -2,7 +2,8 @@
 finished cell (local executor, then submitit's local executor for real), failed cells kept with their log and
 retried, malformed experiment files refused before anything runs (naming FILE:LINE), --dry-run, and the SLURM
 submission (array job, resources, --no-wait, no second submission of queued cells) through stand-in sbatch,
-srun and sacct commands."""
+srun and sacct commands; confidence-head cells run after their base cells (a second wave), left "waiting for
+base" when the base fails, their entries refused naming FILE:LINE."""
 import contextlib
 import json
 import os
@@ -265,3 +266,173 @@ def test_slurm_submits_one_array_job_with_the_resources_asked_and_never_resubmit
 
     again = run_cli(experiment_cli.main, [path, *flags]).output  # the jobs are still pending: nothing submitted
     assert "0 of 8 cells to run with --executor slurm (8 submitted)" in again and not (tmp_path / "submission_1.sh").exists()
+
+
+HEADS = """\
+name: {name}
+dataset: 511
+configuration: 3d_fullres
+split: loco
+folds: [0]
+seeds: [{seed}]
+train:
+  epochs: 1
+  iters-per-epoch: 2
+  device: cpu
+  disable-tta: true
+  num-workers: 0
+methods:
+  - nnunet
+  - confidence_head: {{base: nnunet, warmup-batches: 1}}
+evaluate: {evaluate}
+"""
+
+
+def _heads_grid(tmp_path, name, seed, evaluate="false", replace=None):
+    text = HEADS.format(name=name, seed=seed, evaluate=evaluate)
+    if replace:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def _base_folder(results, seed, method="nnunet"):
+    return (results / "Dataset511_Tiny" / f"{METHODS[method].class_name}__CalibPlans__3d_fullres"
+            / f"loco_fold0_seed{seed}")
+
+
+def test_a_confidence_head_runs_after_its_base_writes_its_scores_and_a_rerun_skips_both(results, tmp_path):
+    """nnunet + confidence_head {base: nnunet} on one fold and seed: the head waits for its base (--dry-run),
+    runs in the second wave once the base has finished, writes its checkpoint into the base run and its scores
+    into the base's val and test confidence.json; calib_evaluate gets the base method; a rerun runs nothing."""
+    path = _heads_grid(tmp_path, "heads", 105, evaluate="true")
+    base, head = "nnunet_loco_fold0_seed105", "confidence_head-nnunet_loco_fold0_seed105"
+    plan = run_cli(experiment_cli.main, [path, "--dry-run"]).output
+    assert "heads: 2 cells (2 methods × 1 fold × 1 seed)" in plan
+    assert f"  to run      {base:<40} calib_train 511 3d_fullres nnunet 0 --split loco --seed 105" in plan
+    assert (f"  waiting for base {head} calib_train 511 3d_fullres confidence_head 0 --split loco --seed 105 --base "
+            f"nnunet --epochs 1 --iters-per-epoch 2 --device cpu --disable-tta --num-workers 0 --warmup-batches 1  "
+            f"# after {base}") in plan, plan
+
+    output = run_cli(experiment_cli.main, [path, "-j", 2]).output  # two at once, yet the head waits for its base
+    assert "heads: 1 of 2 cells to run with --executor local (1 waiting for base)" in output
+    lines = output.splitlines()
+    assert lines.index(f"{head}: started") > next(i for i, line in enumerate(lines) if f"] {base}: finished" in line)
+    assert "1 waiting for base: a confidence-head cell runs once its base cell has finished." in output
+    assert "heads: 1 of 1 waiting for base to run now (their base cells have finished)" in output
+    assert "heads: 2 cells: 2 finished (2 run now)" in output
+    assert "calib_evaluate --split loco -d 511 --methods nnunet --folds 0 --seeds 105" in output
+
+    folder = _base_folder(results, 105)
+    assert (folder / "confidence_head" / "checkpoint_final.pth").is_file()
+    for role in ("val", "test"):
+        scores = json.loads((folder / "predictions" / role / "confidence.json").read_text())
+        assert scores and all("adversarial_head_predicted_dice" in case for case in scores.values())
+    logs = results / "Dataset511_Tiny" / "experiments" / "heads" / "logs"
+    assert (logs / f"{head}.log").read_text().startswith(
+        "$ calib_train 511 3d_fullres confidence_head 0 --split loco --seed 105 --base nnunet")
+    status = json.loads((logs.parent / "status.json").read_text())
+    assert status["cells"][head]["state"] == "finished" and status["cells"][head]["base"] == base
+    assert status["cells"][head]["folder"] == str(folder / "confidence_head")
+    table = (results / "Dataset511_Tiny" / "evaluation" / "loco" / "failure_detection.csv").read_text()
+    assert "adversarial_head_predicted_dice" in table
+
+    stamps = _stamps(folder) + [(folder / "confidence_head" / "checkpoint_final.pth").stat().st_mtime_ns]
+    again = run_cli(experiment_cli.main, [path, "--dry-run"]).output
+    assert again.count("  finished    ") == 2
+    rerun = run_cli(experiment_cli.main, [path]).output
+    assert "heads: 0 of 2 cells to run with --executor local (2 finished)" in rerun and ": started" not in rerun
+    assert _stamps(folder) + [(folder / "confidence_head" / "checkpoint_final.pth").stat().st_mtime_ns] == stamps
+
+
+def test_a_head_whose_base_cell_fails_is_left_waiting_for_its_base(results, tmp_path, monkeypatch):
+    """The base cell fails (--device cuda where CUDA is hidden): its head is not run and is 'waiting for base' in
+    the summary and status.json, not a failure of its own; the command exits with status 1."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    path = _heads_grid(tmp_path, "nobase", 106, replace=("  - nnunet\n", "  - nnunet: {device: cuda}\n"))
+    base, head = "nnunet_loco_fold0_seed106", "confidence_head-nnunet_loco_fold0_seed106"
+    result = run_cli(experiment_cli.main, [path], expect_ok=False)
+    assert result.exit_code == 1, result.output
+    assert f"[1/1] {base}: failed (exit status 1)" in result.output
+    assert "nobase: 2 cells: 1 failed, 1 waiting for base" in result.output
+    assert "1 waiting for base: confidence-head cells whose base cell has not finished (not failures of the heads)" \
+        in result.output
+    logs = results / "Dataset511_Tiny" / "experiments" / "nobase" / "logs"
+    assert not (logs / f"{head}.log").exists() and not (_base_folder(results, 106) / "confidence_head").exists()
+    status = json.loads((logs.parent / "status.json").read_text())
+    assert status["counts"] == {"failed": 1, "waiting for base": 1}
+    assert status["cells"][head]["state"] == "waiting for base" and status["cells"][head]["base"] == base
+    plan = run_cli(experiment_cli.main, [path, "--dry-run"]).output
+    assert f"  failed      {base}" in plan and f"  waiting for base {head}" in plan
+
+
+HEAD_BASE = "  - confidence_head: {base: nnunet, warmup-batches: 1}\n"
+# (text replaced in HEADS, by what, line named, part of the message)
+MALFORMED_HEADS = {
+    "missing base": (HEAD_BASE, "  - confidence_head: {warmup-batches: 1}\n", 15,
+                     "confidence_head needs base: the method whose runs"),
+    "no flags at all": (HEAD_BASE, "  - confidence_head\n", 15, "confidence_head needs base"),
+    "unknown base": (HEAD_BASE, "  - confidence_head: {base: nnunett}\n", 15,
+                     "base: unknown method 'nnunett' (did you mean 'nnunet'?)"),
+    "base is a head": (HEAD_BASE, "  - confidence_head: {base: confidence_head}\n", 15,
+                       "base: confidence_head is itself a confidence head"),
+    "base a SAM method": (HEAD_BASE, "  - confidence_head: {base: samft}\n", 15,
+                          "--base samft: a confidence head attaches to an nnU-Net U-Net"),
+    "base on its own line": (HEAD_BASE, "  - confidence_head:\n      warmup-batches: 1\n      base: unet\n", 17,
+                             "base: unknown method 'unet'"),
+    "head twice": (HEAD_BASE, HEAD_BASE + "  - confidence_head: {base: nnunet}\n", 16,
+                   "confidence_head on nnunet is listed twice (line 15)"),
+    "base under train": ("  num-workers: 0\n", "  num-workers: 0\n  base: nnunet\n", 13,
+                         "--base is not given to every cell"),
+    "base not in the grid and not trained": ("  - nnunet\n", "  - unet_cmp\n", 15,
+                                             "nnunet is not a method of this grid, so its runs must be trained "
+                                             "already (or list nnunet under methods): no finished nnunet run in"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_HEADS)
+def test_a_malformed_head_entry_is_refused_before_anything_runs_naming_its_line(results, tmp_path, case):
+    old, new, line, message = MALFORMED_HEADS[case]
+    path = _heads_grid(tmp_path, "badheads", 107, replace=(old, new))
+    result = run_cli(experiment_cli.main, [path], expect_ok=False)
+    assert result.exit_code == 1, result.output
+    assert f"Error: {path}:{line}: " in result.output and message in result.output, result.output
+    assert not (results / "Dataset511_Tiny").exists()
+
+
+def test_a_plain_and_an_adversarial_head_on_one_base_are_two_cells(results, tmp_path):
+    path = _heads_grid(tmp_path, "twoheads", 108, replace=(
+        HEAD_BASE, HEAD_BASE + "  - confidence_head: {base: nnunet, no-adversarial: true}\n"))
+    plan = run_cli(experiment_cli.main, [path, "--dry-run"]).output
+    folder = _base_folder(results, 108)
+    assert "confidence_head-nnunet_loco_fold0_seed108" in plan
+    assert ("confidence_head_plain-nnunet_loco_fold0_seed108 calib_train 511 3d_fullres confidence_head 0 --split "
+            "loco --seed 108 --base nnunet --epochs 1 --iters-per-epoch 2 --device cpu --disable-tta --num-workers 0 "
+            "--no-adversarial") in plan, plan
+    from calibnet.cli.experiment import train_parser
+    from calibnet.launch.experiment import load_experiment
+    from calibnet.paths import setup_data_roots
+    cells = {c.name: c for c in load_experiment(path, train_parser(), setup_data_roots()).cells}
+    assert cells["confidence_head_plain-nnunet_loco_fold0_seed108"].folder == folder / "confidence_head_plain"
+    assert cells["confidence_head-nnunet_loco_fold0_seed108"].folder == folder / "confidence_head"
+
+
+def test_slurm_no_wait_submits_the_base_and_leaves_its_head_for_a_rerun(results, tmp_path, monkeypatch):
+    """With --no-wait a head cannot follow its base in this command: only the base is submitted; the head waits
+    for it (status.json), and the rerun, while the base is still queued, submits nothing."""
+    _fake_slurm(tmp_path, monkeypatch, "PENDING")
+    (tmp_path / "bin" / "sacct").write_text("#!/bin/sh\nprintf 'JobID|State|NodeList\\n4242|PENDING|\\n'\n")
+    path = _heads_grid(tmp_path, "slurmheads", 109)
+    flags = ["--executor", "slurm", "--no-wait", "--time", 30]
+    output = run_cli(experiment_cli.main, [path, *flags]).output
+    assert "nnunet_loco_fold0_seed109: submitted as job 4242\n" in output  # an array of one task
+    assert "1 waiting for base: with --no-wait, a rerun submits a confidence-head cell once its base cell has " \
+        "finished." in output
+    assert output.count("submitted as job") == 1
+    status = json.loads((results / "Dataset511_Tiny" / "experiments" / "slurmheads" / "status.json").read_text())
+    assert status["counts"] == {"submitted": 1, "waiting for base": 1}
+    again = run_cli(experiment_cli.main, [path, *flags]).output
+    assert "0 of 2 cells to run with --executor slurm (1 submitted, 1 waiting for base)" in again
+    assert not (tmp_path / "submission_1.sh").exists()

@@ -53,8 +53,9 @@ def _parse_train(argv) -> api.TrainRequest:
 def main(experiment_file, executor, jobs, dry_run, no_wait, partition, time_min, gpus_per_job, cpus_per_job,
          mem_gb):
     """Run the grid of EXPERIMENT_FILE (YAML: dataset, configuration, split, folds, seeds, methods with their
-    flags; see docs/calib_experiment.md): one calib_train run per method, fold and seed, skipping those already
-    finished, then calib_evaluate. Exits with status 1 while a cell has not finished."""
+    flags; see docs/calib_experiment.md): one calib_train run per method, fold and seed (confidence heads after
+    their base runs), skipping those already finished, then calib_evaluate. Exits with status 1 while a cell has
+    not finished."""
     roots = data_roots()
     options = api.ExperimentOptions(executor=executor, jobs=jobs, dry_run=dry_run, wait=not no_wait,
                                     partition=partition, time_min=time_min, gpus_per_job=gpus_per_job,

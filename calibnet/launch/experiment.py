@@ -11,12 +11,19 @@ before anything runs.
     methods:
       - nnunet
       - calsam: {lambda-fip: 0.1}  # flags of this method's cells (they win over train's)
+      - confidence_head: {base: nnunet, warmup-batches: 10}   # a head on each nnunet cell of the grid
     prompts: [3P, 3B0.5]           # SAM methods: also predicted with these prompt-quality settings
     evaluate: true                 # calib_evaluate the grid once every cell is finished
 
 A cell is one method on one fold with one seed: an ordinary ``calib_train`` run whose argv is built here and
 checked with calib_train's own flag parser (``TrainParser``, given by the command line layer) and
 ``request_checks.check_request``. Every error names ``FILE:LINE``.
+
+A ``confidence_head`` entry names its ``base`` method; its cells (``calib_train ... confidence_head F --base
+BASE``) train a head on the base's run of the same fold and seed, into the head's folder inside that run, and
+add its scores to the run's val and test ``confidence.json``. When the base is a method of the grid, each head
+cell waits for its base cell (``Cell.base``; ``grid.py`` runs heads in a second wave); otherwise every base
+run must be trained already, which is checked here.
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from typing import Callable
 import yaml
 
 from calibnet.errors import CalibnetError
-from calibnet.launch.request_checks import check_dataset, check_request, preprocessed_dataset, split_folds
+from calibnet.launch.request_checks import (check_base_run, check_dataset, check_head_base, check_request,
+                                            preprocessed_dataset, split_folds)
 from calibnet.methods import METHODS, get_method, method_variant
 from calibnet.paths import DataRoots
 from calibnet.runs import DEFAULT_SEED, RunSpec, run_folder
@@ -64,16 +72,44 @@ class TrainParser:
 
 
 @dataclass(frozen=True)
+class HeadTarget:
+    """What a confidence-head cell writes besides its folder: the head's checkpoint, and the key of the head's
+    scores in the val and test ``confidence.json`` of the base run (``base_folder``)."""
+    base_folder: Path
+    checkpoint: Path
+    scores: str  # e.g. adversarial_head_predicted_dice
+
+
+@dataclass(frozen=True)
 class Cell:
     """One calib_train run of the grid."""
-    name: str  # METHOD_SPLIT_foldF_seedS: its log and status entries
+    name: str  # METHOD_SPLIT_foldF_seedS (heads: HEADFOLDER-BASE_SPLIT_foldF_seedS): its log and status entries
     method: str
     fold: int
     seed: int
     argv: tuple  # calib_train's arguments
-    folder: Path  # its run folder
+    folder: Path  # its run folder (a head: the head's folder inside the base run)
     prompts: tuple  # prompt settings whose prediction sets it writes besides its own
     resumable: bool  # trains a network: an interrupted attempt continues from its checkpoint
+    head: HeadTarget | None = None  # a confidence head: what it writes
+    base: str | None = None  # a confidence head whose base is a method of the grid: the base's cell
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One item of the ``methods`` list: its index, alias, own flags and, for a confidence head, the base method
+    and whether the head is adversarial; ``label`` names it (``confidence_head-BASE`` for a head)."""
+    index: int
+    alias: str
+    own: dict
+    base: str | None = None
+    adversarial: bool = True
+
+    @property
+    def label(self) -> str:
+        if self.base is None:
+            return self.alias
+        return f"{self.alias if self.adversarial else self.alias + '_plain'}-{self.base}"
 
 
 @dataclass(frozen=True)
@@ -86,10 +122,11 @@ class Experiment:
     split: str
     folds: tuple
     seeds: tuple
-    methods: tuple
+    methods: tuple  # every entry of the methods list (a head as confidence_head-BASE)
     cells: tuple
     evaluate: bool
     folder: Path  # $nnUNet_results/DatasetXXX/experiments/<name>: logs, status.json, submitit's files
+    evaluated: tuple = ()  # the methods calib_evaluate is given: the networks (a head's scores are its base's)
 
 
 class _Lines:
@@ -196,7 +233,7 @@ def _did_you_mean(word: str, choices) -> str:
 
 
 def _method_entries(doc: dict, lines: _Lines) -> tuple[list, list]:
-    """[(index, alias, flags)] of the ``methods`` list, and messages about its entries."""
+    """The ``methods`` list as _Entry items, and messages about its entries."""
     entries, errors, seen = [], [], {}
     for index, item in enumerate(doc["methods"]):
         if isinstance(item, dict) and len(item) == 1:
@@ -207,20 +244,53 @@ def _method_entries(doc: dict, lines: _Lines) -> tuple[list, list]:
             errors.append(lines.error("methods", index, message=f"a method is an alias or {{alias: {{flag: value}}}}, "
                                                                  f"not {item!r}."))
             continue
+        entry = _Entry(index, alias, flags or {})
         if alias not in METHODS:
             errors.append(lines.error("methods", index, message=f"unknown method {alias!r}"
                                       + _did_you_mean(alias, METHODS) + "; calib_train --list shows every method."))
-        elif METHODS[alias].trains_head:
-            errors.append(lines.error("methods", index, message=f"{alias} trains on finished base runs; "
-                                      "calib_experiment does not run it yet: train the grid, then calib_train "
-                                      f"... {alias} FOLD --base METHOD for each cell."))
-        elif alias in seen:
-            errors.append(lines.error("methods", index, message=f"method {alias} is listed twice (line "
-                                      f"{seen[alias]}); a run folder is per method, fold and seed, so each method "
-                                      "appears once."))
-        seen.setdefault(alias, lines.line("methods", index))
-        entries.append((index, alias, flags or {}))
+            continue
+        if METHODS[alias].trains_head:
+            entry, error = _head_entry(entry, doc, lines)
+            if error:
+                errors.append(error)
+                continue
+        if entry.label in seen:
+            errors.append(lines.error("methods", index, message=_twice(entry, seen[entry.label])))
+        seen.setdefault(entry.label, lines.line("methods", index))
+        entries.append(entry)
     return entries, errors
+
+
+def _head_entry(entry: _Entry, doc: dict, lines: _Lines) -> tuple[_Entry, str | None]:
+    """A confidence-head entry with its base method and kind, or the message saying what is wrong with its
+    ``base``: missing, not a method, itself a head."""
+    alias, own = entry.alias, entry.own
+    example = f"- {alias}: {{base: nnunet}}"
+    if "base" not in own:
+        return entry, lines.error("methods", entry.index, message=f"{alias} needs base: the method whose runs (same "
+                                  f"fold and seed) the head reads, e.g. `{example}`.")
+    base, where = own["base"], ("methods", entry.index, alias, "base")
+    if not isinstance(base, str) or base not in METHODS:
+        return entry, lines.error(*where, message=f"base: unknown method {base!r}" + _did_you_mean(str(base), METHODS)
+                                  + "; calib_train --list shows every method.")
+    if METHODS[base].trains_head:
+        return entry, lines.error(*where, message=f"base: {base} is itself a confidence head; a head reads the "
+                                  "network of a segmentation method, e.g. nnunet or nnunet_dropout.")
+    try:
+        check_head_base(base)
+    except CalibnetError as e:
+        return entry, lines.error(*where, message=str(e))
+    plain = own.get("no-adversarial", (doc.get("train") or {}).get("no-adversarial")) is True
+    return _Entry(entry.index, alias, {k: v for k, v in own.items() if k != "base"}, base, not plain), None
+
+
+def _twice(entry: _Entry, line: int) -> str:
+    if entry.base is None:
+        return (f"method {entry.alias} is listed twice (line {line}); a run folder is per method, fold and seed, so "
+                "each method appears once.")
+    return (f"{entry.label.split('-')[0]} on {entry.base} is listed twice (line {line}); both would train the "
+            f"{entry.label.split('-')[0]}/ folder of the {entry.base} runs (one base takes an adversarial head and a "
+            "plain one, no-adversarial: true).")
 
 
 def _flag_argv(name: str, value, kind: FlagKind) -> list:
@@ -351,8 +421,8 @@ def _resumable(alias: str) -> bool:
 
 def load_experiment(path: Path, parser: TrainParser, roots: DataRoots) -> Experiment:
     """Read and check an experiment file: keys and types, methods and their flags (with calib_train's parser
-    and checks), prompt settings, the preprocessed dataset, configuration and folds. Every error names
-    ``FILE:LINE``; nothing is written."""
+    and checks), confidence heads' bases (and their runs, for a base the grid does not train), prompt settings,
+    the preprocessed dataset, configuration and folds. Every error names ``FILE:LINE``; nothing is written."""
     path = Path(path)
     doc, lines = _compose(path)
     _raise(_check_top_level(doc, lines))
@@ -360,28 +430,38 @@ def load_experiment(path: Path, parser: TrainParser, roots: DataRoots) -> Experi
     dataset_folder, folds = _check_data(doc, lines, roots)
     seeds = _int_list(doc.get("seeds", [DEFAULT_SEED]), "seeds")
     resumable = _check_methods(doc, lines, parser, roots, entries, flags, prompts, folds[0], seeds[0])
+    networks = [entry.alias for entry in entries if entry.base is None]
+    _check_base_runs(doc, lines, roots, [e for e in entries if e.base is not None and e.base not in networks],
+                     folds, seeds)
     name = doc.get("name") or path.stem
-    cells = [_cell(doc, alias, fold, seed, flags[alias], prompts if METHODS[alias].uses_sam else [],
-                   dataset_folder.name, resumable[alias], roots)
-             for _, alias, _ in entries for fold in folds for seed in seeds]
+    cells = [_cell(doc, entry, fold, seed, flags[entry.index], prompts if METHODS[entry.alias].uses_sam else [],
+                   dataset_folder.name, resumable[entry.index], roots, networks)
+             for entry in entries for fold in folds for seed in seeds]
+    evaluated = networks + [e.base for e in entries if e.base is not None and e.base not in networks]
     return Experiment(path, name, doc["dataset"], dataset_folder.name, doc["configuration"], doc["split"],
-                      tuple(folds), tuple(seeds), tuple(alias for _, alias, _ in entries), tuple(cells),
-                      doc.get("evaluate", True), roots.results / dataset_folder.name / "experiments" / name)
+                      tuple(folds), tuple(seeds), tuple(entry.label for entry in entries), tuple(cells),
+                      doc.get("evaluate", True), roots.results / dataset_folder.name / "experiments" / name,
+                      tuple(dict.fromkeys(evaluated)))
 
 
 def _read_methods(doc: dict, lines: _Lines, parser: TrainParser) -> tuple[list, dict, list]:
-    """The method entries, each method's flags ({flag: (argv, where)}, the method's own winning over train's)
-    and the prompt settings; every flag is a known calib_train flag written the way it takes its value."""
+    """The method entries, each entry's flags ({flag: (argv, where)} by entry index, the method's own winning
+    over train's; a head's base is not among them) and the prompt settings; every flag is a known calib_train
+    flag written the way it takes its value."""
     entries, errors = _method_entries(doc, lines)
-    train, train_errors = _flag_segments(doc.get("train") or {}, lines, ("train",), parser, None)
+    train_flags = doc.get("train") or {}
+    train, train_errors = _flag_segments(train_flags, lines, ("train",), parser, None)
+    if "base" in train_flags:
+        train_errors.append(lines.error("train", "base", message="--base is not given to every cell: give each "
+                                        "confidence_head its own, `- confidence_head: {base: nnunet}`."))
     prompts, prompt_errors = _prompt_settings(doc, lines)
     flags = {}
-    for index, alias, own in entries:
-        segments, own_errors = _flag_segments(own, lines, ("methods", index, alias), parser,
-                                              alias if alias in METHODS else None)
-        flags[alias] = {**train, **segments}
+    for entry in entries:
+        segments, own_errors = _flag_segments(entry.own, lines, ("methods", entry.index, entry.alias), parser,
+                                              entry.alias)
+        flags[entry.index] = {**{k: v for k, v in train.items() if k != "base"}, **segments}
         errors += own_errors
-    if prompts and not any(METHODS[alias].uses_sam for _, alias, _ in entries if alias in METHODS):
+    if prompts and not any(METHODS[entry.alias].uses_sam for entry in entries):
         errors.append(lines.error("prompts", message="prompt settings apply to SAM methods; no method listed is "
                                                      "one."))
     _raise(errors + train_errors + prompt_errors)
@@ -390,29 +470,68 @@ def _read_methods(doc: dict, lines: _Lines, parser: TrainParser) -> tuple[list, 
 
 def _check_methods(doc: dict, lines: _Lines, parser: TrainParser, roots: DataRoots, entries: list, flags: dict,
                    prompts: list, fold: int, seed: int) -> dict:
-    """calib_train's parser and checks on each method's flags; returns {method: resumable}."""
+    """calib_train's parser and checks on each entry's flags; returns {entry index: resumable}. A head's base
+    run is not looked for here (the grid may train it): see _check_base_runs."""
     errors, resumable = [], {}
-    base = [str(doc["dataset"]), doc["configuration"]]
-    for index, alias, _ in entries:
-        segments = list(flags[alias].values())
-        if METHODS[alias].uses_sam and prompts:
+    common = [str(doc["dataset"]), doc["configuration"]]
+    for entry in entries:
+        segments = list(flags[entry.index].values())
+        if METHODS[entry.alias].uses_sam and prompts:
             segments.append(([t for s in prompts for t in ("--prompts", s)], lines.at("prompts")))
         errors.append(_first_refusal(lambda argv: check_request(parser.parse(argv), roots.preprocessed),
-                                     base + [alias, str(fold), "--split", doc["split"], "--seed", str(seed)],
-                                     segments, lines.at("methods", index)))
+                                     common + _cell_head(doc, entry, fold, seed), segments,
+                                     lines.at("methods", entry.index)))
         try:
-            resumable[alias] = _resumable(alias)
+            resumable[entry.index] = entry.base is None and _resumable(entry.alias)
         except CalibnetError as e:
-            errors.append(lines.error("methods", index, message=str(e)))
+            errors.append(lines.error("methods", entry.index, message=str(e)))
     _raise(list(dict.fromkeys(e for e in errors if e)))
     return resumable
 
 
-def _cell(doc: dict, alias: str, fold: int, seed: int, flags: dict, prompts: list, dataset_name: str,
-          resumable: bool, roots: DataRoots) -> Cell:
+def _check_base_runs(doc: dict, lines: _Lines, roots: DataRoots, heads: list, folds: list, seeds: list) -> None:
+    """Heads whose base is not a method of the grid read base runs trained before: every fold and seed of the
+    grid must have one (calib_train's own check, made for each)."""
+    errors = []
+    for entry in heads:
+        missing = []
+        for fold in folds:
+            for seed in seeds:
+                spec = RunSpec(doc["dataset"], doc["configuration"], entry.alias, fold, doc["split"], seed)
+                try:
+                    check_base_run(spec, entry.base, roots.preprocessed, roots.results)
+                except CalibnetError as e:
+                    missing.append(str(e))
+        if missing:
+            more = f" ({len(missing)} of {len(folds) * len(seeds)} {entry.base} runs are missing)" \
+                if len(missing) > 1 else ""
+            errors.append(lines.error("methods", entry.index, entry.alias, "base", message=(
+                f"{entry.label}: {entry.base} is not a method of this grid, so its runs must be trained already "
+                f"(or list {entry.base} under methods): {missing[0].rstrip('.')}{more}.")))
+    _raise(errors)
+
+
+def _cell_head(doc: dict, entry: _Entry, fold: int, seed: int) -> list:
+    """The start of a cell's calib_train argv: method, fold, split, seed (and a head's base)."""
+    return [entry.alias, str(fold), "--split", doc["split"], "--seed", str(seed)] + \
+        (["--base", entry.base] if entry.base is not None else [])
+
+
+def _cell(doc: dict, entry: _Entry, fold: int, seed: int, flags: dict, prompts: list, dataset_name: str,
+          resumable: bool, roots: DataRoots, networks: list) -> Cell:
     split = doc["split"]
-    spec = RunSpec(doc["dataset"], doc["configuration"], alias, fold, split, seed)
-    argv = [str(doc["dataset"]), doc["configuration"], alias, str(fold), "--split", split, "--seed", str(seed),
+    argv = [str(doc["dataset"]), doc["configuration"], *_cell_head(doc, entry, fold, seed),
             *[t for argv, _ in flags.values() for t in argv], *[t for s in prompts for t in ("--prompts", s)]]
-    return Cell(f"{alias}_{split}_fold{fold}_seed{seed}", alias, fold, seed, tuple(argv),
-                run_folder(roots.results, dataset_name, get_method(alias).class_name, spec), tuple(prompts), resumable)
+    method = entry.alias if entry.base is None else entry.base
+    spec = RunSpec(doc["dataset"], doc["configuration"], method, fold, split, seed)
+    folder = run_folder(roots.results, dataset_name, get_method(method).class_name, spec)
+    name = f"{entry.label}_{split}_fold{fold}_seed{seed}"
+    if entry.base is None:
+        return Cell(name, entry.alias, fold, seed, tuple(argv), folder, tuple(prompts), resumable)
+    from calibnet.inference.confidence_heads import HEAD_CHECKPOINT
+    from calibnet.networks.confidence_head import HEAD_FOLDERS, head_folder
+
+    head = head_folder(folder, entry.adversarial)
+    target = HeadTarget(folder, head / HEAD_CHECKPOINT, f"{HEAD_FOLDERS[head.name]}_predicted_dice")
+    base_cell = f"{entry.base}_{split}_fold{fold}_seed{seed}" if entry.base in networks else None
+    return Cell(name, entry.alias, fold, seed, tuple(argv), head, (), False, target, base_cell)

@@ -8,6 +8,14 @@ finished when its run folder holds the model checkpoint, calibnet_run.json and e
 run, a job submitted twice) finds it busy and leaves it alone. An interrupted cell of a method that trains
 continues from its checkpoint (``calib_train --continue``); one whose continuation failed starts afresh.
 
+Confidence-head cells (``Cell.head``) read a base run: one is finished when its checkpoint is there, newer than
+the base's model, and the base's val and test ``confidence.json`` hold its scores for every case; an
+interrupted head is trained again from the start (calib_train has no ``--continue`` for heads). A head whose
+base is a cell of the grid (``Cell.base``) runs in a second wave, after the first wave (every other cell to
+run) has ended, and only if its base cell has finished; until then its state is ``waiting for base``, which is
+not a failure of the head. Heads of one base run take turns (``.calib_experiment.heads.lock`` in the base run):
+each scoring pass rewrites the base's confidence.json with the scores of every head it finds.
+
 Executors: ``local`` (``concurrent.futures`` threads, each waiting on its cell's subprocess: sequential, or
 ``-j N`` at once), ``submitit-local`` and ``slurm`` (``submitit.AutoExecutor``, cells submitted with
 ``map_array``: a SLURM array job with at most ``-j`` tasks at once; the local executor of submitit runs the
@@ -39,11 +47,14 @@ from typing import Callable
 
 from calibnet.errors import CalibnetError
 from calibnet.files import atomic_write_json
-from calibnet.launch.experiment import Cell, Experiment
+from calibnet.launch.experiment import Cell, Experiment, HeadTarget
 from calibnet.paths import DataRoots
-from calibnet.runs import RUN_FILENAME, model_checkpoint, prediction_set_complete, resume_checkpoint
+from calibnet.runs import (CONFIDENCE_FILENAME, ROLES, RUN_FILENAME, model_checkpoint, prediction_folder,
+                          prediction_set_complete, resume_checkpoint)
 
 LOCK_NAME = ".calib_experiment.lock"
+HEADS_LOCK_NAME = ".calib_experiment.heads.lock"  # in a base run: its heads run one at a time
+WAITING = "waiting for base"  # a head whose base cell has not finished
 EXECUTORS = ("local", "submitit-local", "slurm")
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60  # submitit's local jobs are killed after timeout_min (its default: 2 min)
 POLL_SECONDS = {"submitit-local": 1.0, "slurm": 10.0}  # between looks at the jobs (SLURM: sacct, cached by submitit)
@@ -77,6 +88,7 @@ class CellJob:
     logs: Path
     env: dict  # the data roots, absolute
     python: str
+    head: HeadTarget | None = None  # a confidence head: what it writes into its base run
 
 
 @dataclass
@@ -93,7 +105,8 @@ class CellOutcome:
 
 @dataclass
 class GridResult:
-    states: dict  # cell -> finished | failed | interrupted | running | to run | to resume | submitted
+    # cell -> finished | failed | interrupted | running | to run | to resume | submitted | waiting for base
+    states: dict
     outcomes: list = field(default_factory=list)  # CellOutcome of the cells run now
     job_ids: list = field(default_factory=list)
     status_file: Path | None = None
@@ -104,11 +117,30 @@ class GridResult:
         return all(state == "finished" for state in self.states.values())
 
 
-def cell_finished(folder: Path, prompts=()) -> bool:
-    """The run has its model checkpoint, its record and every prediction set (its own prompts and ``prompts``)."""
+def cell_finished(folder: Path, prompts=(), head: HeadTarget | None = None) -> bool:
+    """The run has its model checkpoint, its record and every prediction set (its own prompts and ``prompts``);
+    a confidence head (``head``): see head_finished."""
+    if head is not None:
+        return head_finished(head)
     folder = Path(folder)
     return (model_checkpoint(folder) is not None and (folder / RUN_FILENAME).is_file()
             and prediction_set_complete(folder) and all(prediction_set_complete(folder, s) for s in prompts))
+
+
+def head_finished(head: HeadTarget) -> bool:
+    """The head's checkpoint is there and no older than the base's model (a base trained again needs its head
+    trained again), and the base's val and test confidence.json hold the head's scores for every case."""
+    base_model = model_checkpoint(head.base_folder)
+    try:
+        if base_model is None or head.checkpoint.stat().st_mtime < base_model.stat().st_mtime:
+            return False
+        for role in ROLES:
+            cases = json.loads((prediction_folder(head.base_folder, role) / CONFIDENCE_FILENAME).read_text())
+            if not cases or not all(isinstance(s, dict) and head.scores in s for s in cases.values()):
+                return False
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _last_outcome(logs: Path, name: str) -> dict:
@@ -179,20 +211,40 @@ def run_cell(job: CellJob, on_start: Callable | None = None) -> CellOutcome:
     if fd is None:
         return CellOutcome(job.name, "running", message=lock_holder(job.folder))
     try:
-        if cell_finished(job.folder, job.prompts):
+        if cell_finished(job.folder, job.prompts, job.head):
             return CellOutcome(job.name, "finished", message="finished before")
         mode = _mode(job)
         argv = [job.python, "-m", "calibnet.cli.train", *job.argv] + (["--continue"] if mode == "continue" else [])
         start = time.monotonic()
         try:
-            returncode = _attempt(job, argv, fd, lambda process: on_start and on_start(process, mode))
+            with _heads_of_one_base(job):
+                returncode = _attempt(job, argv, fd, lambda process: on_start and on_start(process, mode))
         except BaseException:  # this job was stopped (its calib_train too): say so, then stop
             _record(job, CellOutcome(job.name, "interrupted", time.monotonic() - start, mode=mode), argv)
             raise
-        state = ("finished" if returncode == 0 and cell_finished(job.folder, job.prompts)
+        state = ("finished" if returncode == 0 and cell_finished(job.folder, job.prompts, job.head)
                  else "interrupted" if returncode < 0 else "failed")
         return _record(job, CellOutcome(job.name, state, time.monotonic() - start, returncode=returncode, mode=mode),
                        argv)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _heads_of_one_base(job: CellJob):
+    """A head cell waits while another head of its base run runs: each head's scoring pass rewrites the base's
+    val and test confidence.json with the scores of the heads it finds (and reads their checkpoints), so two
+    at once could drop each other's scores."""
+    if job.head is None or not Path(job.head.base_folder).is_dir():
+        yield
+        return
+    fd = os.open(Path(job.head.base_folder) / HEADS_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            pass
+        yield
     finally:
         os.close(fd)
 
@@ -225,8 +277,9 @@ def _record(job: CellJob, outcome: CellOutcome, argv: list) -> CellOutcome:
 
 def cell_state(cell: Cell, logs: Path) -> str:
     """finished | running (its lock is held) | failed / interrupted (the last attempt; it will be retried) |
-    to resume (an interrupted training with a checkpoint) | to run."""
-    if cell_finished(cell.folder, cell.prompts):
+    to resume (an interrupted training with a checkpoint) | to run. (Whether a head waits for its base cell is
+    decided in grid_states.)"""
+    if cell_finished(cell.folder, cell.prompts, cell.head):
         return "finished"
     if (cell.folder / LOCK_NAME).exists():
         fd = _lock(cell.folder / LOCK_NAME)
@@ -271,7 +324,7 @@ def cell_job(cell: Cell, experiment: Experiment, roots: DataRoots) -> CellJob:
     env = {"nnUNet_raw": str(roots.raw), "nnUNet_preprocessed": str(roots.preprocessed),
            "nnUNet_results": str(roots.results)}
     return CellJob(cell.name, cell.argv, cell.folder, cell.prompts, cell.resumable, experiment.folder / "logs", env,
-                   sys.executable)
+                   sys.executable, cell.head)
 
 
 class _Status:
@@ -280,9 +333,11 @@ class _Status:
     def __init__(self, experiment: Experiment, states: dict, executor: str):
         self.experiment, self.executor = experiment, executor
         self.folders = {cell.name: str(cell.folder) for cell in experiment.cells}
+        self.bases = {cell.name: cell.base for cell in experiment.cells if cell.base}
         self.cells = {}
         for name, state in states.items():
-            self.cells[name] = {"state": state, "folder": self.folders[name]}
+            self.cells[name] = {"state": state, "folder": self.folders[name], "base": self.bases.get(name)}
+            self.cells[name] = {k: v for k, v in self.cells[name].items() if v is not None}
             log = experiment.folder / "logs" / f"{name}.log"
             if log.is_file():
                 self.cells[name]["log"] = str(log)
@@ -292,6 +347,7 @@ class _Status:
     def update(self, name: str, **entry) -> None:
         with self.lock:
             self.cells[name] = {"folder": self.folders[name],
+                                **({"base": self.bases[name]} if name in self.bases else {}),
                                 **{k: v for k, v in entry.items() if v not in (None, "")}}
             self.write()
 
@@ -434,10 +490,11 @@ def _plan_lines(experiment: Experiment, states: dict) -> list:
         (len(experiment.methods), "method"), (len(experiment.folds), "fold"), (len(experiment.seeds), "seed")))
     lines = [f"{experiment.name}: {len(experiment.cells)} cells ({sizes}) of {experiment.dataset_name} "
              f"{experiment.configuration}, {experiment.split} split"]
-    lines += [f"  {states[c.name]:<11} {c.name:<40} " + (f"(its lock is held by {lock_holder(c.folder)})"
-                                                           if states[c.name] == "running"
-                                                           else f"calib_train {shlex.join(c.argv)}")
-              for c in experiment.cells]
+    for c in experiment.cells:
+        state = states[c.name]
+        what = (f"(its lock is held by {lock_holder(c.folder)})" if state == "running"
+                else f"calib_train {shlex.join(c.argv)}" + (f"  # after {c.base}" if state == WAITING else ""))
+        lines.append(f"  {state:<11} {c.name:<40} {what}")
     return lines
 
 
@@ -449,7 +506,10 @@ def _summary(experiment: Experiment, result: GridResult) -> list:
     lines = [f"{experiment.name}: {len(result.states)} cells: "
              + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
              + (f" ({ran} run now)" if ran else "") + f"; status: {result.status_file}"]
-    if any(state in ("failed", "interrupted", "to run", "to resume") for state in result.states.values()):
+    if counts.get(WAITING):
+        lines.append(f"{counts[WAITING]} waiting for base: confidence-head cells whose base cell has not finished "
+                     "(not failures of the heads); a rerun runs them once their base cells have finished.")
+    if any(state in ("failed", "interrupted", "to run", "to resume", WAITING) for state in result.states.values()):
         lines.append(f"rerun `calib_experiment {experiment.path}` to retry the cells that did not finish "
                      f"(their logs: {experiment.folder / 'logs'}).")
     if counts.get("running") or counts.get("submitted"):
@@ -471,39 +531,53 @@ def _check_options(options: GridOptions) -> None:
 
 
 def grid_states(experiment: Experiment) -> tuple[dict, dict]:
-    """({cell: state}, {cell: SLURM job id} of the cells still queued or running on SLURM)."""
+    """({cell: state}, {cell: SLURM job id} of the cells still queued or running on SLURM). A head whose base
+    cell has not finished (and that is itself neither finished nor running or queued) is ``waiting for base``."""
     states = {cell.name: cell_state(cell, experiment.folder / "logs") for cell in experiment.cells}
     queued = _queued_on_slurm(experiment, states)
     states.update({name: "submitted" for name in queued})
+    for cell in experiment.cells:
+        if cell.base and states[cell.base] != "finished" and states[cell.name] not in ("finished", "running",
+                                                                                         "submitted"):
+            states[cell.name] = WAITING
     return states, queued
 
 
 def run_grid(experiment: Experiment, options: GridOptions, roots: DataRoots, log: Callable = print) -> GridResult:
     """Run every cell that is not finished (nor running elsewhere) with ``options.executor``, one progress line
-    per cell to ``log``; with ``dry_run``, only say what each cell's state is."""
+    per cell to ``log``; with ``dry_run``, only say what each cell's state is. Two waves: every cell that can
+    run now, then the heads whose base cell has finished meanwhile (not with ``--no-wait``: a rerun submits
+    them)."""
     _check_options(options)
     states, queued = grid_states(experiment)
     if options.dry_run:
         return GridResult(states, lines=_plan_lines(experiment, states))
     _keep_logs_of_finished(experiment, states)
-    todo = [cell for cell in experiment.cells if states[cell.name] not in ("finished", "running", "submitted")]
+    todo = [cell for cell in experiment.cells if states[cell.name] not in ("finished", "running", "submitted", WAITING)]
+    waiting = [cell for cell in experiment.cells if states[cell.name] == WAITING]
     status = _Status(experiment, states, options.executor)
     for name, job in queued.items():
         status.cells[name].update(job=job, executor="slurm")
     status.write()
     result = GridResult(states, status_file=status.path)
-    skipped = {state: sum(s == state for s in states.values()) for state in ("finished", "running", "submitted")}
+    skipped = {state: sum(s == state for s in states.values())
+               for state in ("finished", "running", "submitted", WAITING)}
     log(f"{experiment.name}: {len(todo)} of {len(states)} cells to run with --executor {options.executor}"
         + (" (" + ", ".join(f"{n} {state}" for state, n in skipped.items() if n) + ")" if len(todo) < len(states)
            else ""))
-    log_lines = [f"{cell.name}: running elsewhere ({lock_holder(cell.folder)}), left alone"
-                 for cell in experiment.cells if states[cell.name] == "running"]
-    for line in log_lines:
-        log(line)
+    for cell in experiment.cells:
+        if states[cell.name] == "running":
+            log(f"{cell.name}: running elsewhere ({lock_holder(cell.folder)}), left alone")
+    if waiting:
+        log(f"{len(waiting)} waiting for base: " + ("a confidence-head cell runs once its base cell has finished."
+                                                     if options.wait else "with --no-wait, a rerun submits a "
+                                                     "confidence-head cell once its base cell has finished."))
+    wave = {"size": len(todo), "done": 0}
 
     def report(outcome: CellOutcome) -> None:
         result.outcomes.append(outcome)
-        log(f"[{len(result.outcomes)}/{len(todo)}] {_describe(outcome)}")
+        wave["done"] += 1
+        log(f"[{wave['done']}/{wave['size']}] {_describe(outcome)}")
         status.update(outcome.name, state=outcome.state, seconds=round(outcome.seconds, 1), log=outcome.log,
                       job=outcome.job, message=outcome.message)
 
@@ -511,11 +585,30 @@ def run_grid(experiment: Experiment, options: GridOptions, roots: DataRoots, log
         log(f"{job.name}: submitted as job {job_id}")
         status.update(job.name, state="submitted", job=job_id, executor=options.executor)
 
-    jobs = [cell_job(cell, experiment, roots) for cell in todo]
-    if jobs and options.executor == "local":
-        _run_local(jobs, options.jobs or 1, report, log)
-    elif jobs:
-        result.job_ids = _run_submitit(jobs, experiment, options, report, submitted)
+    _run_wave([cell_job(cell, experiment, roots) for cell in todo], experiment, options, report, log, submitted,
+              result)
+    if waiting and options.wait:
+        now, _ = grid_states(experiment)
+        later = [cell for cell in waiting if now[cell.name] not in ("finished", "running", "submitted", WAITING)]
+        for cell in waiting:
+            if cell not in later and now[cell.name] != WAITING:
+                status.update(cell.name, state=now[cell.name])
+        if later:
+            log(f"{experiment.name}: {len(later)} of {len(waiting)} waiting for base to run now (their base cells "
+                "have finished)")
+            wave.update(size=len(later), done=0)
+            _run_wave([cell_job(cell, experiment, roots) for cell in later], experiment, options, report, log,
+                      submitted, result)
     result.states = status.states()
     result.lines = _summary(experiment, result)
     return result
+
+
+def _run_wave(jobs: list, experiment: Experiment, options: GridOptions, report: Callable, log: Callable,
+              submitted: Callable, result: GridResult) -> None:
+    """Run ``jobs`` with the executor of ``options`` until they end (submitit's slurm with --no-wait: until
+    they are submitted)."""
+    if jobs and options.executor == "local":
+        _run_local(jobs, options.jobs or 1, report, log)
+    elif jobs:
+        result.job_ids += _run_submitit(jobs, experiment, options, report, submitted)

@@ -1,6 +1,8 @@
 """Every check calib_train makes of a request before it writes anything, without training: the method (and
-the variant its flags select), each flag group against what the method declares, the prompt settings, the
-preprocessed dataset and configuration, and the fold. ``calib_experiment`` runs it on every cell of a grid
+the variant its flags select), each flag group against what the method declares, a confidence head's
+``--base`` method, the prompt settings, the preprocessed dataset and configuration, and the fold. Whether a
+head's base run is trained is a separate check (:func:`check_base_run`): ``calib_experiment`` makes it only
+for bases that its grid does not train itself. ``calib_experiment`` runs these on every cell of a grid
 before the first one starts. The planners (pandas), prompt settings (scipy) and the training run (torch) are imported when a check
 runs, so that importing ``calibnet.api`` stays cheap.
 """
@@ -12,9 +14,9 @@ from pathlib import Path
 
 from calibnet.errors import CalibnetError
 from calibnet.launch.options import (TrainRequest, check_backbone_options, check_head_options, check_loss_options,
-                                     check_network_options, check_prediction_options)
-from calibnet.methods import get_method, method_variant
-from calibnet.runs import CALIB_PLANS_NAME
+                                     check_network_options, check_num_gpus, check_prediction_options)
+from calibnet.methods import METHODS, get_method, method_variant
+from calibnet.runs import CALIB_PLANS_NAME, RunSpec
 
 
 def check_request(request: TrainRequest, preprocessed_root: Path) -> str:
@@ -26,7 +28,10 @@ def check_request(request: TrainRequest, preprocessed_root: Path) -> str:
     alias = method_variant(request.method, request.on_backbone, request.ablations)
     method = get_method(alias)
     check_head_options(method, request.head)
-    if not method.trains_head:
+    check_num_gpus(method, request.num_gpus, request.device, request.prediction.predict_only)
+    if method.trains_head:
+        check_head_base(request.head.base)
+    else:
         check_prediction_options(replace(request, method=alias))
     check_loss_options(method, request.loss)
     check_backbone_options(method, request.backbone)
@@ -40,6 +45,26 @@ def check_request(request: TrainRequest, preprocessed_root: Path) -> str:
     get_fold(load_calib_splits(dataset_folder), request.split, request.fold,
              where=dataset_folder / "calib_splits.json")
     return alias
+
+
+def _reads_a_unet(method) -> bool:
+    """A confidence head attaches to an nnU-Net U-Net without prompt inputs."""
+    return not (method.trains_head or method.uses_sam or method.trainer_class().requires_prompts)
+
+
+def check_head_base(base: str) -> None:
+    """A confidence head's ``--base``: a method whose network a head can read (as calib_train refuses it)."""
+    if not _reads_a_unet(get_method(base)):
+        raise CalibnetError(f"--base {base}: a confidence head attaches to an nnU-Net U-Net without prompt inputs; "
+                            f"choose one of {', '.join(m.alias for m in METHODS.values() if _reads_a_unet(m))}.")
+
+
+def check_base_run(spec: RunSpec, base: str, preprocessed_root: Path, results_root: Path) -> Path:
+    """The finished run of ``base`` that a confidence head of ``spec`` (same dataset, configuration, split, fold
+    and seed) is trained on: its folder, or calib_train's message saying what to train first."""
+    from calibnet.launch.training_run import base_run_of
+
+    return base_run_of(spec, base, preprocessed_root, results_root)[0]
 
 
 def preprocessed_dataset(preprocessed_root: Path, dataset_id: int) -> Path:
