@@ -101,14 +101,27 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = DEFAUL
 
 
 def dice_plus_plus_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = DEFAULT_DICEPP_GAMMA,
-                        regions: bool = False, include_background: bool = False, smooth: float = 1e-5) -> torch.Tensor:
+                        regions: bool = False, include_background: bool = False, smooth: float = 1e-5,
+                        pool=None) -> torch.Tensor:
     """1 − mean over classes of DSC++ (Yeung et al. 2023), computed over the whole batch:
 
         DSC++ = (2·TP + s) / (2·TP + Σ (p·(1−y))^γ + Σ ((1−p)·y)^γ + s)
 
     Raising each voxel's false-positive and false-negative contribution to γ > 1 penalises confident
-    errors more than hesitant ones; γ = 1 gives the soft Dice loss.
+    errors more than hesitant ones; γ = 1 gives the soft Dice loss. ``pool``, where given, maps each
+    per-class sum (TP, FP and FN terms) of this part of the batch to the sum over the whole batch (on several
+    GPUs: the sum over the ranks' parts, as nnU-Net pools its batch Dice).
     """
+    tp, fp, fn = dice_plus_plus_sums(logits, target, gamma, regions, include_background)
+    if pool is not None:
+        tp, fp, fn = pool(tp), pool(fp), pool(fn)
+    dsc = (2 * tp + smooth) / (2 * tp + fp + fn + smooth)
+    return 1 - dsc.mean()
+
+
+def dice_plus_plus_sums(logits: torch.Tensor, target: torch.Tensor, gamma: float = DEFAULT_DICEPP_GAMMA,
+                        regions: bool = False, include_background: bool = False) -> tuple:
+    """Per class, summed over the batch and the voxels: TP, Σ (p·(1−y))^γ and Σ ((1−p)·y)^γ of DSC++."""
     if regions:
         probabilities, onehot = torch.sigmoid(logits), target.float()
     else:
@@ -120,5 +133,4 @@ def dice_plus_plus_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float
     tp = (probabilities * onehot).sum(axes)
     fp = (probabilities * (1 - onehot)).pow(gamma).sum(axes)
     fn = ((1 - probabilities) * onehot).pow(gamma).sum(axes)
-    dsc = (2 * tp + smooth) / (2 * tp + fp + fn + smooth)
-    return 1 - dsc.mean()
+    return tp, fp, fn

@@ -70,6 +70,7 @@ class RunRecord:
     target_label: int | None = None  # SAM methods: the binary target (None = all foreground)
     network_options: dict = field(default_factory=dict)  # architecture/prediction options (medsam_u)
     note: str = ""  # e.g. "tiny SAM, not pretrained", repeated wherever results are reported
+    num_gpus: int = 1  # GPUs it trained on (> 1: nnU-Net's DDP); absent in records written before: 1
 
 
 def run_folder(results_root: Path, dataset_name: str, trainer_name: str, spec: RunSpec) -> Path:
@@ -211,6 +212,12 @@ class Run:
     def seconds(self) -> dict:
         """The wall-clock seconds calib_train recorded (see RunRecord); {} for runs recorded before that."""
         return self.record.get("seconds") or {}
+
+    @property
+    def num_gpus(self) -> int:
+        """The GPUs its training ran on (the seconds are wall-clock seconds of all of them); 1 for runs recorded
+        before this was kept."""
+        return int(self.record.get("num_gpus", 1))
 
     @property
     def identity(self) -> dict:

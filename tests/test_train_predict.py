@@ -56,6 +56,7 @@ def test_each_method_trains_and_predicts_exactly_the_folds_val_and_test_cases(ti
     assert (folder / "checkpoint_final.pth").is_file()
     record = json.loads((folder / "calibnet_run.json").read_text())
     assert record["spec"]["method"] == alias and record["fold_description"] == "fold 1 holds out center C2"
+    assert record["num_gpus"] == 1  # trained in this process, without DDP
     fold = _fold(tiny_dataset, "loco", 1)
     for role in ("val", "test"):
         predictions = folder / "predictions" / role

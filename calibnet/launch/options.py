@@ -99,6 +99,7 @@ class TrainRequest:
     iterations_per_epoch: int | None = None
     device: str | None = None  # default: cuda when available
     num_workers: int | None = None  # nnU-Net's data-augmentation processes for this training
+    num_gpus: int = 1  # > 1: train with nnU-Net's DDP, one process per GPU (calibnet.launch.ddp)
     continue_training: bool = False
     ablations: tuple = ()  # parts removed from the method (--no-e1: ("e1",)), one at a time
     on_backbone: str | None = None  # --backbone: the method's variant on this backbone (safeclick on litemedsam)
@@ -174,6 +175,34 @@ def check_prediction_options(request: TrainRequest) -> None:
     if prediction.predict_only and request.network.ugpa is False and not prediction.prompt_settings:
         raise UsageError("--no-ugpa with --predict-only needs --prompts SETTING (the run's own predictions "
                          "follow its training options).")
+
+
+def ddp_methods() -> list:
+    """The methods whose trainers train with nnU-Net's DDP (``supports_ddp``). SAM trainers never do (they build
+    their network in their own initialize()), so their modules are not imported for this list."""
+    return [m.alias for m in METHODS.values() if not m.uses_sam and m.trainer_class().supports_ddp]
+
+
+def check_num_gpus(method: Method, num_gpus: int, device: str | None = None, predict_only: bool = False) -> None:
+    """``--num-gpus N`` > 1 trains with nnU-Net's DDP: only on CUDA, only for training, only for a method whose
+    trainer ``supports_ddp`` (imported here, when N > 1). Whether N CUDA devices are visible is checked where
+    the training runs (``calibnet.launch.ddp.check_cuda_devices``)."""
+    if num_gpus == 1:
+        return
+    flag = f"--num-gpus {num_gpus}"
+    if num_gpus < 1:
+        raise UsageError(f"{flag}: give 1 or more GPUs.")
+    if predict_only:
+        raise UsageError(f"{flag} applies to training; --predict-only predicts on one device: drop --num-gpus.")
+    if device == "cpu":
+        raise UsageError(f"{flag} trains with nnU-Net's DDP on CUDA devices, not with --device cpu: drop one of "
+                         f"the two.")
+    trainer = method.trainer_class()
+    if trainer.supports_ddp and trainer.trains:
+        return
+    reason = trainer.no_ddp_reason if trainer.trains else "it has nothing to train (zero-shot)."
+    raise CalibnetError(f"{flag}: {method.alias} does not train on several GPUs: {reason} Train it with "
+                        f"--num-gpus 1; methods that train with nnU-Net's DDP: {', '.join(ddp_methods())}.")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from calibnet.errors import CalibnetError
 from calibnet.launch.options import (TrainRequest, check_backbone_options, check_head_options, check_loss_options,
-                                     check_network_options, check_prediction_options)
+                                     check_network_options, check_num_gpus, check_prediction_options)
 from calibnet.methods import METHODS, get_method, method_variant
 from calibnet.runs import CALIB_PLANS_NAME, RunSpec
 
@@ -28,6 +28,7 @@ def check_request(request: TrainRequest, preprocessed_root: Path) -> str:
     alias = method_variant(request.method, request.on_backbone, request.ablations)
     method = get_method(alias)
     check_head_options(method, request.head)
+    check_num_gpus(method, request.num_gpus, request.device, request.prediction.predict_only)
     if method.trains_head:
         check_head_base(request.head.base)
     else:

@@ -25,7 +25,8 @@ import time
 from dataclasses import replace
 
 from calibnet.inference import predict_run_splits, score_run_splits
-from calibnet.launch.options import TrainRequest, TrainResult, check_head_options, check_prediction_options
+from calibnet.launch.options import (TrainRequest, TrainResult, check_head_options, check_num_gpus,
+                                     check_prediction_options)
 from calibnet.launch.training_run import base_run_of, default_device, locate_run, train, train_confidence_head
 from calibnet.methods import get_method, method_variant
 from calibnet.paths import DataRoots
@@ -40,6 +41,7 @@ def train_and_predict(request: TrainRequest, roots: DataRoots, log=print) -> Tra
             [f"--no-{part}" for part in request.ablations]
         kind = "a SafeClick ablation" if request.ablations else f"{request.method} on {request.on_backbone}"
         log(f"{' '.join(flags)}: method {method} ({kind})")
+    check_num_gpus(get_method(method), request.num_gpus, request.device, request.prediction.predict_only)
     request = replace(request, method=method, ablations=(), on_backbone=None,
                       device=request.device or default_device())
     check_head_options(get_method(method), request.head)
@@ -58,7 +60,7 @@ def _train_network(request: TrainRequest, roots: DataRoots, log) -> TrainResult:
         start = time.perf_counter()
         folder = train(request.spec, roots.preprocessed, roots.results, request.epochs, request.iterations_per_epoch,
                        request.device, request.continue_training, request.num_workers, log=log, loss=request.loss,
-                       backbone=request.backbone, network=request.network)
+                       backbone=request.backbone, network=request.network, num_gpus=request.num_gpus)
         seconds = before + time.perf_counter() - start
         record = update_run(folder, lambda r: r.__setitem__("seconds", {"training": seconds}))
         note = record.get("note")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from calibnet.errors import CalibnetError
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
 from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, NetworkOptions, check_backbone_options,
-                                     check_head_options, check_loss_options, check_network_options)
+                                     check_head_options, check_loss_options, check_network_options, check_num_gpus)
 from calibnet.methods import METHODS, get_method
 from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, model_checkpoint, read_run,
                            resume_checkpoint, run_folder, write_run)
@@ -92,7 +92,7 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
     fold = get_fold(load_calib_splits(dataset_folder), spec.split, spec.fold,
                     where=dataset_folder / "calib_splits.json")
     device = device or default_device()
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise CalibnetError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
     register_external_trainers()
     seed_everything(spec.seed)
@@ -161,7 +161,8 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
 def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: int | None = None,
           iterations_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
           num_workers: int | None = None, log=print, loss: LossOptions | None = None,
-          backbone: BackboneOptions | None = None, network: NetworkOptions | None = None) -> Path:
+          backbone: BackboneOptions | None = None, network: NetworkOptions | None = None,
+          num_gpus: int = 1) -> Path:
     """Train ``spec.method`` and return its run folder (checkpoints, logs, calibnet_run.json).
 
     ``num_workers`` sets nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main
@@ -169,38 +170,82 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
     method declares before anything is written: SAM methods take the SAM backbone options and the target,
     SAM 2 methods the SAM 2 ones, medsam_u also network options (adapters, UGMP/UGPA; recorded in
     calibnet_run.json). A method that does not train (vanilla SAM) only writes its checkpoint.
+
+    ``num_gpus`` > 1 trains with nnU-Net's DDP, one process per GPU (``calibnet.launch.ddp``); it needs that many
+    CUDA devices and a method whose trainer ``supports_ddp`` (checked before anything is written).
     """
     method = get_method(spec.method)
     if method.trains_head:
         raise CalibnetError(f"{spec.method} is trained on a finished base run: pass --base METHOD "
                             f"(e.g. --base nnunet).")
+    if num_gpus > 1:
+        from calibnet.launch.ddp import check_cuda_devices
+
+        check_cuda_devices(num_gpus)
+    check_num_gpus(method, num_gpus, device)
     checkpoint = resume_checkpoint(locate_run(spec, preprocessed_root, results_root))
     if continue_training and checkpoint is None:
         raise CalibnetError(f"--continue: no checkpoint in {locate_run(spec, preprocessed_root, results_root)} to "
                             f"continue from; train without --continue.")
     backbone = backbone or BackboneOptions()
-    resolved_backbone = _resolve_backbone(method, backbone)
-    network_options = check_network_options(method, network or NetworkOptions())
-    loss_options = check_loss_options(method, loss or LossOptions())
-    trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, preprocessed_root, results_root, device,
-                                                                        continue_training)
-    sam_record = _configure_sam(trainer, method, spec, resolved_backbone, backbone.target_label, log,
-                                network_options)
-    applied = _set_loss_options(trainer, method, loss_options)
-    _set_schedule(trainer, epochs, iterations_per_epoch)
-    if continue_training:
-        trainer.load_checkpoint(str(checkpoint))
+    job = TrainingJob(spec, Path(preprocessed_root), Path(results_root), epochs, iterations_per_epoch, device,
+                      continue_training, checkpoint if continue_training else None, num_workers,
+                      backbone=_resolve_backbone(method, backbone), target_label=backbone.target_label,
+                      network_options=check_network_options(method, network or NetworkOptions()),
+                      loss_options=check_loss_options(method, loss or LossOptions()), num_gpus=num_gpus)
+    if num_gpus > 1:
+        from calibnet.launch.ddp import train_on_gpus
+
+        return train_on_gpus(job, log)
+    return run_job(job, log)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """A training that :func:`train` has checked: what a process training it needs (picklable, so that each rank
+    of a multi-GPU training gets it)."""
+    spec: RunSpec
+    preprocessed_root: Path
+    results_root: Path
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    device: str | None = None  # a rank: its own cuda:RANK
+    continue_training: bool = False
+    checkpoint: Path | None = None  # what --continue resumes from
+    num_workers: int | None = None
+    backbone: tuple | None = None  # (config, warning) of a SAM or SAM 2 backbone
+    target_label: int | None = None
+    network_options: dict = field(default_factory=dict)
+    loss_options: dict = field(default_factory=dict)  # checked values
+    num_gpus: int = 1
+
+
+def run_job(job: TrainingJob, log=print, rank: int = 0) -> Path:
+    """Build the trainer of ``job`` and train it in this process, as rank ``rank`` of ``job.num_gpus``; rank 0
+    writes calibnet_run.json. Returns the run folder."""
+    spec = job.spec
+    trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, job.preprocessed_root, job.results_root,
+                                                                        job.device, job.continue_training)
+    if rank:  # its own batches (DDP gives every rank the weights of rank 0)
+        seed_everything(spec.seed + rank)
+    sam_record = _configure_sam(trainer, method, spec, job.backbone, job.target_label, log, job.network_options)
+    applied = _set_loss_options(trainer, method, job.loss_options)
+    _set_schedule(trainer, job.epochs, job.iterations_per_epoch)
+    if job.continue_training:
+        trainer.load_checkpoint(str(job.checkpoint))
     record = RunRecord(spec=asdict(spec), dataset_name=dataset_name, trainer=trainer.__class__.__name__,
                        fold_description=fold_text, epochs=trainer.num_epochs,
                        iterations_per_epoch=trainer.num_iterations_per_epoch, device=str(trainer.device),
-                       loss_options=applied, **sam_record)
+                       loss_options=applied, num_gpus=job.num_gpus, **sam_record)
+    gpus = f" on {job.num_gpus} GPUs (nnU-Net DDP)" if job.num_gpus > 1 else ""
     trainer.print_to_log_file(f"calibnet run: method {spec.method}, {spec.split} {fold_text}, seed {spec.seed}, "
-                              f"loss options {applied}" + (f" — {record.note}" if record.note else ""))
+                              f"loss options {applied}{gpus}" + (f" — {record.note}" if record.note else ""))
     if not trainer.trains:
         _save_untrained(trainer)
     else:
-        _run_training(trainer, num_workers)
-    write_run(folder, asdict(record))
+        _run_training(trainer, job.num_workers)
+    if rank == 0:
+        write_run(folder, asdict(record))
     return folder
 
 

@@ -40,6 +40,10 @@ class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
     cmp_tau = DEFAULT_CMP_TAU
     cmp_gamma = DEFAULT_CMP_GAMMA
     _samples_checked = False
+    supports_ddp = False  # unet_cmp, without FIP, does
+    no_ddp_reason = ("FIP takes torch.autograd.grad (create_graph=True) of the loss with respect to the encoder's skip "
+                     "features, running encoder and decoder apart; PyTorch's DistributedDataParallel does not work "
+                     "with torch.autograd.grad and would not average these gradients across GPUs.")
 
     def _check_samples_independent(self) -> None:
         """FIP takes every g_b from one gradient of Σ_b L_b, which needs patches that do not interact."""
@@ -61,10 +65,11 @@ class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
     def loss_terms(self, data: torch.Tensor, target) -> dict:
         """Segmentation loss, FIP and CMP of one batch (the encoder under autocast on CUDA, as nnU-Net does)."""
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            skips = self.network.encoder(data)
-            if not self.lambda_fip:
-                output = self.network.decoder(skips)
+            if not self.lambda_fip:  # the network's own forward (decoder(encoder(x))), through DDP's wrapper if any
+                output = self.network(data)
                 terms = {"segmentation loss": self.loss(output, target)}
+            else:
+                skips = self.network.encoder(data)
         if self.lambda_fip:
             self._check_samples_independent()
             with full_precision():
@@ -105,3 +110,5 @@ class nnUNetTrainerUNetCMP(nnUNetTrainerCalUNet):
     """Ablation: nnU-Net + λ2·CMP only."""
 
     lambda_fip = 0.0
+    supports_ddp = True  # without FIP the step runs the network's own forward and one backward
+    no_ddp_reason = ""

@@ -39,6 +39,12 @@ class nnUNetTrainerCalib(nnUNetTrainer):
     - ``use_box``: SAM prompts are boxes rather than points (the row's prompts are named B100).
     - ``caches_embeddings``: the frozen image encoder's slice embeddings are computed once and cached.
     - ``requires_checkpoint``: None, or the pretrained weights the method cannot do without ("MedSAM").
+    - ``supports_ddp``: training on several GPUs (``calib_train --num-gpus N``) goes through nnU-Net's own DDP:
+      its ``initialize()`` wraps ``self.network`` in DistributedDataParallel and splits the batch over the
+      GPUs, and a step must run the network through that wrapper (``self.network(data)``) and backpropagate
+      into the parameters' ``.grad``, for DDP to average the gradients. A subclass that does not (its own
+      ``initialize``, parts of the network called one by one, ``torch.autograd.grad`` in the step) sets it
+      False and says why in ``no_ddp_reason`` (one sentence, shown to the user).
     - ``network_options``: None when the network takes no options; else the options it is built with,
       recorded in calibnet_run.json (calib_train's network flags and the seed) and given back to
       ``network_for`` when the run is loaded. (Which calib_train flags a method accepts is declared in
@@ -56,6 +62,8 @@ class nnUNetTrainerCalib(nnUNetTrainer):
     caches_embeddings = False
     requires_checkpoint = None
     network_options = None
+    supports_ddp = True
+    no_ddp_reason = ""
     progress = None  # the epoch's progress bar while training
     step_in_epoch = 0
 
@@ -72,7 +80,9 @@ class nnUNetTrainerCalib(nnUNetTrainer):
         self.output_folder = str(folder)
         self.log_file = str(folder / old_log.name)
         self.logger.output_folder = str(folder)
-        if default != folder:
+        if self.is_ddp:  # every rank's __init__ has made the default folder before rank 0 moves its log out of it
+            torch.distributed.barrier()
+        if default != folder and self.local_rank == 0:
             if old_log.is_file():  # nnU-Net's __init__ already logged a line there
                 shutil.move(old_log, self.log_file)
             if default.is_dir() and not any(default.iterdir()):
@@ -93,7 +103,8 @@ class nnUNetTrainerCalib(nnUNetTrainer):
         self.step_in_epoch = 0
         super().on_train_epoch_start()
         self.progress = tqdm(total=self.num_iterations_per_epoch, unit="step", leave=False,
-                             desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}")
+                             desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}",
+                             disable=self.local_rank != 0)  # one bar on several GPUs
 
     def on_train_epoch_end(self, train_outputs):
         if self.progress is not None:

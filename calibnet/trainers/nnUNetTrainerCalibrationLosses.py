@@ -22,13 +22,23 @@ class DiceAndFocalLoss(torch.nn.Module):
         return self.dice(logits, target) + focal_loss(logits, target, self.gamma, self.regions)
 
 
+def _sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A batch sum of this rank's part, summed over every rank with nnU-Net's AllGatherGrad (as its batch Dice)."""
+    from nnunetv2.utilities.ddp_allgather import AllGatherGrad
+
+    return AllGatherGrad.apply(value).sum(0)
+
+
 class DicePlusPlusLoss(torch.nn.Module):
-    def __init__(self, gamma: float, regions: bool):
+    """Dice++ over the whole batch; with ``ddp``, over the batch of every GPU together (not each GPU's part)."""
+
+    def __init__(self, gamma: float, regions: bool, ddp: bool = False):
         super().__init__()
-        self.gamma, self.regions = gamma, regions
+        self.gamma, self.regions, self.ddp = gamma, regions, ddp
 
     def forward(self, logits, target):
-        return dice_plus_plus_loss(logits, target, self.gamma, self.regions)
+        return dice_plus_plus_loss(logits, target, self.gamma, self.regions,
+                                   pool=_sum_over_ranks if self.ddp else None)
 
 
 class _LossVariant(nnUNetTrainerCalib):
@@ -62,4 +72,5 @@ class nnUNetTrainerDicePP(_LossVariant):
     dicepp_gamma = DEFAULT_DICEPP_GAMMA
 
     def _build_loss(self):
-        return self._wrap_deep_supervision(DicePlusPlusLoss(self.dicepp_gamma, self.label_manager.has_regions))
+        return self._wrap_deep_supervision(DicePlusPlusLoss(self.dicepp_gamma, self.label_manager.has_regions,
+                                                            ddp=self.is_ddp))

@@ -56,6 +56,10 @@ class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
     patience = PATIENCE
     delta_s = DELTA_S
     eta = ETA
+    supports_ddp = False
+    no_ddp_reason = ("the head trains beside the frozen base network, outside nnU-Net's DDP wrapper (which would "
+                     "wrap only the frozen network, which has no gradients), so the head's gradients would not be "
+                     "averaged across GPUs.")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device | None = None):

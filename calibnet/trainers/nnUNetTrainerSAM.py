@@ -92,6 +92,9 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     caches_embeddings = True  # the image encoder is frozen, so each slice is encoded once
     predicts_with_mirroring = False  # SAM predicts once per prompt; mirroring would re-encode every slice 8×
     reads_unit_intensities = False  # MedSAM's encoder reads [0, 1] whatever the checkpoint's architecture
+    supports_ddp = False
+    no_ddp_reason = ("its trainer builds the SAM network in its own initialize(), so nnU-Net's DDP would not wrap "
+                     "the trained decoder and its gradients would not be averaged across GPUs.")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
