@@ -27,6 +27,9 @@ BACKBONE_FLAGS = {
 }
 NETWORK_FLAGS = {"adapter_blocks": "--adapter-blocks", "adapter_ratio": "--adapter-ratio", "n_boxes": "--ugmp-boxes",
                  "sigma": "--ugmp-sigma", "top_k": "--ugpa-k", "compare_on": "--ugpa-compare", "ugpa": "--no-ugpa"}
+# calib_train --sam-prompt: the per-slice prompts a SAM-FT method trains and predicts with (CalSAM's points: the mask's
+# centroid and a distant background point; box: the slice's ground-truth box, vanilla SAM's prompt)
+SAM_PROMPTS = ("points", "box")
 HEAD_FLAGS = {"base": "--base", "adversarial": "--no-adversarial", "warmup_batches": "--warmup-batches",
               "patience": "--patience"}
 
@@ -49,12 +52,16 @@ class Method:
     ablations: tuple = ()  # (part, alias) pairs: calib_train ALIAS --no-PART trains that ablation instead
     box_prompt: bool = False  # a SAM method prompted with the slice's ground-truth box (vanilla SAM; MedSAM-U jitters it)
     variants: tuple = ()  # (backbone name, alias) pairs: calib_train ALIAS --backbone NAME trains that alias instead
+    # values of calib_train --sam-prompt it takes: SAM_PROMPTS (the SAM-FT family, whose run records the choice), or
+    # its own prompts alone (a no-op: vanilla_sam and medsam_u always use boxes); () refuses the flag
+    sam_prompts: tuple = ()
 
     def __post_init__(self):
         unknown = ([self.backbone] if self.backbone not in BACKBONES else []) + \
             [o for o in self.loss_options if o not in LOSS_FLAGS] + \
             [o for o in self.network_options if o not in NETWORK_FLAGS] + \
-            [name for name, _ in self.variants if name not in BACKBONE_NAMES]
+            [name for name, _ in self.variants if name not in BACKBONE_NAMES] + \
+            [p for p in self.sam_prompts if p not in SAM_PROMPTS or self.backbone != "sam"]
         if unknown or (self.trains_head and self.backbone != "none"):
             raise ValueError(f"method {self.alias}: undeclared backbone or options {unknown}")
 
@@ -69,9 +76,32 @@ class Method:
         return self.backbone == "sam2"
 
     @property
+    def chooses_sam_prompt(self) -> bool:
+        """``calib_train --sam-prompt points|box`` chooses the prompts it trains and predicts with (SAM-FT family)."""
+        return len(self.sam_prompts) > 1
+
+    @property
+    def default_sam_prompt(self) -> str | None:
+        """Its own per-slice prompts: ``box`` (vanilla SAM, MedSAM-U), ``points`` (other SAM methods), None."""
+        return None if not self.uses_sam else "box" if self.box_prompt else "points"
+
+    def sam_prompt_of(self, record: dict) -> str | None:
+        """The per-slice prompts a run of this method trained and predicts with: its calibnet_run.json's
+        ``"sam_prompt"`` (calib_train --sam-prompt; recorded only where it differs from the method's own), else the
+        method's own; None for a method without SAM prompts."""
+        return (record.get("sam_prompt") or self.default_sam_prompt) if self.uses_sam else None
+
+    def own_prompts_of(self, record: dict) -> str:
+        """What a run's own predictions are prompted with: ``none``, ``default`` (CalSAM's points) or ``B100`` (the
+        slice's ground-truth box, as vanilla SAM's; a SAM-FT run trained with --sam-prompt box)."""
+        prompt = self.sam_prompt_of(record)
+        return "none" if prompt is None else "B100" if prompt == "box" else "default"
+
+    @property
     def own_prompts(self) -> str:
-        """What its own predictions are prompted with: ``none``, ``default`` (CalSAM's points) or ``B100``."""
-        return "none" if not self.uses_sam else "B100" if self.box_prompt else "default"
+        """What its own predictions are prompted with by default: ``none``, ``default`` (CalSAM's points) or
+        ``B100``; a run's own: :meth:`own_prompts_of`."""
+        return self.own_prompts_of({})
 
     @property
     def backbone_options(self) -> tuple:
@@ -114,29 +144,32 @@ METHODS = {m.alias: m for m in (
            "per-case Dice/NSD predictor on the frozen network of a trained --base run, adversarial training "
            "(--no-adversarial: plain head)", trains_head=True),
     Method("samft", "nnUNetTrainerSAM", "nnUNetTrainerSAMFT",
-           "SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE, point prompts per slice",
-           backbone="sam"),
+           "SAM-FT: frozen SAM encoders, mask decoder trained with Dice + BCE, point prompts per slice "
+           "(--sam-prompt box: the slice's ground-truth box)",
+           backbone="sam", sam_prompts=SAM_PROMPTS),
     Method("samft_focal", "nnUNetTrainerSAM", "nnUNetTrainerSAMFTFocal",
            "SAM-FT with Dice + focal loss (γ = 2) instead of Dice + BCE (CalSAM Table 3's \"+ Focal Loss\")",
-           ("focal_gamma",), backbone="sam"),
+           ("focal_gamma",), backbone="sam", sam_prompts=SAM_PROMPTS),
     Method("samft_dicepp", "nnUNetTrainerSAM", "nnUNetTrainerSAMFTDicePP",
            "SAM-FT trained with the Dice++ loss (γ = 2) instead of Dice + BCE (CalSAM Table 3's \"+ Dice++\")",
-           ("dicepp_gamma",), backbone="sam"),
+           ("dicepp_gamma",), backbone="sam", sam_prompts=SAM_PROMPTS),
     Method("calsam", "nnUNetTrainerSAM", "nnUNetTrainerCalSAM",
-           "CalSAM: SAM-FT + 0.3·FIP on the frozen embeddings + 0.5·CMP", _CALUNET_LOSS, backbone="sam"),
+           "CalSAM: SAM-FT + 0.3·FIP on the frozen embeddings + 0.5·CMP", _CALUNET_LOSS, backbone="sam",
+           sam_prompts=SAM_PROMPTS),
     Method("sam_fip", "nnUNetTrainerSAM", "nnUNetTrainerSAMFIP", "ablation: SAM-FT + 0.3·FIP", ("lambda_fip",),
-           backbone="sam"),
+           backbone="sam", sam_prompts=SAM_PROMPTS),
     Method("sam_cmp", "nnUNetTrainerSAM", "nnUNetTrainerSAMCMP", "ablation: SAM-FT + 0.5·CMP", _CMP_LOSS,
-           backbone="sam"),
+           backbone="sam", sam_prompts=SAM_PROMPTS),
     Method("vanilla_sam", "nnUNetTrainerSAM", "nnUNetTrainerVanillaSAM",
            "zero-shot SAM with the slice's ground-truth box (no training: calib_train only predicts)",
-           backbone="sam", box_prompt=True),
+           backbone="sam", box_prompt=True, sam_prompts=("box",)),
     Method("medsam_u", "nnUNetTrainerMedSAMU", "nnUNetTrainerMedSAMU",
            "MedSAM-U: adapters in the image encoder + prompt encoder trained (focal + Dice, points and jittered "
            "boxes); UGMP + UGPA at prediction", backbone="sam", network_options=_MEDSAM_U_NETWORK,
-           box_prompt=True),
+           box_prompt=True, sam_prompts=("box",)),
     Method("medsam", "nnUNetTrainerSAM", "nnUNetTrainerMedSAM",
-           "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", backbone="sam"),
+           "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", backbone="sam",
+           sam_prompts=SAM_PROMPTS),
     Method("sam2_zeroshot", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2ZeroShot",
            "zero-shot SAM 2 (no training: calib_train only predicts)", backbone="sam2"),
     Method("sam2ft", "nnUNetTrainerSAM2", "nnUNetTrainerSAM2FT",

@@ -70,6 +70,9 @@ class RunRecord:
     target_label: int | None = None  # SAM methods: the binary target (None = all foreground)
     network_options: dict = field(default_factory=dict)  # architecture/prediction options (medsam_u)
     note: str = ""  # e.g. "tiny SAM, not pretrained", repeated wherever results are reported
+    # SAM-FT methods: "box" or "points" per slice (calib_train --sam-prompt) where it differs from the method's own;
+    # None or absent: the method's own (calibnet.methods.Method.sam_prompt_of)
+    sam_prompt: str | None = None
     num_gpus: int = 1  # GPUs it trained on (> 1: nnU-Net's DDP); absent in records written before: 1
 
 
@@ -220,12 +223,24 @@ class Run:
         return int(self.record.get("num_gpus", 1))
 
     @property
+    def sam_prompt(self) -> str | None:
+        """The per-slice prompts of a SAM run ("points" or "box": its --sam-prompt, else its method's own); None
+        for other runs."""
+        if self.record.get("backbone") is None:
+            return None
+        from calibnet.methods import method_of_trainer
+
+        return method_of_trainer(self.record["trainer"]).sam_prompt_of(self.record)
+
+    @property
     def identity(self) -> dict:
-        """What changes the model besides fold and seed: configuration, backbone, loss and network options."""
+        """What changes the model besides fold and seed: configuration, backbone, target, SAM prompts, loss and
+        network options."""
         backbone = self.record.get("backbone") or {}
         return {"configuration": self.configuration,
                 **{f"backbone {k}": v for k, v in backbone.items() if v is not None},
                 **({"target": self.record["target_label"]} if self.record.get("target_label") is not None else {}),
+                **({"sam prompt": self.sam_prompt} if self.sam_prompt is not None else {}),
                 **self.record.get("loss_options", {}),
                 **{k: v for k, v in self.record.get("network_options", {}).items() if k != "seed"}}
 

@@ -121,7 +121,8 @@ def test_calib_train_maps_every_flag_onto_the_request(monkeypatch, tmp_path):
                              "--lambda-fip", 0.1, "--lambda-cmp", 0.2, "--cmp-tau", 0.3, "--cmp-gamma", 0.4,
                              "--focal-gamma", 0.5, "--dicepp-gamma", 0.6, "--sam-model", "tiny", "--sam-checkpoint", "a",
                              "--sam2-model", "hiera_s", "--sam2-checkpoint", "b", "--sam2-image-size", 128,
-                             "--no-e2", "--target", 1, "--adapter-blocks", "0,3", "--adapter-ratio", 0.5,
+                             "--no-e2", "--target", 1, "--sam-prompt", "box", "--adapter-blocks", "0,3",
+                             "--adapter-ratio", 0.5,
                              "--ugmp-boxes", 4, "--ugmp-sigma", 2, "--ugpa-k", 3, "--ugpa-compare", "roi", "--no-ugpa",
                              "--prompts", "P50", "--prompts", "3B0.5", "--base", "nnunet", "--no-adversarial",
                              "--warmup-batches", 9, "--patience", 8])
@@ -129,7 +130,7 @@ def test_calib_train_maps_every_flag_onto_the_request(monkeypatch, tmp_path):
         511, "2d", "safeclick", 3, "scanner", 7, epochs=2, iterations_per_epoch=5, device="cpu", num_workers=0,
         continue_training=True, ablations=("e2",),
         loss=LossOptions(0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
-        backbone=BackboneOptions("tiny", "a", "hiera_s", "b", 128, 1),
+        backbone=BackboneOptions("tiny", "a", "hiera_s", "b", 128, 1, "box"),
         network=NetworkOptions("0,3", 0.5, 4, 2.0, 3, "roi", False),
         head=HeadOptions("nnunet", False, 9, 8),
         prediction=PredictionOptions(False, (15, 2), ("P50", "3B0.5"), True))]

@@ -69,6 +69,11 @@ def _list_methods(ctx, _param, value):
 @click.option("--no-e1", is_flag=True, help="safeclick ablation: without the cross-attention expert E1.")
 @click.option("--no-e2", is_flag=True, help="safeclick ablation: without the self-attention expert E2.")
 @click.option("--no-crl", is_flag=True, help="safeclick ablation: without the consensus reasoning layer.")
+@click.option("--sam-prompt", type=click.Choice(["points", "box"]), default=None,
+              help="SAM-FT methods (samft, calsam, sam_fip, sam_cmp, samft_focal, samft_dicepp, medsam): the per-slice "
+                   "prompts they train and predict with: points (default, the paper's: the mask's centroid plus a "
+                   "background point) or box (the slice's ground-truth box, as vanilla_sam). Recorded in "
+                   "calibnet_run.json.")
 @click.option("--target", "target_label", type=int, default=None,
               help="SAM methods: the label value to segment (default: the union of all foreground).")
 @click.option("--adapter-blocks", default=None, help="medsam_u: image-encoder blocks that get an adapter: 'all' "

@@ -95,8 +95,8 @@ def _pooled_summary(table: pd.DataFrame) -> dict:
 
 def _own_prompts(record: dict) -> str:
     """What a run's own predictions were prompted with: "none" (no prompts), "default" (CalSAM's points) or
-    "B100" (the ground-truth box, vanilla SAM)."""
-    return method_of_trainer(record["trainer"]).own_prompts if record.get("backbone") is not None else "none"
+    "B100" (the ground-truth box: vanilla SAM, or a SAM-FT run trained with --sam-prompt box, as its record says)."""
+    return method_of_trainer(record["trainer"]).own_prompts_of(record) if record.get("backbone") is not None else "none"
 
 
 @dataclass

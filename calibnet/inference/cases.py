@@ -61,7 +61,7 @@ def prepare_case(model: LoadedModel, case: CaseInput, prompt_seed: int,
     if not needs_label:
         return PreparedCase(case.case_id, data, properties)
     foreground = model.prompt_foreground(seg[0])
-    prompts = model.trainer_class.prompt_inputs(foreground, _prompt_rng(prompt_seed, case.case_id))
+    prompts = model.prompt_inputs(foreground, _prompt_rng(prompt_seed, case.case_id))
     data = torch.cat([data, prompts.to(data.dtype)], 0)
     prompt_sets = None
     if model.is_sam and prompt_setting is not None:

@@ -52,6 +52,13 @@ class LoadedModel:
     def prompt_foreground(self, seg: np.ndarray) -> np.ndarray:
         return target_mask(seg, self.record.get("target_label"))
 
+    def prompt_inputs(self, foreground: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """The prompt channels of a case (``requires_prompts``): a SAM network's boxes or points as the network
+        was built from the run's record (``use_box``: the run's --sam-prompt, else the class's)."""
+        if self.is_sam:
+            return self.trainer_class.prompt_inputs(foreground, rng, use_box=self.network.use_box)
+        return self.trainer_class.prompt_inputs(foreground, rng)
+
     def predict_logits(self, case: PreparedCase) -> torch.Tensor:
         """nnU-Net's logits of a prepared case. A SAM network sees the whole case in one window and is told
         the case's prompt sets, id and prompt setting for this prediction only (``network.predicting``)."""
@@ -98,12 +105,14 @@ def _read_checkpoint(run_folder: Path, record: dict, checkpoint_name: str | None
 
 def _build_network(trainer_class: type, record: dict, plans_manager, configuration_manager, dataset_json: dict,
                    network_options: dict | None) -> torch.nn.Module:
-    """The run's architecture, untrained: a SAM network from the recorded backbone and network options
-    (``network_options`` overriding them), else nnU-Net's network of the plans."""
+    """The run's architecture, untrained: a SAM network from the recorded backbone, network options
+    (``network_options`` overriding them) and prompts (``"sam_prompt"``), else nnU-Net's network of the plans."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
     if record.get("backbone") is not None:
         options = {**record.get("network_options", {}), **(network_options or {})}
+        if record.get("sam_prompt"):  # --sam-prompt (SAM-FT): the prompts it was trained with, not the class's
+            options["use_box"] = record["sam_prompt"] == "box"
         return trainer_class.network_for(trainer_class.backbone_config(record["backbone"]), load_weights=False,
                                          **options)
     label_manager = plans_manager.get_label_manager(dataset_json)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from calibnet.errors import CalibnetError, UsageError
-from calibnet.methods import LOSS_FLAGS, METHODS, NETWORK_FLAGS, Method
+from calibnet.methods import LOSS_FLAGS, METHODS, NETWORK_FLAGS, SAM_PROMPTS, Method
 from calibnet.runs import DEFAULT_SEED, RunSpec
 
 
@@ -44,6 +44,7 @@ class BackboneOptions:
     sam2_checkpoint: str | None = None
     sam2_image_size: int | None = None
     target_label: int | None = None
+    sam_prompt: str | None = None  # --sam-prompt points|box: the per-slice prompts of a SAM-FT method
 
     def given(self) -> dict:
         return _given(self)
@@ -134,9 +135,44 @@ def check_loss_options(method: Method, loss: LossOptions) -> dict:
     return checked
 
 
+def check_sam_prompt(method: Method, sam_prompt: str | None) -> str | None:
+    """``--sam-prompt points|box``: what the run records as its ``"sam_prompt"`` — the choice of a SAM-FT method
+    where it differs from the method's own prompts, else None (``box`` on vanilla_sam or medsam_u, which always use
+    boxes, and ``points`` on SAM-FT change nothing); refused on other methods."""
+    if sam_prompt is None:
+        return None
+    if sam_prompt not in SAM_PROMPTS:
+        raise CalibnetError(f"--sam-prompt {sam_prompt!r}: choose {' or '.join(SAM_PROMPTS)}.")
+    if sam_prompt not in method.sam_prompts:
+        why = ("it always prompts with the ground-truth box" if method.sam_prompts else
+               "SAM 2 and imperfect-prompt methods keep their own prompts" if method.uses_sam else
+               "it takes no SAM prompts")
+        choosers = ", ".join(m.alias for m in METHODS.values() if m.chooses_sam_prompt)
+        raise CalibnetError(f"--sam-prompt {sam_prompt} does not apply to {method.alias} ({why}); it chooses the "
+                            f"prompts of the SAM-FT methods: {choosers}.")
+    return None if sam_prompt == method.default_sam_prompt else sam_prompt
+
+
+def check_recorded_sam_prompt(method: Method, record: dict | None, sam_prompt: str | None, predict_only: bool) -> None:
+    """``--continue`` and ``--predict-only`` keep the prompts a run was trained with (``record``, its
+    calibnet_run.json; None when it has none yet): refuse a --sam-prompt that differs, and, continuing, a missing
+    one where the run was trained with --sam-prompt."""
+    check_sam_prompt(method, sam_prompt)
+    if record is None or not method.chooses_sam_prompt or (predict_only and sam_prompt is None):
+        return
+    recorded = method.sam_prompt_of(record)
+    if (sam_prompt or method.default_sam_prompt) != recorded:
+        flag = "--predict-only" if predict_only else "--continue"
+        fix = "leave --sam-prompt out" if predict_only else f"give --sam-prompt {recorded}"
+        raise CalibnetError(f"{flag} keeps the prompts the run was trained with (--sam-prompt {recorded}, in its "
+                            f"calibnet_run.json): {fix}, or train afresh (without {flag}) to change them.")
+
+
 def check_backbone_options(method: Method, backbone: BackboneOptions) -> None:
-    """Refuse backbone flags of another family (or any, on a method without a SAM backbone)."""
-    refused = [k for k in backbone.given() if k not in method.backbone_options]
+    """Refuse backbone flags of another family (or any, on a method without a SAM backbone), and --sam-prompt
+    where it does not apply."""
+    check_sam_prompt(method, backbone.sam_prompt)
+    refused = [k for k in backbone.given() if k not in method.backbone_options and k != "sam_prompt"]
     if not refused:
         return
     if method.backbone == "none":

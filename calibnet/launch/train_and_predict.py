@@ -26,7 +26,7 @@ from dataclasses import replace
 
 from calibnet.inference import predict_run_splits, score_run_splits
 from calibnet.launch.options import (TrainRequest, TrainResult, check_head_options, check_num_gpus,
-                                     check_prediction_options)
+                                     check_prediction_options, check_recorded_sam_prompt)
 from calibnet.launch.training_run import base_run_of, default_device, locate_run, train, train_confidence_head
 from calibnet.methods import get_method, method_variant
 from calibnet.paths import DataRoots
@@ -55,6 +55,8 @@ def _train_network(request: TrainRequest, roots: DataRoots, log) -> TrainResult:
     prediction = request.prediction
     if prediction.predict_only:
         folder = locate_run(request.spec, roots.preprocessed, roots.results)
+        check_recorded_sam_prompt(get_method(request.method), read_run(folder) if (folder / RUN_FILENAME).is_file()
+                                  else None, request.backbone.sam_prompt, predict_only=True)
     else:
         before = _recorded_training_seconds(request, roots) if request.continue_training else 0.0
         start = time.perf_counter()

@@ -19,7 +19,8 @@ import torch
 from calibnet.errors import CalibnetError
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
 from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, NetworkOptions, check_backbone_options,
-                                     check_head_options, check_loss_options, check_network_options, check_num_gpus)
+                                     check_head_options, check_loss_options, check_network_options, check_num_gpus,
+                                     check_recorded_sam_prompt, check_sam_prompt)
 from calibnet.methods import METHODS, get_method
 from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, model_checkpoint, read_run,
                            resume_checkpoint, run_folder, write_run)
@@ -121,8 +122,9 @@ def _resolve_backbone(method, backbone: BackboneOptions):
 
 
 def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
-                   network_options: dict | None = None) -> dict:
-    """Backbone, target and prompt seed of a SAM method; returns what calibnet_run.json records."""
+                   network_options: dict | None = None, sam_prompt: str | None = None) -> dict:
+    """Backbone, target, prompt seed and prompts (``sam_prompt``: --sam-prompt where it differs from the method's
+    own) of a SAM method; returns what calibnet_run.json records."""
     from calibnet.networks.sam_backbone import SamConfig, sam_image_channel
 
     if backbone is None:
@@ -149,12 +151,15 @@ def _configure_sam(trainer, method, spec: RunSpec, backbone, target_label, log,
             log(f"SAM input: channel {channel} ({trainer.dataset_json['channel_names'][str(channel)]}) repeated "
                 f"to three, as the backbone was trained")
     trainer.sam_config, trainer.target_label, trainer.seed = config, target_label, spec.seed
+    if sam_prompt is not None:
+        trainer.sam_prompt = sam_prompt
+        log(f"SAM prompts: {sam_prompt} per slice (--sam-prompt)")
     given = {k: v for k, v in (network_options or {}).items() if v is not None}
     options = {}
     if trainer.network_options is not None:
         options = trainer.network_options = {**trainer.network_options, **given, "seed": spec.seed}
     return {"backbone": asdict(config), "target_label": target_label,
-            "network_options": options,
+            "network_options": options, "sam_prompt": sam_prompt,
             "note": config.describe()}
 
 
@@ -188,9 +193,14 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
         raise CalibnetError(f"--continue: no checkpoint in {locate_run(spec, preprocessed_root, results_root)} to "
                             f"continue from; train without --continue.")
     backbone = backbone or BackboneOptions()
+    if continue_training:  # the run keeps the prompts it was trained with
+        record = locate_run(spec, preprocessed_root, results_root) / RUN_FILENAME
+        check_recorded_sam_prompt(method, read_run(record.parent) if record.is_file() else None, backbone.sam_prompt,
+                                  predict_only=False)
     job = TrainingJob(spec, Path(preprocessed_root), Path(results_root), epochs, iterations_per_epoch, device,
                       continue_training, checkpoint if continue_training else None, num_workers,
                       backbone=_resolve_backbone(method, backbone), target_label=backbone.target_label,
+                      sam_prompt=check_sam_prompt(method, backbone.sam_prompt),
                       network_options=check_network_options(method, network or NetworkOptions()),
                       loss_options=check_loss_options(method, loss or LossOptions()), num_gpus=num_gpus)
     if num_gpus > 1:
@@ -215,6 +225,7 @@ class TrainingJob:
     num_workers: int | None = None
     backbone: tuple | None = None  # (config, warning) of a SAM or SAM 2 backbone
     target_label: int | None = None
+    sam_prompt: str | None = None  # --sam-prompt, where it differs from the method's own prompts
     network_options: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)  # checked values
     num_gpus: int = 1
@@ -228,7 +239,8 @@ def run_job(job: TrainingJob, log=print, rank: int = 0) -> Path:
                                                                         job.device, job.continue_training)
     if rank:  # its own batches (DDP gives every rank the weights of rank 0)
         seed_everything(spec.seed + rank)
-    sam_record = _configure_sam(trainer, method, spec, job.backbone, job.target_label, log, job.network_options)
+    sam_record = _configure_sam(trainer, method, spec, job.backbone, job.target_label, log, job.network_options,
+                                job.sam_prompt)
     applied = _set_loss_options(trainer, method, job.loss_options)
     _set_schedule(trainer, job.epochs, job.iterations_per_epoch)
     if job.continue_training:

@@ -36,7 +36,8 @@ class nnUNetTrainerCalib(nnUNetTrainer):
       the network as it is.
     - ``predicts_with_mirroring``: False where test-time mirroring never applies (MedSAM-U: UGMP's
       multiple prompts take its place), whatever the prediction asks.
-    - ``use_box``: SAM prompts are boxes rather than points (the row's prompts are named B100).
+    - ``use_box``: SAM prompts are boxes rather than points (the row's prompts are named B100); a SAM-FT run's
+      ``calib_train --sam-prompt`` (``"sam_prompt"`` in calibnet_run.json) overrides it for that run.
     - ``caches_embeddings``: the frozen image encoder's slice embeddings are computed once and cached.
     - ``requires_checkpoint``: None, or the pretrained weights the method cannot do without ("MedSAM").
     - ``supports_ddp``: training on several GPUs (``calib_train --num-gpus N``) goes through nnU-Net's own DDP:

@@ -81,6 +81,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     requires_prompts = True
     trains = True
     use_box = False
+    sam_prompt = None  # a run's calib_train --sam-prompt ("points" | "box", in calibnet_run.json); None: use_box
     sam_config = SamConfig()
     target_label = None  # None: the union of all foreground labels; else one label value
     lambda_fip = 0.0
@@ -110,8 +111,11 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         return SamConfig(**record)
 
     @classmethod
-    def network_for(cls, sam_config: SamConfig, load_weights: bool = True, **_options) -> SamSliceSegmenter:
-        return SamSliceSegmenter(build_sam(sam_config, load_weights), use_box=cls.use_box,
+    def network_for(cls, sam_config: SamConfig, load_weights: bool = True, use_box: bool | None = None,
+                    **_options) -> SamSliceSegmenter:
+        """The network; ``use_box`` (a run's --sam-prompt) overrides the class's prompts."""
+        return SamSliceSegmenter(build_sam(sam_config, load_weights),
+                                 use_box=cls.use_box if use_box is None else use_box,
                                  unit_intensities=cls.unit_intensities(sam_config),
                                  image_channel=sam_config.image_channel)
 
@@ -124,7 +128,10 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         if self.was_initialized:
             raise RuntimeError("trainer already initialised")
         self._set_batch_size_and_oversample()
-        self.network = self.network_for(self.sam_config, **(self.network_options or {})).to(self.device)
+        options = dict(self.network_options or {})
+        if self.sam_prompt is not None:  # --sam-prompt: the network decodes the prompts it trains with
+            options["use_box"] = self.box_prompts
+        self.network = self.network_for(self.sam_config, **options).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss = None  # the SAM objective is computed in calib_train_step
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -181,12 +188,18 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         key = [self.seed, zlib.crc32(case_id.encode()), z] + ([self.current_epoch] if per_epoch else [])
         return np.random.default_rng(key)
 
+    @property
+    def box_prompts(self) -> bool:
+        """Whether this run prompts each slice with its ground-truth box: its --sam-prompt, else the class's use_box."""
+        return self.use_box if self.sam_prompt is None else self.sam_prompt == "box"
+
     def slice_prompts(self, keys: list) -> list:
-        """Prompts of each (case, slice), reproducible from the seed, case and slice."""
+        """Prompts of each (case, slice), reproducible from the seed, case and slice: points (CalSAM) or the
+        slice's ground-truth box (vanilla SAM; SAM-FT with --sam-prompt box)."""
         prompts = []
         for case_id, z in keys:
             rng = self.slice_rng(case_id, z)
-            prompts.append(sam_slice_prompts(self.volumes[case_id][1][z:z + 1], rng, self.use_box)[0])
+            prompts.append(sam_slice_prompts(self.volumes[case_id][1][z:z + 1], rng, self.box_prompts)[0])
         return prompts
 
     def embeddings(self, keys: list) -> torch.Tensor:
@@ -272,9 +285,11 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
                 "fp_hard": np.array([fp]), "fn_hard": np.array([fn])}
 
     @classmethod
-    def prompt_inputs(cls, foreground: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """The prompt channels appended to a preprocessed volume at prediction time."""
-        return torch.from_numpy(sam_prompt_maps(foreground, rng, cls.use_box))
+    def prompt_inputs(cls, foreground: np.ndarray, rng: np.random.Generator,
+                      use_box: bool | None = None) -> torch.Tensor:
+        """The prompt channels appended to a preprocessed volume at prediction time: boxes or points as the
+        network decodes them (``use_box``: a run's, see ``LoadedModel.prompt_inputs``; None: the class's)."""
+        return torch.from_numpy(sam_prompt_maps(foreground, rng, cls.use_box if use_box is None else use_box))
 
 
 class nnUNetTrainerCalSAM(nnUNetTrainerSAMFT):
