@@ -103,3 +103,28 @@ def test_sam_vit_input_is_standardised_then_padded(slices):
     low_res[..., 24:, :] = -1.0  # the bilinear upsampling's last row blends across, as in SAM's own)
     mapped = network.to_slice_shape(low_res, SHAPE)
     assert mapped.shape == (1, 1, *SHAPE) and torch.all(mapped[..., :-1, :] == 1) and torch.all(mapped > 0)
+
+
+def test_frozen_encoder_stays_in_eval_mode_when_the_network_trains(slices):
+    """nnU-Net puts the network in train mode; LiteMedSAM's frozen TinyViT must still normalise with its
+    pretrained BatchNorm statistics (not the batch's) and never change them: the embedding of a slice is the
+    same in train and eval mode, and the encoder's state is untouched."""
+    config, _ = resolve_sam_config(None, None)
+    network = SamSliceSegmenter(build_sam(config), use_box=True, unit_intensities=True)
+    before = {k: v.clone() for k, v in network.image_encoder.state_dict().items()}
+    image, _ = slices
+    batch = torch.cat([image, image.flip(-1)])
+    network.train()
+    assert network.training and network.mask_decoder.training
+    assert not network.image_encoder.training and not network.prompt_encoder.training
+    in_train_mode = network.embed(batch)
+    assert all(torch.equal(before[k], v) for k, v in network.image_encoder.state_dict().items())
+    network.eval()
+    assert torch.equal(in_train_mode, network.embed(batch))
+
+
+def test_store_folders_name_their_format(tmp_path):
+    """Entries written before the encoder was kept in eval mode live in folders without the format: never read."""
+    from calibnet.networks.embedding_store import STORE_FORMAT, EmbeddingStore
+
+    assert EmbeddingStore(tmp_path, "ab" * 32, "sam").folder.name == f"sam-{'ab' * 8}-{STORE_FORMAT}"

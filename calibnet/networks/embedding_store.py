@@ -26,6 +26,9 @@ from calibnet.files import atomic_path, atomic_write_json
 EMBEDDINGS_FOLDER = "calib_embeddings"  # inside nnUNet_preprocessed/DatasetXXX_Name/
 STORE_DTYPE = torch.float16
 _MANIFEST = "store.json"
+# in every folder name: entries of an older format are never read (v2: the encoder always in eval mode; before,
+# a freshly built network encoded training slices in train mode, with TinyViT's BatchNorm on batch statistics)
+STORE_FORMAT = "v2"
 
 
 def weights_digest(*parts) -> str:
@@ -51,7 +54,7 @@ class EmbeddingStore:
     encodes and damaged entries recomputed."""
 
     def __init__(self, root: os.PathLike, encoder_digest: str, layout: str, description: str = ""):
-        self.folder = Path(root) / f"{layout}-{encoder_digest[:16]}"
+        self.folder = Path(root) / f"{layout}-{encoder_digest[:16]}-{STORE_FORMAT}"
         self.description = description
         self.shape = self._read_shape()
         self.hits = self.encoded = self.recomputed = 0

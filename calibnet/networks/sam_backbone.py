@@ -256,6 +256,16 @@ class SamSliceSegmenter(torch.nn.Module):
         for module in (self.image_encoder, self.prompt_encoder):
             module.requires_grad_(False)
 
+    def train(self, mode: bool = True):
+        """nnU-Net's train/eval switch for the parts that train; the frozen image encoder (and the prompt encoder
+        unless it trains) stay in eval mode: TinyViT's BatchNorm must normalise with its pretrained statistics,
+        not the batch's, and never overwrite them."""
+        super().train(mode)
+        frozen = [self.image_encoder] + ([] if self.train_prompt_encoder else [self.prompt_encoder])
+        for module in frozen:
+            module.eval()
+        return self
+
     @contextmanager
     def predicting(self, prompt_sets: list | None = None, case_id: str | None = None,
                    setting: PromptSetting | str | None = None):
