@@ -114,13 +114,15 @@ def test_frozen_encoder_stays_in_eval_mode_when_the_network_trains(slices):
     before = {k: v.clone() for k, v in network.image_encoder.state_dict().items()}
     image, _ = slices
     batch = torch.cat([image, image.flip(-1)])
+    assert not network.image_encoder.training  # as built, before any train()/eval() (trainers encode then)
+    fresh = network.embed(batch)
     network.train()
     assert network.training and network.mask_decoder.training
     assert not network.image_encoder.training and not network.prompt_encoder.training
     in_train_mode = network.embed(batch)
     assert all(torch.equal(before[k], v) for k, v in network.image_encoder.state_dict().items())
     network.eval()
-    assert torch.equal(in_train_mode, network.embed(batch))
+    assert torch.equal(in_train_mode, network.embed(batch)) and torch.equal(fresh, in_train_mode)
 
 
 def test_store_folders_name_their_format(tmp_path):

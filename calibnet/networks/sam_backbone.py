@@ -255,6 +255,7 @@ class SamSliceSegmenter(torch.nn.Module):
         self.decoder = self.mask_decoder  # nnU-Net toggles .decoder.deep_supervision; SAM has none
         for module in (self.image_encoder, self.prompt_encoder):
             module.requires_grad_(False)
+        self.train()  # a new module is in train mode: the frozen parts go to eval mode now (see train)
 
     def train(self, mode: bool = True):
         """nnU-Net's train/eval switch for the parts that train; the frozen image encoder (and the prompt encoder
