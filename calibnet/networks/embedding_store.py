@@ -26,8 +26,8 @@ from calibnet.files import atomic_path, atomic_write_json
 EMBEDDINGS_FOLDER = "calib_embeddings"  # inside nnUNet_preprocessed/DatasetXXX_Name/
 STORE_DTYPE = torch.float16
 _MANIFEST = "store.json"
-# in every folder name: entries of an older format are never read (v3: the encoder always in eval mode, from construction on; before,
-# a freshly built network encoded training slices in train mode, with TinyViT's BatchNorm on batch statistics)
+# in every folder name: entries of an older format are never read (v3: the encoder in eval mode from construction
+# on; before, a freshly built network encoded training slices in train mode, BatchNorm on batch statistics)
 STORE_FORMAT = "v3"
 
 
