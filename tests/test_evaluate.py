@@ -15,6 +15,8 @@ from test_evaluation_metrics import expected_aurc_over_orders as _expected_aurc
 
 pytestmark = pytest.mark.slow
 SHORT = ["--split", "scanner", "--epochs", 1, "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta"]
+# 3d_fullres only: other test files train 2d scanner runs of the same methods in the shared tiny dataset
+EVALUATE = ["--split", "scanner", "--methods", "nnunet,samft", "--folds", 0, "--configuration", "3d_fullres"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def evaluation(tiny_dataset):
     tiny_dataset.activate()
     run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 0, *SHORT, "--num-workers", 0])
     run_cli(train_cli.main, [511, "3d_fullres", "samft", 0, *SHORT, "--sam-model", "tiny"])
-    output = run_cli(evaluate_cli.main, ["--split", "scanner", "--methods", "nnunet,samft", "--folds", 0]).output
+    output = run_cli(evaluate_cli.main, EVALUATE).output
     return output, tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / "evaluation" / "scanner"
 
 
@@ -185,7 +187,8 @@ def test_bad_requests(tiny_dataset, evaluation, tmp_path):
     result = run_cli(evaluate_cli.main, ["--split", "loco"], expect_ok=False)
     assert result.exit_code == 1 and "no trained loco runs" in result.output
     tiny_dataset.activate()
-    result = run_cli(evaluate_cli.main, ["--split", "scanner", "--methods", "nnunet,calsam", "--folds", 0])
+    result = run_cli(evaluate_cli.main, ["--split", "scanner", "--methods", "nnunet,calsam", "--folds", 0,
+                                                 "--configuration", "3d_fullres"])
     assert "calsam: no scanner run with predictions" in result.output
 
 
@@ -220,7 +223,7 @@ def _compute_rows(report: str) -> tuple[str, list]:
 def test_compute_time_shows_the_recorded_seconds(tiny_dataset, evaluation):
     _, folder = evaluation
     tiny_dataset.activate()  # evaluated again: an earlier test's calib_evaluate may have replaced the folder
-    run_cli(evaluate_cli.main, ["--split", "scanner", "--methods", "nnunet,samft", "--folds", 0])
+    run_cli(evaluate_cli.main, EVALUATE)
     section, rows = _compute_rows((folder / "report.md").read_text())
     compute = pd.read_csv(folder / "compute_time.csv").set_index("method")
     summary = json.loads((folder / "summary.json").read_text())["compute_seconds"]
