@@ -89,6 +89,15 @@ def tiny_dataset(tmp_path_factory) -> TinyDataset:
 
 
 @pytest.fixture
+def results(tiny_dataset, tmp_path):
+    """The tiny dataset's raw and preprocessed data with a results root of this test's own."""
+    os.environ.update({"nnUNet_raw": str(tiny_dataset.data_dir / "raw"),
+                       "nnUNet_preprocessed": str(tiny_dataset.data_dir / "preprocessed"),
+                       "nnUNet_results": str(tmp_path / "results")})
+    return tmp_path / "results"
+
+
+@pytest.fixture
 def raw_copy(tiny_dataset, tmp_path):
     """A fresh CALIBNET_DATA holding a copy of the tiny raw dataset under id 512, to damage at will."""
     target = tmp_path / "data" / "raw" / f"Dataset512_{TINY_NAME}"

@@ -43,17 +43,8 @@ evaluate: {evaluate}
 """
 
 
-@pytest.fixture
-def results(tiny_dataset, tmp_path):
-    """The tiny dataset's raw and preprocessed data with a results root of this test's own."""
-    os.environ.update({"nnUNet_raw": str(tiny_dataset.data_dir / "raw"),
-                       "nnUNet_preprocessed": str(tiny_dataset.data_dir / "preprocessed"),
-                       "nnUNet_results": str(tmp_path / "results")})
-    return tmp_path / "results"
-
-
-def _grid(tmp_path, name="grid", seeds="101, 102", evaluate="false", replace=None):
-    text = GRID.format(name=name, seeds=seeds, evaluate=evaluate)
+def _grid(tmp_path, name="grid", seeds="101, 102", evaluate="false", replace=None, template=GRID):
+    text = template.format(name=name, seeds=seeds, evaluate=evaluate)
     if replace:
         assert replace[0] in text
         text = text.replace(*replace)
@@ -274,7 +265,7 @@ dataset: 511
 configuration: 3d_fullres
 split: loco
 folds: [0]
-seeds: [{seed}]
+seeds: [{seeds}]
 train:
   epochs: 1
   iters-per-epoch: 2
@@ -289,13 +280,7 @@ evaluate: {evaluate}
 
 
 def _heads_grid(tmp_path, name, seed, evaluate="false", replace=None):
-    text = HEADS.format(name=name, seed=seed, evaluate=evaluate)
-    if replace:
-        assert replace[0] in text
-        text = text.replace(*replace)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(text)
-    return path
+    return _grid(tmp_path, name, seed, evaluate, replace, template=HEADS)
 
 
 def _base_folder(results, seed, method="nnunet"):

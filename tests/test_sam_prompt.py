@@ -1,7 +1,6 @@
 """calib_train --sam-prompt points|box: the per-slice prompts a SAM-FT method trains and predicts with, recorded in
 calibnet_run.json and followed when the run is loaded and evaluated (tiny SAM on the tiny dataset, CPU)."""
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -15,15 +14,6 @@ from conftest import run_cli
 
 SHORT = ["--epochs", 1, "--iters-per-epoch", 2, "--device", "cpu", "--disable-tta", "--sam-model", "tiny"]
 SAM_FT = ("samft", "samft_focal", "samft_dicepp", "calsam", "sam_fip", "sam_cmp", "medsam")
-
-
-@pytest.fixture
-def results(tiny_dataset, tmp_path):
-    """The tiny dataset's raw and preprocessed data with a results root of this test's own."""
-    os.environ.update({"nnUNet_raw": str(tiny_dataset.data_dir / "raw"),
-                       "nnUNet_preprocessed": str(tiny_dataset.data_dir / "preprocessed"),
-                       "nnUNet_results": str(tmp_path / "results")})
-    return tmp_path / "results"
 
 
 def test_the_sam_ft_family_chooses_its_prompts_and_others_refuse_the_flag():
