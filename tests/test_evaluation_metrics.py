@@ -263,3 +263,8 @@ def test_ablation_tables_are_not_repeated_for_the_same_methods():
     tables = ablation_tables(pd.DataFrame(rows))
     assert [list(t["method"]) for t in tables] == [["samft", "calsam"], ["samft", "samft_focal", "calsam"]]
     assert len(ablation_tables(pd.DataFrame(rows[:2]))) == 1
+    # the FIP/CMP ablation shows samft and calsam already: Table 3's family adds nothing without focal/Dice++
+    rows = [{"method": m, "role": "target", "DSC": 0.5, "HD95": 1.0, "ECE": 0.1}
+            for m in ("samft", "sam_fip", "sam_cmp", "calsam")]
+    assert [list(t["method"]) for t in ablation_tables(pd.DataFrame(rows))] == [["samft", "sam_fip", "sam_cmp",
+                                                                                   "calsam"]]

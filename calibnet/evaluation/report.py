@@ -109,11 +109,11 @@ def prompt_robustness_table(per_case: pd.DataFrame) -> pd.DataFrame:
 
 def ablation_tables(per_case: pd.DataFrame) -> list:
     """One target-case table per ablation family with at least two of its methods present (a family whose
-    present methods an earlier table already shows is not repeated)."""
+    present methods an earlier table already shows, all of them, is not repeated)."""
     tables, shown = [], []
     for family in ABLATIONS:
         present = [m for m in family if m in set(per_case["method"])]
-        if len(present) >= 2 and set(present) not in shown:
+        if len(present) >= 2 and not any(set(present) <= earlier for earlier in shown):
             shown.append(set(present))
             subset = per_case[per_case["method"].isin(present)]
             table = _mean_std(subset[subset.role == "target"], ["method"],
