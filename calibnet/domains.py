@@ -70,6 +70,25 @@ def check_domains_cover_cases(domains: pd.DataFrame, case_ids: Iterable[str], pa
             f"{path}: case {without_image[0]}{more} has a row but no image in imagesTr; remove the row or add the case.")
 
 
+def _spelling_key(name: str) -> str:
+    return "".join(name.casefold().split())
+
+
+def check_domain_spellings(domains: pd.DataFrame, path: os.PathLike) -> None:
+    """Refuse two spellings of one center or vendor that differ only in case or spaces (``siemens`` beside
+    ``Siemens``), which would make two domains (and a fold) of one; names both with their case counts."""
+    for column in ("center", "vendor"):
+        counts = domains[column].value_counts()
+        spellings = {}
+        for name in sorted(counts.index):
+            spellings.setdefault(_spelling_key(name), []).append(name)
+        clash = next((names for names in spellings.values() if len(names) > 1), None)
+        if clash:
+            named = " and ".join(f"'{n}' ({counts[n]} case{'s' if counts[n] != 1 else ''})" for n in clash)
+            raise CalibnetError(f"{path}: {column} {named} differ only in case or spaces; spell each {column} one "
+                                f"way (one {column} would otherwise be split into several domains).")
+
+
 def write_domains(domains: pd.DataFrame, path: os.PathLike) -> None:
     """Write ``domains`` (required columns first) atomically."""
     columns = list(REQUIRED_COLUMNS) + [c for c in domains.columns if c not in REQUIRED_COLUMNS]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -49,7 +51,9 @@ def atomic_write_json(path: os.PathLike, obj) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(final_dir: os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``final_dir``, on error it is removed.
+    """Yield a temporary sibling folder (``.NAME.PID@HOST.XXXXXXXX.partial``); on success it replaces
+    ``final_dir``, on error it is removed. Temporary folders of ``final_dir`` left by a killed process are removed
+    first (:func:`remove_stale_partials`).
 
     With ``overwrite=False`` an existing ``final_dir`` is left untouched and ``FileExistsError`` raised
     before anything is written.
@@ -58,7 +62,9 @@ def atomic_output_dir(final_dir: os.PathLike, overwrite: bool = False) -> Iterat
     if final_dir.exists() and not overwrite:
         raise FileExistsError(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", suffix=".partial", dir=final_dir.parent))
+    remove_stale_partials(final_dir)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.{os.getpid()}@{socket.gethostname()}.",
+                                    suffix=".partial", dir=final_dir.parent))
     try:
         yield tmp_dir
     except BaseException:
@@ -72,3 +78,33 @@ def atomic_output_dir(final_dir: os.PathLike, overwrite: bool = False) -> Iterat
     os.replace(tmp_dir, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists
+        return True
+    return True
+
+
+def remove_stale_partials(final_dir: os.PathLike) -> list:
+    """Remove the temporary folders of :func:`atomic_output_dir` for ``final_dir`` whose process is gone (a killed
+    calib_evaluate or prediction): those written by a process of this host that no longer runs, and those named
+    without a process (calibnet before 2026-12). Folders of live processes and of other hosts are kept.
+    Returns the folders removed."""
+    final_dir = Path(final_dir)
+    pattern = re.compile(rf"\.{re.escape(final_dir.name)}\.(?:(\d+)@(.*)\.)?[a-z0-9_]{{8}}\.partial")
+    host, removed = socket.gethostname(), []
+    for path in final_dir.parent.glob(f".{final_dir.name}.*.partial"):
+        match = pattern.fullmatch(path.name)
+        if not match or not path.is_dir():
+            continue
+        pid, owner = match.group(1), match.group(2)
+        if pid is not None and (owner != host or _process_alive(int(pid))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -4,6 +4,7 @@ label, ``domains.csv`` complete, image/label geometry equal, no NaN voxels."""
 from __future__ import annotations
 
 import json
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from calibnet.domains import DOMAINS_FILENAME, check_domains_cover_cases, read_domains
+from calibnet.domains import DOMAINS_FILENAME, check_domain_spellings, check_domains_cover_cases, read_domains
 from calibnet.errors import CalibnetError
 from calibnet.image_geometry import first_geometry_difference
 from calibnet.paths import channel_files
@@ -97,20 +98,34 @@ def count_nan_voxels(path: Path) -> int:
     return int(np.isnan(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
 
 
+# what reading a damaged file raises: a truncated .nii.gz ends the gzip stream early (EOFError, which click would
+# turn into a bare "Aborted!"), a corrupt one fails zlib's checks
+UNREADABLE = (RuntimeError, OSError, ValueError, EOFError, zlib.error)
+
+
+def _why(error: BaseException) -> str:
+    """What to add to "cannot be read as an image" for ``error``."""
+    if isinstance(error, EOFError):
+        return " (the file is truncated: its compressed data ends early)"
+    if isinstance(error, zlib.error):
+        return " (its compressed data is corrupt)"
+    return ""
+
+
 def check_case(case_id: str, images: list, label: Path) -> str | None:
     """None when the case is sound, else a one-line description of what is wrong with it."""
     try:
         reference = _read_geometry(label)
         if count_nan_voxels(label):
             return f"case {case_id}: label {label} contains NaN voxels."
-    except (RuntimeError, OSError, ValueError):
-        return f"case {case_id}: {label} cannot be read as an image."
+    except UNREADABLE as e:
+        return f"case {case_id}: {label} cannot be read as an image{_why(e)}."
     for path in images:
         try:
             geometry = _read_geometry(path)
             n_nan = count_nan_voxels(path)
-        except (RuntimeError, OSError, ValueError):
-            return f"case {case_id}: {path} cannot be read as an image."
+        except UNREADABLE as e:
+            return f"case {case_id}: {path} cannot be read as an image{_why(e)}."
         difference = first_geometry_difference(geometry, reference)
         if difference:
             name, value, expected = difference
@@ -134,6 +149,7 @@ def check_raw_dataset(folder: Path, num_processes: int = 1) -> RawDataset:
     cases = list_cases(folder, dataset_json)
     domains = read_domains(folder / DOMAINS_FILENAME)
     check_domains_cover_cases(domains, cases.keys(), folder / DOMAINS_FILENAME)
+    check_domain_spellings(domains, folder / DOMAINS_FILENAME)
     jobs = [(case_id, c["images"], c["label"]) for case_id, c in cases.items()]
     if num_processes > 1:
         with ProcessPoolExecutor(num_processes) as pool:

@@ -138,9 +138,15 @@ def prompt_settings_of(run_folder: Path) -> list:
     return sorted(p.name[len("prompts_"):] for p in base.glob("prompts_*") if p.is_dir())
 
 
+def case_prediction_files(folder: Path, case_id: str, file_ending: str) -> tuple[Path, Path]:
+    """(segmentation, probabilities .npz) of one case in a prediction folder."""
+    return Path(folder) / f"{case_id}{file_ending}", Path(folder) / f"{case_id}.npz"
+
+
 def prediction_set_complete(run_folder: Path, prompt_setting: str | None = None) -> bool:
     """Whether the val and test predictions of a set are there (their confidence.json, and prompts.json for a
-    prompt-quality set), which is written last."""
+    prompt-quality set). Each role folder is predicted into a temporary sibling and renamed into place when every
+    case is written (``calibnet.inference.predict_run_splits``), so a killed prediction leaves no role folder."""
     names = (CONFIDENCE_FILENAME,) if prompt_setting is None else (CONFIDENCE_FILENAME, PROMPTS_FILENAME)
     return all((prediction_folder(run_folder, role, prompt_setting) / n).is_file() for role in ROLES for n in names)
 
@@ -232,6 +238,17 @@ class Run:
 
         return method_of_trainer(self.record["trainer"]).sam_prompt_of(self.record)
 
+    def completing_command(self, prompt_setting: str | None = None) -> str:
+        """The calib_train command that (re)predicts this run's val and test cases (of a prompt-quality set)."""
+        spec = self.record["spec"]
+        command = f"calib_train {spec['dataset_id']} {self.configuration} {self.method} {self.fold} --split " \
+                  f"{spec.get('split', 'loco')}" + (f" --seed {self.seed}" if self.seed != DEFAULT_SEED else "")
+        if prompt_setting is not None:
+            setting, no_ugpa = (prompt_setting[:-len(NO_UGPA) - 1], True) if prompt_setting.endswith(f"_{NO_UGPA}") \
+                else (prompt_setting, False)
+            command += f" --prompts {setting}" + (" --no-ugpa" if no_ugpa else "")
+        return command + " --predict-only"
+
     @property
     def identity(self) -> dict:
         """What changes the model besides fold and seed: configuration, backbone, target, SAM prompts, loss and
@@ -275,16 +292,19 @@ def discover_runs(results_root: Path, split: str, dataset_id: int | None = None,
     if len(datasets) > 1:
         raise CalibnetError(f"several datasets have {split} results ({', '.join(datasets)}); choose one with -d.")
     dataset = datasets[0]
+    every = [Run(p.parent, json.loads(p.read_text()))
+             for p in sorted((results_root / dataset).glob(f"*/{split}_fold*_seed*/calibnet_run.json"))]
+    _check_selection(every, dataset, split, methods, folds, seeds)
     runs, missing = [], []
-    for record_path in sorted((results_root / dataset).glob(f"*/{split}_fold*_seed*/calibnet_run.json")):
-        run = Run(record_path.parent, json.loads(record_path.read_text()))
+    for run in every:
         if methods and run.method not in methods or folds and run.fold not in folds or seeds and run.seed not in seeds \
                 or configurations and run.configuration not in configurations:
             continue
         absent = [r for r in ROLES if not (prediction_folder(run.folder, r) / CONFIDENCE_FILENAME).is_file()]
         if absent:
-            missing.append(f"{run.method} {split} fold {run.fold} seed {run.seed}: no {' and '.join(absent)} "
-                           f"predictions (run calib_train ... --predict-only)")
+            missing.append(f"{run.method} {run.configuration} {split} fold {run.fold} seed {run.seed}: no "
+                           f"{' and '.join(absent)} predictions (not evaluated; complete them with: "
+                           f"{run.completing_command()})")
             continue
         runs.append(run)
     if methods:
@@ -293,3 +313,19 @@ def discover_runs(results_root: Path, split: str, dataset_id: int | None = None,
     if not runs:
         raise CalibnetError(f"no {split} run of {dataset} has predictions to evaluate: " + "; ".join(missing))
     return dataset, runs, missing
+
+
+def _check_selection(runs: list, dataset: str, split: str, methods, folds, seeds) -> None:
+    """Refuse a method name that is not a method, and folds or seeds that no run of the split has (naming those
+    that exist)."""
+    from calibnet.methods import METHODS
+
+    unknown = [m for m in methods or () if m not in METHODS]
+    if unknown:
+        raise CalibnetError(f"--methods: {', '.join(unknown)} is not a method; known methods: {', '.join(METHODS)} "
+                            f"(calib_train --list).")
+    for flag, asked, have in (("--folds", folds, {r.fold for r in runs}), ("--seeds", seeds, {r.seed for r in runs})):
+        absent = sorted(set(asked or ()) - have)
+        if absent:
+            raise CalibnetError(f"{flag}: no {split} run of {dataset} has {flag[2:-1]} {', '.join(map(str, absent))}; "
+                                f"trained {flag[2:]}: {', '.join(map(str, sorted(have)))}.")

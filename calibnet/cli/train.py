@@ -24,7 +24,8 @@ def _list_methods(ctx, _param, value):
 @click.argument("fold", type=int)
 @click.option("--split", type=click.Choice(["loco", "scanner"]), default="loco", show_default=True,
               help="Split family of calib_splits.json that FOLD indexes.")
-@click.option("--seed", type=int, default=42, show_default=True, help="42, 2024 and 3407 are the paper's seeds.")
+@click.option("--seed", type=click.IntRange(0), default=42, show_default=True,
+              help="42, 2024 and 3407 are the paper's seeds.")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (nnU-Net default 1000).")
 @click.option("--iters-per-epoch", type=click.IntRange(1), default=None,
               help="Training iterations per epoch (nnU-Net default 250; validation uses a fifth of it).")

@@ -14,6 +14,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from calibnet.domains import DOMAINS_FILENAME, read_domains
+from calibnet.errors import CalibnetError
 from calibnet.metrics.calibration import pool_bins
 from calibnet.evaluation.case_evaluation import evaluate_case, recalibrated_case_metrics
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
@@ -25,8 +26,8 @@ from calibnet.methods import method_of_trainer
 from calibnet.metrics.confidence_scores import score_kind
 from calibnet.paths import channel_files
 from calibnet.planners.splits import get_fold, load_calib_splits
-from calibnet.runs import (CONFIDENCE_FILENAME, PROMPTS_FILENAME, discover_runs, label_targets, prediction_folder,
-                           prediction_set_complete, prompt_settings_of, run_labels)
+from calibnet.runs import (CONFIDENCE_FILENAME, PROMPTS_FILENAME, case_prediction_files, discover_runs, label_targets,
+                           prediction_folder, prediction_set_complete, prompt_settings_of, run_labels)
 
 
 @dataclass
@@ -57,7 +58,7 @@ def _posthoc_rows(label: str, test_folder: Path, role_cases: list, raw: Path, da
                                                                                  "ACE", "Brier", "conf_"))}
         for suffix, calibrate in (("TS", lambda p: apply_temperature(p, temperature)),
                                   ("Dirichlet", lambda p: apply_dirichlet(p, dirichlet))):
-            metrics = recalibrated_case_metrics(test_folder / f"{case_id}{ending}", test_folder / f"{case_id}.npz",
+            metrics = recalibrated_case_metrics(*case_prediction_files(test_folder, case_id, ending),
                                                 raw / "labelsTr" / f"{case_id}{ending}",
                                                 _image_paths(raw, case_id, dataset_json), targets, calibrate)
             rows.append({**base, "method": f"{label} + {suffix}", **metrics})
@@ -124,14 +125,56 @@ class _Dataset:
         return _image_paths(self.raw, case_id, self.dataset_json)
 
 
-def _prediction_sets(run, label: str, collected: _Collected) -> list:
+def incomplete_predictions(data: _Dataset, run, fold: dict, setting=None) -> str | None:
+    """None when every val and test case of the run's fold has its segmentation, probabilities and confidence.json
+    entry in the prediction set, else what lacks (a prediction killed before the folders were written whole, or
+    files removed since)."""
+    lacking = []
+    for role in ("val", "test"):
+        folder = prediction_folder(run.folder, role, setting)
+        try:
+            confidence = json.loads((folder / CONFIDENCE_FILENAME).read_text())
+        except (OSError, ValueError):
+            confidence = {}
+        for case_id in fold[role]:
+            segmentation, probabilities = case_prediction_files(folder, case_id, data.dataset_json["file_ending"])
+            parts = [name for name, there in (("segmentation", segmentation.is_file()),
+                                              ("probabilities", probabilities.is_file()),
+                                              ("confidence.json entry", case_id in confidence)) if not there]
+            if parts:
+                lacking.append(f"{role} {case_id} ({', '.join(parts)})")
+    if not lacking:
+        return None
+    more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+    return f"incomplete predictions: {'; '.join(lacking[:3])}{more}"
+
+
+def _missing_scores(label: str, run, confidences: dict) -> list:
+    """One message per confidence score that some cases of a prediction set have and others lack: failure
+    detection leaves those cases out of that score's n."""
+    entries = {case: {k for k, v in scores.items() if not isinstance(v, dict)} for case, scores in confidences.items()}
+    every = set().union(*entries.values()) if entries else set()
+    messages = []
+    for name in sorted(every):
+        without = sorted(case for case, keys in entries.items() if name not in keys)
+        if without:
+            messages.append(f"{label} fold {run.fold} seed {run.seed}: confidence score {name} is missing for "
+                            f"{', '.join(without)} ({len(without)} of {len(entries)} cases): failure detection of "
+                            f"{name} leaves them out")
+    return messages
+
+
+def _prediction_sets(data: _Dataset, run, fold: dict, label: str, collected: _Collected) -> list:
     """(setting, row label, prompts) of every complete prediction set of a run: its own, then each
-    prompt-quality set (incomplete ones are reported as missing)."""
+    prompt-quality set (incomplete ones are reported as missing, with the command that completes them)."""
     sets = [(None, label, _own_prompts(run.record))]
     for setting in prompt_settings_of(run.folder):
-        if not prediction_set_complete(run.folder, setting):
-            collected.missing.append(f"{run.method} fold {run.fold} seed {run.seed}: prompts {setting} lacks val or "
-                                     f"test predictions")
+        problem = "lacks val or test predictions" if not prediction_set_complete(run.folder, setting) \
+            else incomplete_predictions(data, run, fold, setting)
+        if problem:
+            collected.missing.append(f"{label} {run.configuration} {data.split} fold {run.fold} seed {run.seed}: "
+                                     f"prompts {setting}: {problem} (not evaluated; complete them with: "
+                                     f"{run.completing_command(setting)})")
             continue
         described = json.loads((prediction_folder(run.folder, "val", setting) / PROMPTS_FILENAME).read_text())
         variant = " w/o UGPA" if described.get("ugpa") is False else ""
@@ -144,16 +187,15 @@ def _evaluate_set(data: _Dataset, run, fold: dict, setting, label: str, prompts:
     """Per-case rows of one prediction set (source = val, target = test), then its post-hoc rows."""
     targets = label_targets(data.dataset_json, run.record)
     samples, base_rows = [], {}
+    confidences = {}
     for role, folder_name in (("source", "val"), ("target", "test")):
         folder = prediction_folder(run.folder, folder_name, setting)
         confidence = json.loads((folder / CONFIDENCE_FILENAME).read_text())
-        for case_id in fold[folder_name]:
-            prediction = folder / f"{case_id}{data.dataset_json['file_ending']}"
-            if not prediction.is_file():
-                collected.missing.append(f"{label} fold {run.fold} seed {run.seed}: no prediction for {case_id}")
-                continue
-            result = evaluate_case(prediction, folder / f"{case_id}.npz", data.label_path(case_id),
-                                   data.image_paths(case_id), targets, rng)
+        confidences.update({case_id: confidence.get(case_id, {}) for case_id in fold[folder_name]})
+        for case_id in fold[folder_name]:  # every file is there: incomplete sets were left out before
+            prediction, probabilities = case_prediction_files(folder, case_id, data.dataset_json["file_ending"])
+            result = evaluate_case(prediction, probabilities, data.label_path(case_id), data.image_paths(case_id),
+                                   targets, rng)
             row = {"method": label, "configuration": run.configuration, "prompts": prompts, "split": data.split,
                    "fold": run.fold, "seed": run.seed, "case_id": case_id, "role": role,
                    **data.domains.loc[case_id].to_dict(), "source_vendor": fold.get("source", {}).get("vendor", ""),
@@ -166,6 +208,7 @@ def _evaluate_set(data: _Dataset, run, fold: dict, setting, label: str, prompts:
                 collected.bins_by.setdefault((label, role, row["center"], row["vendor"], view), []).append(bins)
             if role == "source":
                 samples.append((result.sample_probabilities, result.sample_labels))
+    collected.missing += _missing_scores(label, run, confidences)
     if samples:
         extra, parameters = _posthoc_rows(label, prediction_folder(run.folder, "test", setting), fold["test"],
                                           data.raw, data.dataset_json, targets, samples, base_rows)
@@ -204,22 +247,40 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
     one method that differ in configuration, backbone or method options get rows of their own."""
     started = time.perf_counter()
     dataset, runs, missing = discover_runs(results_root, split, dataset_id, methods, folds, seeds, configurations)
-    labels = run_labels(runs)
     raw = Path(raw_root) / dataset
     data = _Dataset(raw, json.loads((raw / "dataset.json").read_text()),
                     read_domains(raw / DOMAINS_FILENAME).set_index("case_id"), split)
     splits = load_calib_splits(Path(preprocessed_root) / dataset)
+    runs, missing = _complete_runs(data, splits, runs, missing)
+    labels = run_labels(runs)
     rng = np.random.default_rng(seed)
     collected = _Collected(missing=missing)
     for run in tqdm(runs, desc="evaluating runs", unit="run", disable=not progress):
-        fold = get_fold(splits, split, run.fold)
-        for setting, label, prompts in _prediction_sets(run, labels[run.folder], collected):
+        fold = get_fold(splits, data.split, run.fold)
+        for setting, label, prompts in _prediction_sets(data, run, fold, labels[run.folder], collected):
             _evaluate_set(data, run, fold, setting, label, prompts, rng, collected)
     notes = sorted({f"{labels[r.folder]}: {r.note}" for r in runs if r.note})
     final = Path(results_root) / dataset / "evaluation" / split
     report, per_case = _write_evaluation(final, dataset, split, runs, notes, collected,
                                          compute_per_run(runs, labels), started)
     return Evaluation(final, report, per_case, collected.missing)
+
+
+def _complete_runs(data: _Dataset, splits: dict, runs: list, missing: list) -> tuple[list, list]:
+    """(runs whose own predictions are complete, missing + one message per other run: what lacks and the command
+    that completes it); an error when no run is complete."""
+    complete, missing = [], list(missing)
+    for run in runs:
+        problem = incomplete_predictions(data, run, get_fold(splits, data.split, run.fold))
+        if problem:
+            missing.append(f"{run.method} {run.configuration} {data.split} fold {run.fold} seed {run.seed}: {problem} "
+                           f"(not evaluated; complete them with: {run.completing_command()})")
+        else:
+            complete.append(run)
+    if not complete:
+        raise CalibnetError(f"no {data.split} run of {data.raw.name} has complete predictions to evaluate: "
+                            + "; ".join(missing))
+    return complete, missing
 
 
 def _json_records(table: pd.DataFrame) -> list:

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from calibnet.errors import CalibnetError
-from calibnet.files import atomic_write_json
+from calibnet.files import atomic_output_dir, atomic_write_json
 from calibnet.inference.cases import PreparedCase, prepare_case, raw_case_inputs
 from calibnet.inference.model_loading import LoadedModel, load_model
 from calibnet.inference.scores import case_confidence, head_scores, mc_dropout_scores
@@ -106,12 +106,15 @@ def score_existing_predictions(model: LoadedModel, cases: list, output_folder: P
     if not confidence_path.is_file():
         raise CalibnetError(f"{confidence_path} is missing: predict the base run first (calib_train ... "
                             f"--predict-only).")
-    confidences = json.loads(confidence_path.read_text())
-    head_prefixes = tuple(f"{prefix}_" for prefix in HEAD_FOLDERS.values())
+    scored = {}
     for case in tqdm(cases, desc=description, unit="case", disable=not progress):
-        logits = model.predict_logits(prepare_case(model, case, 0))
-        entry = {k: v for k, v in confidences.get(case.case_id, {}).items() if not k.startswith(head_prefixes)}
-        confidences[case.case_id] = {**entry, **head_scores(model, logits)}
+        scored[case.case_id] = head_scores(model, model.predict_logits(prepare_case(model, case, 0)))
+    # read again now (another head may have written its scores meanwhile); replace only the scores of these heads
+    confidences = json.loads(confidence_path.read_text())
+    replaced = tuple(f"{head.prefix}_" for head in model.heads)
+    for case_id, scores in scored.items():
+        entry = {k: v for k, v in confidences.get(case_id, {}).items() if not (replaced and k.startswith(replaced))}
+        confidences[case_id] = {**entry, **scores}
     atomic_write_json(confidence_path, confidences)
     return confidences
 
@@ -130,8 +133,9 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
     """Predict the val (source) and test (target) cases of a run's fold into ``predictions/{val,test}``
     (``predictions/prompts_<SETTING>/{val,test}`` with a prompt-quality setting).
 
-    ``ugpa=False`` predicts a medsam_u run with UGMP only, into ``prompts_<SETTING>_noUGPA``.
-    Returns {"val": folder, "test": folder}.
+    ``ugpa=False`` predicts a medsam_u run with UGMP only, into ``prompts_<SETTING>_noUGPA``. The set's old folders
+    are removed first; each role is predicted into a temporary sibling renamed into place at its end, so a killed
+    prediction leaves no role folder (``runs.prediction_set_complete``). Returns {"val": folder, "test": folder}.
     """
     run_folder = Path(run_folder)
     record = read_run(run_folder)
@@ -148,15 +152,17 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
             raise CalibnetError("--no-ugpa at prediction time applies to medsam_u with --prompts SETTING (train with "
                                 "--no-ugpa for the run's own predictions).")
         prediction_set = f"{prompt_setting}_{NO_UGPA}"
+    for role in ROLES:  # a re-prediction replaces the old one entirely: never old val beside new test
+        if prediction_folder(run_folder, role, prediction_set).exists():
+            shutil.rmtree(prediction_folder(run_folder, role, prediction_set))
     written = {}
     for role in ROLES:
         cases = raw_case_inputs(Path(raw_root) / record["dataset_name"], fold[role], model.dataset_json)
         folder = prediction_folder(run_folder, role, prediction_set)
-        if folder.exists():
-            shutil.rmtree(folder)  # a re-prediction replaces the old one entirely
-        predict_cases(model, cases, folder, prompt_seed=record["spec"]["seed"], progress=progress,
-                      description=f"predicting {role} ({len(cases)} cases)", mc_samples=mc_samples,
-                      prompt_setting=prompt_setting)
+        with atomic_output_dir(folder, overwrite=True) as partial:  # the folder appears once every case is in it
+            predict_cases(model, cases, partial, prompt_seed=record["spec"]["seed"], progress=progress,
+                          description=f"predicting {role} ({len(cases)} cases)", mc_samples=mc_samples,
+                          prompt_setting=prompt_setting)
         written[role] = folder
     return written
 

@@ -71,6 +71,8 @@ def plan_and_preprocess(dataset_id: int, raw_root: Path, preprocessed_root: Path
     warnings = []
     if "skipped" in splits["scanner"]:
         warnings.append(f"scanner split skipped: {splits['scanner']['skipped']}")
+    warnings += [f"{family} fold left out: {reason}" for family in ("loco", "scanner")
+                 for reason in splits[family].get("left_out", [])]
     _verify_with_nnunet(folder, num_processes)
 
     extract_fingerprint_dataset(int(dataset_id), num_processes=num_processes, check_dataset_integrity=False,

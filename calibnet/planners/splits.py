@@ -115,7 +115,34 @@ def build_calib_splits(domains: pd.DataFrame, seed: int = DEFAULT_SPLIT_SEED,
     }
     if scanner_skipped:
         splits["scanner"]["skipped"] = scanner_skipped
+    for family in SPLIT_FAMILIES:
+        usable, left_out = _trainable_folds(family, splits[family]["folds"])
+        if left_out:
+            splits[family]["folds"], splits[family]["left_out"] = usable, left_out
+            if not usable:
+                raise CalibnetError(f"no {family} fold can be trained: {'; '.join(left_out)}.")
     return splits
+
+
+def _empty_part(fold: dict) -> str | None:
+    """"train" or "val" when that part of the fold is empty, else None."""
+    return next((part for part in ("train", "val") if not fold.get(part)), None)
+
+
+def _trainable_folds(family: str, folds: list) -> tuple[list, list]:
+    """(folds with a train and a val set, renumbered in order; a message for each fold left out). A source domain of
+    a single case (or patient) has nothing to validate on."""
+    usable, left_out = [], []
+    for fold in folds:
+        empty = _empty_part(fold)
+        if empty is None:
+            usable.append({**fold, "fold": len(usable)})
+        else:
+            what = f"holding out center {fold['held_out']['center']}" if family == "loco" \
+                else f"training on vendor {fold['source']['vendor']}"
+            left_out.append(f"the fold {what} would have an empty {empty} set ({len(fold['train'])} train, "
+                            f"{len(fold['val'])} val case(s)); its cases stay in the other folds")
+    return usable, left_out
 
 
 def nnunet_splits_from_loco(splits: dict) -> list[dict]:
@@ -148,6 +175,11 @@ def get_fold(splits: dict, family: str, fold: int, where: os.PathLike = CALIB_SP
     if not isinstance(fold, (int, np.integer)) or not 0 <= fold < len(folds):
         valid = "; ".join(describe_fold(family, f) for f in folds)
         raise CalibnetError(f"{where}: fold {fold!r} does not exist in the {family} split. Valid folds: {valid}.")
+    empty = _empty_part(folds[fold])
+    if empty is not None:
+        raise CalibnetError(f"{where}: {family} {describe_fold(family, folds[fold])} has an empty {empty} set and "
+                            f"cannot be trained or evaluated; run calib_plan_and_preprocess again (it leaves such "
+                            f"folds out).")
     return folds[fold]
 
 
