@@ -125,6 +125,22 @@ def resume_checkpoint(folder: Path) -> Path | None:
     return next((Path(folder) / n for n in RESUME_CHECKPOINTS if (Path(folder) / n).is_file()), None)
 
 
+def run_state(folder: Path) -> str:
+    """``finished`` (checkpoint_final.pth and calibnet_run.json), ``interrupted`` (a checkpoint, but not both) or
+    ``new`` (no checkpoint: nothing trained there yet)."""
+    folder = Path(folder)
+    if (folder / MODEL_CHECKPOINTS[0]).is_file() and (folder / RUN_FILENAME).is_file():
+        return "finished"
+    return "interrupted" if model_checkpoint(folder) is not None else "new"
+
+
+def busy_lock_path(folder: Path) -> Path:
+    """The lock a process holds while it trains or predicts in a run (``calibnet.launch.run_lock``):
+    ``.<run folder name>.lock`` beside the run folder, so that it stays put while ``--overwrite`` swaps the folder."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
+
+
 def prediction_folder(run_folder: Path, role: str, prompt_setting: str | None = None) -> Path:
     """``predictions/<role>`` of a run, or ``predictions/prompts_<SET>/<role>`` for a prediction set made
     with a prompt-quality setting (SET = the setting, plus ``_noUGPA`` for medsam_u without UGPA)."""

@@ -35,7 +35,10 @@ def _list_methods(ctx, _param, value):
 @click.option("--num-gpus", type=click.IntRange(1), default=1, show_default=True,
               help="Train on N GPUs of this machine with nnU-Net's DDP (one process per GPU; nnU-Net's batch is "
                    "split over them). nnU-Net-based methods only; see docs/calib_train.md.")
-@click.option("--continue", "continue_training", is_flag=True, help="Resume from the run's latest checkpoint.")
+@click.option("--continue", "continue_training", is_flag=True,
+              help="Resume from the run's latest checkpoint (a plain rerun of an interrupted run does too).")
+@click.option("--overwrite", is_flag=True,
+              help="Train a finished run again from scratch; the old run is replaced once the new one has trained.")
 @click.option("--predict-only", is_flag=True, help="Only (re)predict the val and test cases of a trained run.")
 @click.option("--disable-tta", is_flag=True, help="Predict without mirroring test-time augmentation.")
 @click.option("--mc-samples", type=click.IntRange(2), multiple=True,
@@ -125,6 +128,7 @@ def _request(flags: dict) -> api.TrainRequest:
         split=flags["split"], seed=flags["seed"], epochs=flags["epochs"],
         iterations_per_epoch=flags["iters_per_epoch"], device=flags["device"],
         num_workers=flags["num_workers"], num_gpus=flags["num_gpus"], continue_training=flags["continue_training"],
+        overwrite=flags["overwrite"],
         ablations=tuple(part for part in ("e1", "e2", "crl") if flags[f"no_{part}"]), on_backbone=flags["on_backbone"],
         loss=_group(api.LossOptions, flags), backbone=_group(api.BackboneOptions, flags),
         network=api.NetworkOptions(adapter_blocks=flags["adapter_blocks"], adapter_ratio=flags["adapter_ratio"],

@@ -68,7 +68,7 @@ def train_on_gpus(job: TrainingJob, log=print) -> Path:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    folder = locate_run(job.spec, job.preprocessed_root, job.results_root)
+    folder = job.folder or locate_run(job.spec, job.preprocessed_root, job.results_root)
     if not (folder / RUN_FILENAME).is_file():
         raise CalibnetError(f"the {job.num_gpus} training processes ended without {folder / RUN_FILENAME}; see "
                             f"the training log in {folder}.")

@@ -49,6 +49,7 @@ SPLITS = ("loco", "scanner")
 OWN_FLAGS = {"split": "set it once with the top-level `split:`", "seed": "list the seeds under `seeds:`",
              "prompts": "list prompt settings under the top-level `prompts:` (given to SAM methods)",
              "continue": "calib_experiment continues interrupted cells itself",
+             "overwrite": "calib_experiment never trains a finished cell again (delete its run folder to retrain it)",
              "predict-only": "calib_experiment trains and predicts every cell",
              "list": "not a training flag", "help": "not a training flag"}
 # flags that make calib_train train another method (its own run folders): that method is listed by its alias

@@ -6,7 +6,8 @@ finished when its run folder holds the model checkpoint, calibnet_run.json and e
 (``runs.py``); finished cells are never run again. While a cell runs, its process holds an exclusive lock on
 ``.calib_experiment.lock`` in the run folder, so a second attempt (a rerun while a killed command's cells still
 run, a job submitted twice) finds it busy and leaves it alone. An interrupted cell of a method that trains
-continues from its checkpoint (``calib_train --continue``); one whose continuation failed starts afresh.
+continues from its checkpoint (``calib_train --continue``); one whose continuation failed starts afresh
+(``calib_train --overwrite``).
 
 Confidence-head cells (``Cell.head``) read a base run: one is finished when its checkpoint is there, newer than
 the base's model, and the base's val and test ``confidence.json`` hold its scores for every case; an
@@ -214,7 +215,10 @@ def run_cell(job: CellJob, on_start: Callable | None = None) -> CellOutcome:
         if cell_finished(job.folder, job.prompts, job.head):
             return CellOutcome(job.name, "finished", message="finished before")
         mode = _mode(job)
-        argv = [job.python, "-m", "calibnet.cli.train", *job.argv] + (["--continue"] if mode == "continue" else [])
+        # fresh: trained from scratch, replacing what an earlier attempt left (calib_train refuses a plain rerun of a
+        # finished run and resumes an interrupted one); a head is always trained afresh
+        again = ["--continue"] if mode == "continue" else ["--overwrite"] if job.head is None else []
+        argv = [job.python, "-m", "calibnet.cli.train", *job.argv] + again
         start = time.monotonic()
         try:
             with _heads_of_one_base(job):

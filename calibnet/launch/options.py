@@ -102,6 +102,7 @@ class TrainRequest:
     num_workers: int | None = None  # nnU-Net's data-augmentation processes for this training
     num_gpus: int = 1  # > 1: train with nnU-Net's DDP, one process per GPU (calibnet.launch.ddp)
     continue_training: bool = False
+    overwrite: bool = False  # retrain a finished (or interrupted) run afresh, replacing it once the new one has trained
     ablations: tuple = ()  # parts removed from the method (--no-e1: ("e1",)), one at a time
     on_backbone: str | None = None  # --backbone: the method's variant on this backbone (safeclick on litemedsam)
     loss: LossOptions = field(default_factory=LossOptions)

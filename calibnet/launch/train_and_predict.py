@@ -24,10 +24,15 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from calibnet.errors import UsageError
+from calibnet.files import atomic_output_dir, remove_stale_partials
 from calibnet.inference import predict_run_splits, score_run_splits
 from calibnet.launch.options import (TrainRequest, TrainResult, check_head_options, check_num_gpus,
                                      check_prediction_options, check_recorded_sam_prompt)
-from calibnet.launch.training_run import base_run_of, default_device, locate_run, train, train_confidence_head
+from calibnet.launch.interruption import stop_on_sigterm
+from calibnet.launch.run_lock import run_lock
+from calibnet.launch.training_run import (base_run_of, default_device, locate_run, resume_or_refuse, run_training_job,
+                                          train_confidence_head, training_job)
 from calibnet.methods import get_method, method_variant
 from calibnet.paths import DataRoots
 from calibnet.runs import CONFIDENCE_FILENAME, RUN_FILENAME, read_run, update_run
@@ -45,6 +50,9 @@ def train_and_predict(request: TrainRequest, roots: DataRoots, log=print) -> Tra
     request = replace(request, method=method, ablations=(), on_backbone=None,
                       device=request.device or default_device())
     check_head_options(get_method(method), request.head)
+    if request.overwrite and (request.continue_training or request.prediction.predict_only):
+        raise UsageError(f"--overwrite trains the run afresh; it does not go with "
+                         f"{'--continue' if request.continue_training else '--predict-only'}.")
     if get_method(method).trains_head:
         return _train_head(request, roots, log)
     check_prediction_options(request)
@@ -52,21 +60,54 @@ def train_and_predict(request: TrainRequest, roots: DataRoots, log=print) -> Tra
 
 
 def _train_network(request: TrainRequest, roots: DataRoots, log) -> TrainResult:
+    """Train (unless --predict-only) and predict, holding the run's lock throughout (after every check)."""
     prediction = request.prediction
+    folder = locate_run(request.spec, roots.preprocessed, roots.results)
     if prediction.predict_only:
-        folder = locate_run(request.spec, roots.preprocessed, roots.results)
         check_recorded_sam_prompt(get_method(request.method), read_run(folder) if (folder / RUN_FILENAME).is_file()
                                   else None, request.backbone.sam_prompt, predict_only=True)
     else:
-        before = _recorded_training_seconds(request, roots) if request.continue_training else 0.0
-        start = time.perf_counter()
-        folder = train(request.spec, roots.preprocessed, roots.results, request.epochs, request.iterations_per_epoch,
-                       request.device, request.continue_training, request.num_workers, log=log, loss=request.loss,
-                       backbone=request.backbone, network=request.network, num_gpus=request.num_gpus)
-        seconds = before + time.perf_counter() - start
-        record = update_run(folder, lambda r: r.__setitem__("seconds", {"training": seconds}))
-        note = record.get("note")
-        log(f"trained {request.method}: {folder} ({seconds:.1f} s" + (f"; {note})" if note else ")"))
+        job = training_job(request.spec, roots.preprocessed, roots.results, request.epochs,
+                           request.iterations_per_epoch, request.device, request.continue_training,
+                           request.num_workers, loss=request.loss, backbone=request.backbone,
+                           network=request.network, num_gpus=request.num_gpus)
+    with stop_on_sigterm(), run_lock(folder, log):
+        if not prediction.predict_only:
+            _train_in(folder, job, request, log)
+        return _predict(folder, request, roots, log)
+
+
+def _train_in(folder, job, request: TrainRequest, log) -> None:
+    """Train ``job`` for the run in ``folder``: resume an interrupted run, refuse a finished one unless --overwrite;
+    with --overwrite, train in a sibling folder that replaces ``folder`` once trained (on error, or when stopped, the
+    sibling is removed and the old run kept)."""
+    removed = remove_stale_partials(folder)
+    if removed:
+        log(f"removed {len(removed)} unfinished --overwrite training(s) of a process that has ended: "
+            f"{', '.join(p.name for p in removed)}")
+    job, beside = resume_or_refuse(job, folder, request.overwrite, log)
+    before = _recorded_training_seconds(folder) if job.continue_training else 0.0
+    if not beside:
+        seconds, note = _timed_training(job, folder, before, log)
+    else:
+        with atomic_output_dir(folder, overwrite=True) as staging:
+            seconds, note = _timed_training(replace(job, folder=staging), staging, before, log)
+        log(f"--overwrite: the new run has replaced the previous one in {folder}")
+    log(f"trained {request.method}: {folder} ({seconds:.1f} s" + (f"; {note})" if note else ")"))
+
+
+def _timed_training(job, folder, before: float, log) -> tuple[float, str | None]:
+    """Train ``job`` (into ``folder``) and record its training seconds (plus ``before``) in its record; returns them
+    and the record's note."""
+    start = time.perf_counter()
+    run_training_job(job, log)
+    seconds = before + time.perf_counter() - start
+    return seconds, update_run(folder, lambda r: r.__setitem__("seconds", {"training": seconds})).get("note")
+
+
+def _predict(folder, request: TrainRequest, roots: DataRoots, log) -> TrainResult:
+    """Predict the run's val and test cases with its own prompts and with each prompt-quality setting asked for."""
+    prediction = request.prediction
     result = TrainResult(request.method, folder, trained=not prediction.predict_only)
     if not (prediction.predict_only and prediction.prompt_settings):  # the method's own prompts
         start = time.perf_counter()
@@ -91,9 +132,8 @@ def _train_network(request: TrainRequest, roots: DataRoots, log) -> TrainResult:
     return result
 
 
-def _recorded_training_seconds(request: TrainRequest, roots: DataRoots) -> float:
+def _recorded_training_seconds(folder) -> float:
     """The training seconds in the record of the run that ``--continue`` resumes (0 when it has none)."""
-    folder = locate_run(request.spec, roots.preprocessed, roots.results)
     if not (folder / RUN_FILENAME).is_file():
         return 0.0
     return float((read_run(folder).get("seconds") or {}).get("training", 0.0))

@@ -21,9 +21,10 @@ from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
 from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, NetworkOptions, check_backbone_options,
                                      check_head_options, check_loss_options, check_network_options, check_num_gpus,
                                      check_recorded_sam_prompt, check_sam_prompt)
+from calibnet.launch.interruption import workers_die_with_parent
 from calibnet.methods import METHODS, get_method
 from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, model_checkpoint, read_run,
-                           resume_checkpoint, run_folder, write_run)
+                           resume_checkpoint, run_folder, run_state, write_run)
 
 
 
@@ -168,7 +169,19 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
           num_workers: int | None = None, log=print, loss: LossOptions | None = None,
           backbone: BackboneOptions | None = None, network: NetworkOptions | None = None,
           num_gpus: int = 1) -> Path:
-    """Train ``spec.method`` and return its run folder (checkpoints, logs, calibnet_run.json).
+    """Train ``spec.method`` and return its run folder (checkpoints, logs, calibnet_run.json): :func:`training_job`
+    then :func:`run_training_job` (without the run's lock, the finished-run check or the resume of an interrupted
+    run, which ``calibnet.launch.train_and_predict`` adds)."""
+    return run_training_job(training_job(spec, preprocessed_root, results_root, epochs, iterations_per_epoch, device,
+                                         continue_training, num_workers, loss, backbone, network, num_gpus), log)
+
+
+def training_job(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: int | None = None,
+                 iterations_per_epoch: int | None = None, device: str | None = None, continue_training: bool = False,
+                 num_workers: int | None = None, loss: LossOptions | None = None,
+                 backbone: BackboneOptions | None = None, network: NetworkOptions | None = None,
+                 num_gpus: int = 1) -> "TrainingJob":
+    """The checked training of ``spec.method``; nothing is written.
 
     ``num_workers`` sets nnU-Net's data-augmentation processes (``nnUNet_n_proc_DA``; 0 = in the main
     process) for this training only. ``loss``, ``backbone`` and ``network`` are checked against the flags the
@@ -197,23 +210,53 @@ def train(spec: RunSpec, preprocessed_root: Path, results_root: Path, epochs: in
         record = locate_run(spec, preprocessed_root, results_root) / RUN_FILENAME
         check_recorded_sam_prompt(method, read_run(record.parent) if record.is_file() else None, backbone.sam_prompt,
                                   predict_only=False)
-    job = TrainingJob(spec, Path(preprocessed_root), Path(results_root), epochs, iterations_per_epoch, device,
-                      continue_training, checkpoint if continue_training else None, num_workers,
-                      backbone=_resolve_backbone(method, backbone), target_label=backbone.target_label,
-                      sam_prompt=check_sam_prompt(method, backbone.sam_prompt),
-                      network_options=check_network_options(method, network or NetworkOptions()),
-                      loss_options=check_loss_options(method, loss or LossOptions()), num_gpus=num_gpus)
-    if num_gpus > 1:
+    return TrainingJob(spec, Path(preprocessed_root), Path(results_root), epochs, iterations_per_epoch, device,
+                       continue_training, checkpoint if continue_training else None, num_workers,
+                       backbone=_resolve_backbone(method, backbone), target_label=backbone.target_label,
+                       sam_prompt=check_sam_prompt(method, backbone.sam_prompt),
+                       network_options=check_network_options(method, network or NetworkOptions()),
+                       loss_options=check_loss_options(method, loss or LossOptions()), num_gpus=num_gpus)
+
+
+def run_training_job(job: "TrainingJob", log=print) -> Path:
+    """Train ``job`` in this process, or with one process per GPU; returns the folder it trained in."""
+    if job.num_gpus > 1:
         from calibnet.launch.ddp import train_on_gpus
 
         return train_on_gpus(job, log)
     return run_job(job, log)
 
 
+def resume_or_refuse(job: "TrainingJob", folder: Path, overwrite: bool, log=print) -> tuple["TrainingJob", bool]:
+    """What training ``job`` does with what its run ``folder`` holds (to be called holding the run's lock): (the
+    job, whether it trains beside the folder and replaces it at the end). A finished run is refused unless
+    ``overwrite``; an interrupted one (a checkpoint but no checkpoint_final.pth and calibnet_run.json) is resumed
+    from its latest checkpoint unless ``overwrite``; ``--continue`` resumes whatever is there."""
+    state = run_state(folder)
+    if job.continue_training:
+        return replace(job, checkpoint=resume_checkpoint(folder) or job.checkpoint), False
+    if state == "new":
+        return job, False
+    if overwrite:
+        log(f"--overwrite: training afresh beside {folder}; the {state} run there is replaced once the new one "
+            f"has trained (kept as it is if this training fails or is stopped)")
+        return job, True
+    if state == "finished":
+        raise CalibnetError(f"{folder} holds a finished run (checkpoint_final.pth and {RUN_FILENAME}); pass "
+                            f"--overwrite to train it again, or --predict-only to predict its cases again.")
+    checkpoint = resume_checkpoint(folder)
+    if not get_method(job.spec.method).trainer_class().trains:
+        return job, True  # nothing to resume: written again, replacing what is there
+    missing = "checkpoint_final.pth" if not (Path(folder) / "checkpoint_final.pth").is_file() else RUN_FILENAME
+    log(f"{folder} holds an interrupted training ({checkpoint.name}, no {missing}): continuing it; pass --overwrite "
+        f"to train from scratch instead")
+    return replace(job, continue_training=True, checkpoint=checkpoint), False
+
+
 @dataclass(frozen=True)
 class TrainingJob:
-    """A training that :func:`train` has checked: what a process training it needs (picklable, so that each rank
-    of a multi-GPU training gets it)."""
+    """A training that :func:`training_job` has checked: what a process training it needs (picklable, so that each
+    rank of a multi-GPU training gets it)."""
     spec: RunSpec
     preprocessed_root: Path
     results_root: Path
@@ -221,7 +264,7 @@ class TrainingJob:
     iterations_per_epoch: int | None = None
     device: str | None = None  # a rank: its own cuda:RANK
     continue_training: bool = False
-    checkpoint: Path | None = None  # what --continue resumes from
+    checkpoint: Path | None = None  # what --continue (or the rerun of an interrupted run) resumes from
     num_workers: int | None = None
     backbone: tuple | None = None  # (config, warning) of a SAM or SAM 2 backbone
     target_label: int | None = None
@@ -229,6 +272,7 @@ class TrainingJob:
     network_options: dict = field(default_factory=dict)
     loss_options: dict = field(default_factory=dict)  # checked values
     num_gpus: int = 1
+    folder: Path | None = None  # where to train, when not in the run folder (--overwrite: a sibling swapped in after)
 
 
 def run_job(job: TrainingJob, log=print, rank: int = 0) -> Path:
@@ -236,15 +280,19 @@ def run_job(job: TrainingJob, log=print, rank: int = 0) -> Path:
     writes calibnet_run.json. Returns the run folder."""
     spec = job.spec
     trainer, method, dataset_name, fold_text, folder = prepare_trainer(spec, job.preprocessed_root, job.results_root,
-                                                                        job.device, job.continue_training)
+                                                                        job.device, job.continue_training, job.folder)
     if rank:  # its own batches (DDP gives every rank the weights of rank 0)
         seed_everything(spec.seed + rank)
     sam_record = _configure_sam(trainer, method, spec, job.backbone, job.target_label, log, job.network_options,
                                 job.sam_prompt)
     applied = _set_loss_options(trainer, method, job.loss_options)
     _set_schedule(trainer, job.epochs, job.iterations_per_epoch)
+    trainer.save_every = 1  # checkpoint_latest.pth after every epoch (nnU-Net: 50), so that a killed training resumes
     if job.continue_training:
         trainer.load_checkpoint(str(job.checkpoint))
+        if rank == 0:
+            log(f"resuming {folder} from {job.checkpoint.name} at epoch {trainer.current_epoch} of "
+                f"{trainer.num_epochs} (weights, optimizer and schedule as saved)")
     record = RunRecord(spec=asdict(spec), dataset_name=dataset_name, trainer=trainer.__class__.__name__,
                        fold_description=fold_text, epochs=trainer.num_epochs,
                        iterations_per_epoch=trainer.num_iterations_per_epoch, device=str(trainer.device),
@@ -276,7 +324,8 @@ def _run_training(trainer, num_workers: int | None) -> None:
     if num_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(num_workers)
     try:
-        trainer.run_training()
+        with workers_die_with_parent():
+            trainer.run_training()
     finally:
         _stop_dataloaders(trainer)
         if num_workers is not None:

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from calibnet.errors import CalibnetError
+from calibnet.files import atomic_path
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
 
 
@@ -88,6 +89,14 @@ class nnUNetTrainerCalib(nnUNetTrainer):
                 shutil.move(old_log, self.log_file)
             if default.is_dir() and not any(default.iterdir()):
                 default.rmdir()
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written under a temporary name and renamed into place: a training killed while it
+        writes checkpoint_latest.pth keeps the previous one, readable, to resume from."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(str(tmp))
 
     def do_split(self):
         splits = load_calib_splits(self.preprocessed_dataset_folder_base)
