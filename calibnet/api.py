@@ -94,6 +94,7 @@ class PredictRequest:
     device: str | None = None  # default: cuda when available
     prompt_setting: str | None = None  # SAM methods: a prompt-quality setting instead of the method's own prompts
     prompts_from: Path | None = None  # labels to derive prompts from (guided_nnunet and SAM methods)
+    overwrite: bool = False  # replace the predictions already in output_dir
 
 
 @dataclass
@@ -108,26 +109,32 @@ class PredictResult:
 
 def predict(request: PredictRequest, roots: DataRoots | None = None) -> PredictResult:
     """Segment every case in ``request.input_dir`` with a trained run, writing segmentations, probabilities
-    and confidence.json to ``request.output_dir``."""
-    from calibnet.inference import flagged_cases, folder_case_inputs, load_model, predict_cases
+    and confidence.json to ``request.output_dir`` (whole, at the end; see ``calibnet.inference.new_images``)."""
+    from calibnet.inference import flagged_cases, folder_case_inputs, load_model, new_images, predict_cases
     from calibnet.launch.training_run import default_device, locate_run
 
     roots = roots or setup_data_roots()
     if get_method(request.method).trains_head:
         raise CalibnetError(f"{request.method} is not a segmentation model: predict with the method it was trained "
                             f"on, e.g. calib_predict -m nnunet --confidence.")
+    new_images.check_output_outside_input(request.input_dir, request.output_dir, request.prompts_from)
     folder = locate_run(RunSpec.of(request), roots.preprocessed, roots.results)
     model = load_model(folder, request.device or default_device(), use_mirroring=request.use_mirroring,
                        preprocessed_root=roots.preprocessed)
     _check_predict_request(request, model, folder)
+    ending = model.dataset_json["file_ending"]
+    new_images.check_no_earlier_predictions(request.output_dir, ending, request.overwrite)
     cases = folder_case_inputs(request.input_dir, model.dataset_json, request.prompts_from)
-    confidences = predict_cases(model, cases, request.output_dir, save_probabilities=request.save_probabilities,
-                                prompt_seed=request.seed, mc_samples=request.mc_samples,
-                                prompt_setting=request.prompt_setting)
+    spacings = new_images.check_case_channels(cases)
+    warnings = new_images.input_warnings(request.input_dir, cases, spacings, model.dataset_json,
+                                         model.plans_manager.plans)
+    confidences = new_images.write_prediction_set(request.output_dir, ending, lambda partial: predict_cases(
+        model, cases, partial, save_probabilities=request.save_probabilities, prompt_seed=request.seed,
+        mc_samples=request.mc_samples, prompt_setting=request.prompt_setting))
     flagged = flagged_cases(confidences, request.flag_below) if request.confidence else {}
     note = model.record.get("note")
-    lines = [f"predicted {len(cases)} case(s) with {request.method} ({folder}) into {request.output_dir}"
-             + (f" — {note}" if note else "")]
+    lines = warnings + [f"predicted {len(cases)} case(s) with {request.method} ({folder}) into {request.output_dir}"
+                        + (f" — {note}" if note else "")]
     lines += [_case_line(case_id, scores, request.confidence) for case_id, scores in confidences.items()]
     lines += [f"warning: {case_id}: predicted Dice {dice:.3f} < {request.flag_below:g}; review this scan."
               for case_id, dice in flagged.items()]

@@ -104,3 +104,36 @@ def raw_copy(tiny_dataset, tmp_path):
     shutil.copytree(tiny_dataset.raw, target)
     os.environ["CALIBNET_DATA"] = str(tmp_path / "data")
     return target
+
+
+@dataclass
+class TrainedRun:
+    data_dir: Path  # the tiny dataset's CALIBNET_DATA (raw and preprocessed)
+    results: Path  # a results root of this run's own
+    folder: Path  # the run folder
+
+    def activate(self):
+        """Point the roots at the tiny dataset and this run's results root."""
+        os.environ.update({"nnUNet_raw": str(self.data_dir / "raw"),
+                           "nnUNet_preprocessed": str(self.data_dir / "preprocessed"),
+                           "nnUNet_results": str(self.results)})
+
+
+@pytest.fixture(scope="session")
+def nnunet_run(tiny_dataset, tmp_path_factory) -> TrainedRun:
+    """nnunet trained by calib_train on loco fold 0 of the tiny dataset (1 epoch of 2 iterations, CPU), in a results
+    root of its own. Tests read it; to damage it, copy it (``shutil.copytree(run.results, ...)``)."""
+    from calibnet.cli import train
+
+    results = tmp_path_factory.mktemp("nnunet_run") / "results"
+    run = TrainedRun(tiny_dataset.data_dir, results, results / f"Dataset{TINY_ID}_{TINY_NAME}"
+                     / "nnUNetTrainerCalib__CalibPlans__3d_fullres" / "loco_fold0_seed42")
+    snapshot = _EnvSnapshot()
+    snapshot.clear()
+    try:
+        run.activate()
+        run_cli(train.main, [TINY_ID, "3d_fullres", "nnunet", 0, "--epochs", 1, "--iters-per-epoch", 2,
+                             "--device", "cpu", "--disable-tta", "--num-workers", 0])
+    finally:
+        snapshot.restore()
+    return run

@@ -9,7 +9,7 @@ PACKAGE = Path(calibnet.__file__).parent
 # layer of each first-level name under calibnet; higher layers may import lower ones only
 LAYERS = {
     "errors": 0, "files": 0, "paths": 0, "image_geometry": 0, "domains": 0, "runs": 0, "methods": 0, "prompts": 0,
-    "prompt_quality": 0, "raw_dataset_checks": 0,
+    "prompt_quality": 0, "raw_dataset_checks": 0, "checkpoints": 0,
     # uncertainty_prompting (MedSAM-U's UGMP/UGPA, used by its network) reads the entropy of metrics/
     "networks": 1, "losses": 1, "metrics": 1, "planners": 1, "dataset_conversion": 1, "uncertainty_prompting": 1,
     "trainers": 2, "inference": 2, "evaluation": 2,

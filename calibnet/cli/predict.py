@@ -18,7 +18,11 @@ from calibnet.cli.common import data_roots, user_errors
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the training run to use.")
 @click.option("-i", "--input-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Images named CASE_0000.nii.gz, CASE_0001.nii.gz, ... (one file per channel).")
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Where the predictions go: not -i nor inside it; a folder holding predictions needs --overwrite.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the predictions already in OUTPUT_DIR (its segmentations, .npz, confidence.json and "
+                   "prompts.json; other files stay), once the new ones are all written.")
 @click.option("--save-probabilities/--no-save-probabilities", default=True, show_default=True,
               help="Write CASE.npz with the softmax probabilities (float16).")
 @click.option("--disable-tta", is_flag=True, help="No mirroring test-time augmentation.")
@@ -38,8 +42,8 @@ from calibnet.cli.common import data_roots, user_errors
 @click.option("--prompts-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of CASE.nii.gz labels to derive the prompts from (guided_nnunet and SAM methods).")
 @user_errors
-def main(dataset_id, method, fold, configuration, split, seed, input_dir, output_dir, save_probabilities, disable_tta,
-         mc_samples, confidence, flag_below, device, prompt_setting, prompts_from):
+def main(dataset_id, method, fold, configuration, split, seed, input_dir, output_dir, overwrite, save_probabilities,
+         disable_tta, mc_samples, confidence, flag_below, device, prompt_setting, prompts_from):
     """Predict every case in INPUT_DIR with the model trained by calib_train DATASET CONFIGURATION METHOD FOLD;
     writes segmentations, probabilities and confidence.json to OUTPUT_DIR."""
     roots = data_roots()
@@ -47,7 +51,7 @@ def main(dataset_id, method, fold, configuration, split, seed, input_dir, output
                                  split=split, seed=seed, save_probabilities=save_probabilities,
                                  use_mirroring=not disable_tta, mc_samples=mc_samples, confidence=confidence,
                                  flag_below=flag_below, device=device, prompt_setting=prompt_setting,
-                                 prompts_from=prompts_from)
+                                 prompts_from=prompts_from, overwrite=overwrite)
     for line in api.predict(request, roots).lines:
         click.echo(line)
 

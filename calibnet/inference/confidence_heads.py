@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calibnet.checkpoints import UnsafeCheckpointError, load_checkpoint
 from calibnet.errors import CalibnetError
 from calibnet.networks.confidence_head import HEAD_FOLDERS, ConfidenceHead, feature_stage
 from calibnet.runs import label_targets
@@ -101,9 +102,11 @@ def load_heads(run_folder: Path, device: torch.device) -> list:
         if not path.is_file():
             continue
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = load_checkpoint(path)
             head = ConfidenceHead(**checkpoint["head_config"])
             head.load_state_dict(checkpoint["head_weights"])
+        except UnsafeCheckpointError:
+            raise
         except Exception as e:  # a foreign or truncated file: torch raises many types
             raise CalibnetError(f"{path} is not a calibnet confidence-head checkpoint ({type(e).__name__}); train "
                                 f"the head again with calib_train ... confidence_head --base METHOD.") from None

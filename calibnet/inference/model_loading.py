@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from calibnet.checkpoints import UnsafeCheckpointError, load_checkpoint
 from calibnet.errors import CalibnetError
 from calibnet.networks.embedding_store import EMBEDDINGS_FOLDER
 from calibnet.runs import MODEL_CHECKPOINTS, export_dataset_json, model_checkpoint, read_run, target_mask
@@ -92,7 +93,9 @@ def _read_checkpoint(run_folder: Path, record: dict, checkpoint_name: str | None
         raise CalibnetError(f"no {' or '.join((checkpoint_name,) if checkpoint_name else MODEL_CHECKPOINTS)} in "
                             f"{run_folder}; train the model first.")
     try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(checkpoint_path)  # weights_only: a checkpoint carrying code is refused
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CalibnetError(f"{checkpoint_path} cannot be read as a checkpoint ({type(e).__name__}).") from None
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:

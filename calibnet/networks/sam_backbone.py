@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from calibnet.checkpoints import UnsafeCheckpointError, load_checkpoint
 from calibnet.errors import CalibnetError
 from calibnet.networks.embedding_store import EmbeddingStore, weights_digest
 from calibnet.prompt_quality import PromptSetting
@@ -132,8 +133,10 @@ def read_state_dict(path: os.PathLike, family: str, required_key: str | tuple, r
     if not path.is_file():
         raise CalibnetError(f"{family} checkpoint {path} does not exist; download it ({releases}) and pass its path.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, not a torch file at all
+        state = load_checkpoint(path)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # truncated zip, not a torch file at all
         raise CalibnetError(f"{path} cannot be read as a {family} checkpoint ({type(e).__name__}); is the download "
                             f"complete?") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):

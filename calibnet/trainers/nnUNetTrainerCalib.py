@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from calibnet.checkpoints import weights_only_loads
 from calibnet.errors import CalibnetError
 from calibnet.files import atomic_path
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
@@ -108,6 +109,15 @@ class nnUNetTrainerCalib(nnUNetTrainer):
         self.print_to_log_file(f"train cases: {', '.join(fold['train'])}")
         self.print_to_log_file(f"val cases: {', '.join(fold['val'])}")
         return fold["train"], fold["val"]
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's, with its ``torch.load(weights_only=False)`` of the file made weights-only (a checkpoint carrying
+        code is refused; ``calibnet.checkpoints.weights_only_loads``). nnU-Net 2.8.1 cannot be handed the contents
+        instead: its branch for a dict never binds them."""
+        if not isinstance(filename_or_checkpoint, (str, os.PathLike)):
+            return super().load_checkpoint(filename_or_checkpoint)
+        with weights_only_loads(filename_or_checkpoint):
+            super().load_checkpoint(str(filename_or_checkpoint))
 
     def on_train_epoch_start(self):
         self.step_in_epoch = 0

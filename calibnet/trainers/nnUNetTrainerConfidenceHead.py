@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
+from calibnet.checkpoints import load_checkpoint
 from calibnet.errors import CalibnetError
 from calibnet.metrics.segmentation import case_metrics
 from calibnet.files import atomic_path, atomic_write_json
@@ -94,7 +95,7 @@ class nnUNetTrainerConfidenceHead(nnUNetTrainerCalib):
         if self.base_checkpoint is None:
             raise CalibnetError("confidence_head needs a base run: train it with calib_train ... confidence_head "
                                 "FOLD --base METHOD.")
-        checkpoint = torch.load(self.base_checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(self.base_checkpoint)
         try:
             self.network.load_state_dict(checkpoint["network_weights"])
         except (RuntimeError, KeyError) as e:
