@@ -40,7 +40,7 @@ def test_splits_files_are_written_and_consistent(tiny_dataset):
 def test_128_cube_patch_on_a_dataset_large_enough(tmp_path):
     import os
     os.environ["CALIBNET_DATA"] = str(tmp_path)
-    run_cli(convert.main, ["synthetic", "-d", 513, "--shape", 176, "--centers", 2, "--cases-per-center", 1,
+    run_cli(convert.main, ["synthetic", "-d", 513, "--shape", 176, "--centers", 2, "--cases-per-center", 2,
                            "--no-preview"])
     out = run_cli(plan_and_preprocess.main, ["-d", 513, "--plan-only", "-np", 1]).output
     plans = json.loads((tmp_path / "preprocessed" / "Dataset513_SynthBrain" / "CalibPlans.json").read_text())

@@ -97,7 +97,8 @@ def test_samft_trains_and_predicts_with_boxes_and_is_evaluated_as_b100(results, 
                                       "--sam-prompt", "points"], expect_ok=False)
     assert result.exit_code == 1 and "--predict-only keeps the prompts the run was trained with" in result.output
 
-    assert _prediction_sets(Run(folder, record), "samft", _Collected()) == [(None, "samft", "B100")]
+    # the run has no prompt-quality sets, so the dataset and fold are not read
+    assert _prediction_sets(None, Run(folder, record), None, "samft", _Collected()) == [(None, "samft", "B100")]
     run_cli(evaluate_cli.main, ["--split", "loco", "--methods", "samft", "--folds", 2])
     per_case = pd.read_csv(results / "Dataset511_Tiny" / "evaluation" / "loco" / "per_case.csv")
     plain = per_case[~per_case["method"].str.contains(r" \+ ")]

@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -81,8 +82,13 @@ def _busy_message(folder: Path, holder: dict) -> str:
             f"or stop it, then run this again.")
 
 
-def _open_locked(path: Path, folder: Path) -> int:
-    """A descriptor of the lock file holding its flock (refused when another process holds it)."""
+def _open_locked(path: Path, folder: Path, grace_s: float = 60.0) -> int:
+    """A descriptor of the lock file holding its flock (refused when another process holds it).
+
+    A holder's forked children (nnU-Net's augmentation workers) inherit the locked descriptor and die a moment
+    after a SIGKILLed holder (PR_SET_PDEATHSIG): while the flock is held but the named holder of this host has
+    ended, wait up to ``grace_s`` for them before refusing."""
+    deadline = time.monotonic() + grace_s
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -90,6 +96,10 @@ def _open_locked(path: Path, folder: Path) -> int:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
+            if holder.get("pid") and holder.get("host") == socket.gethostname() and not _alive(holder) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
             raise RunBusyError(_busy_message(folder, holder)) from None
         except OSError:  # a file system without flock: the pid check decides alone
             pass
