@@ -80,7 +80,8 @@ def atomic_output_dir(final_dir: os.PathLike, overwrite: bool = False) -> Iterat
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (zombies included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -103,7 +104,7 @@ def remove_stale_partials(final_dir: os.PathLike) -> list:
         if not match or not path.is_dir():
             continue
         pid, owner = match.group(1), match.group(2)
-        if pid is not None and (owner != host or _process_alive(int(pid))):
+        if pid is not None and (owner != host or process_alive(int(pid))):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)

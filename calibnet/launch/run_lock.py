@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from calibnet.errors import CalibnetError
+from calibnet.files import process_alive
 from calibnet.runs import busy_lock_path
 
 
@@ -43,12 +44,8 @@ def _alive(holder: dict) -> bool:
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid == os.getpid() or holder.get("host") != socket.gethostname():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
-    except OSError:  # PermissionError: it exists
-        pass
     stat = _process_stat(pid)
     if stat and stat[0] in ("Z", "X"):
         return False
