@@ -49,3 +49,26 @@ def test_128_cube_patch_on_a_dataset_large_enough(tmp_path):
     assert fullres["patch_size"] == [128, 128, 128]
     assert fullres["architecture"]["arch_kwargs"]["n_stages"] == 6
     assert "3d_fullres  patch 128x128x128" in out
+
+
+def test_an_existing_splits_final_json_of_the_user_is_left_byte_identical(raw_copy):
+    preprocessed = raw_copy.parent.parent / "preprocessed" / raw_copy.name
+    preprocessed.mkdir(parents=True)
+    users = preprocessed / "splits_final.json"
+    users.write_bytes(b'[{"train": ["C1_000", "C2_000"], "val": ["C3_000"]}]\n')
+    before = users.read_bytes()
+    result = run_cli(plan_and_preprocess.main, ["-d", 512, "--plan-only", "-np", 1])
+    assert users.read_bytes() == before
+    assert f"{users} is not calibnet's: left as it is" in result.output
+    assert (preprocessed / "calib_splits.json").exists()
+
+
+def test_calibnet_replaces_its_own_splits_final_json_when_planning_again(raw_copy):
+    preprocessed = raw_copy.parent.parent / "preprocessed" / raw_copy.name
+    run_cli(plan_and_preprocess.main, ["-d", 512, "--plan-only", "-np", 1])
+    first = json.loads((preprocessed / "splits_final.json").read_text())
+    result = run_cli(plan_and_preprocess.main, ["-d", 512, "--plan-only", "-np", 1, "--split-seed", 3])
+    splits = json.loads((preprocessed / "calib_splits.json").read_text())
+    nnunet = json.loads((preprocessed / "splits_final.json").read_text())
+    assert nnunet == [{"train": f["train"], "val": f["val"]} for f in splits["loco"]["folds"]] != first
+    assert "not calibnet's" not in result.output

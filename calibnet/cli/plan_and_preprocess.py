@@ -6,11 +6,12 @@ import os
 import click
 
 from calibnet import api
-from calibnet.cli.common import data_roots, parse_int_tuple, user_errors
+from calibnet.cli.common import DATASET, CalibCommand, data_roots, parse_int_tuple, user_errors
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id, e.g. 501.")
+@click.command(cls=CalibCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-d", "--dataset-id", type=DATASET, required=True,
+              help="nnU-Net dataset: id (501), folder name (Dataset501_SynthBrain) or name.")
 @click.option("-c", "--configurations", multiple=True, default=("2d", "3d_fullres"), show_default=True,
               type=click.Choice(["2d", "3d_fullres", "3d_lowres"]),
               help="Configurations to preprocess (repeat the flag for several). All are planned.")
@@ -30,7 +31,8 @@ def main(dataset_id, configurations, num_processes, patch_size, gpu_memory_gb, s
     """Plan and preprocess a calibnet dataset for nnU-Net, with leave-one-center-out and scanner splits.
 
     Writes to $nnUNet_preprocessed/DatasetXXX_NAME: CalibPlans.json, the preprocessed data,
-    calib_splits.json (loco and scanner folds) and splits_final.json (the loco folds, for nnU-Net).
+    calib_splits.json (loco and scanner folds) and splits_final.json (the loco folds, for nnU-Net; an existing
+    splits_final.json that calibnet did not write is left as it is).
     """
     roots = data_roots()
     patch = parse_int_tuple(patch_size, 3, "--patch-size") if patch_size else None

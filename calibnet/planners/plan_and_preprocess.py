@@ -80,7 +80,9 @@ def plan_and_preprocess(dataset_id: int, raw_root: Path, preprocessed_root: Path
     planner = CalibPlanner(int(dataset_id), gpu_memory_target_in_gb=gpu_memory_target_gb, patch_size=patch_size)
     plans = planner.plan_experiment()
     preprocessed_folder = Path(preprocessed_root) / folder.name
-    write_calib_splits(splits, preprocessed_folder)
+    kept = write_calib_splits(splits, preprocessed_folder)
+    if kept:
+        warnings.append(kept)
 
     done = []
     if preprocess:

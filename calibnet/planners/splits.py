@@ -25,6 +25,7 @@ from calibnet.errors import CalibnetError
 from calibnet.files import atomic_write_json
 
 CALIB_SPLITS_FILENAME = "calib_splits.json"
+NNUNET_SPLITS_FILENAME = "splits_final.json"
 SPLIT_FAMILIES = ("loco", "scanner")
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_SPLIT_SEED = 12345
@@ -150,11 +151,32 @@ def nnunet_splits_from_loco(splits: dict) -> list[dict]:
     return [{"train": f["train"], "val": f["val"]} for f in splits["loco"]["folds"]]
 
 
-def write_calib_splits(splits: dict, preprocessed_dataset_folder: os.PathLike) -> None:
-    """Write ``calib_splits.json`` and ``splits_final.json`` atomically."""
+def _written_by_calibnet(splits_final: Path, calib_splits: Path) -> bool:
+    """Whether ``splits_final.json`` holds the loco folds of the ``calib_splits.json`` beside it, i.e. calibnet
+    wrote it (and may replace it); a file the user or nnU-Net wrote never matches."""
+    try:
+        existing = json.loads(splits_final.read_text())
+        previous = json.loads(calib_splits.read_text())
+        return existing == nnunet_splits_from_loco(previous)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def write_calib_splits(splits: dict, preprocessed_dataset_folder: os.PathLike) -> str | None:
+    """Write ``calib_splits.json`` and, unless the user already has their own, nnU-Net's ``splits_final.json``
+    (the loco folds), atomically. An existing ``splits_final.json`` that calibnet did not write is left
+    byte-identical: plain ``nnUNetv2_train`` keeps training on the user's folds. Returns a note when it was kept."""
     folder = Path(preprocessed_dataset_folder)
+    splits_final = folder / NNUNET_SPLITS_FILENAME
+    kept = None
+    if splits_final.exists() and not _written_by_calibnet(splits_final, folder / CALIB_SPLITS_FILENAME):
+        kept = (f"{splits_final} is not calibnet's: left as it is (nnU-Net's own commands, e.g. nnUNetv2_train, "
+                f"keep training on its folds; calibnet trains from {CALIB_SPLITS_FILENAME}). Delete it and plan "
+                f"again to get the leave-one-center-out folds there.")
+    else:
+        atomic_write_json(splits_final, nnunet_splits_from_loco(splits))
     atomic_write_json(folder / CALIB_SPLITS_FILENAME, splits)
-    atomic_write_json(folder / "splits_final.json", nnunet_splits_from_loco(splits))
+    return kept
 
 
 def describe_fold(family: str, fold: dict) -> str:
