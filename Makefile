@@ -57,10 +57,12 @@ demo: $(STAMP)
 # regenerate docs/example_report/ from the demo's evaluation (run `make demo` first)
 example-report:
 	rm -rf docs/example_report && mkdir -p docs/example_report
-	cp $(DEMO_EVALUATION)/report.md $(DEMO_EVALUATION)/*.png $(DEMO_EVALUATION)/per_center.md docs/example_report/
+	cp $(DEMO_EVALUATION)/report.md $(DEMO_EVALUATION)/*.png $(DEMO_EVALUATION)/*.pdf $(DEMO_EVALUATION)/per_center.md \
+	  $(DEMO_EVALUATION)/tables.tex docs/example_report/
 	{ printf '# Example report: `make demo`\n\n'; \
 	  printf 'report.md is what `calib_evaluate --split scanner --configuration 2d` wrote after `make demo` (see the\n'; \
-	  printf 'Makefile and docs/calib_evaluate.md). Seconds each stage took, on this machine:\n\n'; \
+	  printf 'Makefile and docs/calib_evaluate.md); tables.tex holds its LaTeX tables, and each figure is also a vector\n'; \
+	  printf 'PDF. Seconds each stage took, on this machine:\n\n'; \
 	  cat $(DEMO_STAGES); } > docs/example_report/README.md
 
 clean-demo:

@@ -1,7 +1,7 @@
 """What each command does, callable from Python: ``calib_train`` is :func:`train`, ``calib_predict``
 :func:`predict`, ``calib_evaluate`` :func:`evaluate`, ``calib_plan_and_preprocess`` :func:`plan_and_preprocess`,
 ``calib_convert`` :func:`convert_synthetic`, :func:`convert_corrupt` and :func:`convert_public`,
-``calib_experiment`` :func:`experiment`.
+``calib_experiment`` :func:`experiment`, ``calib_export`` :func:`export`.
 
 The console scripts (``calibnet/cli/``) only parse flags into these calls and print what they return (the
 ``lines``/``warnings`` of a result, or ``log`` while a long command runs). Every function takes the data roots
@@ -31,7 +31,7 @@ __all__ = ["train", "predict", "evaluate", "plan_and_preprocess", "convert_synth
            "convert_public", "method_list", "converter_list", "public_converters", "TrainRequest", "TrainResult",
            "LossOptions", "BackboneOptions", "NetworkOptions", "HeadOptions", "PredictionOptions", "PredictRequest",
            "PredictResult", "CommandResult", "check_train", "experiment", "ExperimentOptions", "ExperimentResult",
-           "TrainParser", "FlagKind"]
+           "TrainParser", "FlagKind", "export", "ExportRequest"]
 
 
 @dataclass
@@ -77,10 +77,12 @@ def method_list() -> list:
 
 @dataclass(frozen=True)
 class PredictRequest:
-    """``calib_predict``: the trained run (dataset, method, fold, configuration, split, seed) and the images."""
+    """``calib_predict``: the trained run (dataset, method, fold, configuration, split, seed) and the images.
+    ``fold`` may also be several folds (``(0, 1, 2)``) or ``"all"`` (every fold with a finished run): their
+    ensemble, as ``nnUNetv2_predict -f 0 1 2`` (see ``calibnet.inference.model_loading``)."""
     dataset_id: int
     method: str
-    fold: int
+    fold: int | Sequence[int] | str
     input_dir: Path  # CASE_0000.nii.gz, CASE_0001.nii.gz, ... (one file per channel)
     output_dir: Path
     configuration: str = "3d_fullres"
@@ -95,32 +97,40 @@ class PredictRequest:
     prompt_setting: str | None = None  # SAM methods: a prompt-quality setting instead of the method's own prompts
     prompts_from: Path | None = None  # labels to derive prompts from (guided_nnunet and SAM methods)
     overwrite: bool = False  # replace the predictions already in output_dir
+    checkpoint: str | None = None  # checkpoint file of each run; default: final, else best, else latest
+    step_size: float = 0.5  # sliding-window step, a fraction of the patch size
 
 
 @dataclass
 class PredictResult:
     method: str
-    folder: Path  # the run
+    folder: Path  # the run (the first fold's, for an ensemble)
     output_dir: Path
     confidences: dict  # case -> confidence.json entry
     flagged: dict  # case -> predicted Dice below flag_below (with confidence)
     lines: list  # what calib_predict prints
+    folds: tuple = ()  # the folds predicted with (several: their ensemble)
 
 
 def predict(request: PredictRequest, roots: DataRoots | None = None) -> PredictResult:
     """Segment every case in ``request.input_dir`` with a trained run, writing segmentations, probabilities
     and confidence.json to ``request.output_dir`` (whole, at the end; see ``calibnet.inference.new_images``)."""
-    from calibnet.inference import flagged_cases, folder_case_inputs, load_model, new_images, predict_cases
-    from calibnet.launch.training_run import default_device, locate_run
+    from calibnet.inference import flagged_cases, folder_case_inputs, load_fold_ensemble, new_images, predict_cases
+    from calibnet.launch.training_run import default_device, locate_fold_runs
 
     roots = roots or setup_data_roots()
     if get_method(request.method).trains_head:
         raise CalibnetError(f"{request.method} is not a segmentation model: predict with the method it was trained "
                             f"on, e.g. calib_predict -m nnunet --confidence.")
     new_images.check_output_outside_input(request.input_dir, request.output_dir, request.prompts_from)
-    folder = locate_run(RunSpec.of(request), roots.preprocessed, roots.results)
-    model = load_model(folder, request.device or default_device(), use_mirroring=request.use_mirroring,
-                       preprocessed_root=roots.preprocessed)
+    requested = (request.fold,) if isinstance(request.fold, int) else request.fold
+    spec = RunSpec(request.dataset_id, request.configuration, request.method, 0, request.split, request.seed)
+    folders = locate_fold_runs(spec, requested, roots.preprocessed, roots.results)
+    _check_ensemble_request(request, folders)
+    model = load_fold_ensemble(folders, request.device or default_device(), use_mirroring=request.use_mirroring,
+                               checkpoint_name=request.checkpoint, preprocessed_root=roots.preprocessed,
+                               tile_step_size=request.step_size)
+    folder = next(iter(folders.values()))
     _check_predict_request(request, model, folder)
     ending = model.dataset_json["file_ending"]
     new_images.check_no_earlier_predictions(request.output_dir, ending, request.overwrite)
@@ -133,18 +143,33 @@ def predict(request: PredictRequest, roots: DataRoots | None = None) -> PredictR
         mc_samples=request.mc_samples, prompt_setting=request.prompt_setting))
     flagged = flagged_cases(confidences, request.flag_below) if request.confidence else {}
     note = model.record.get("note")
-    lines = warnings + [f"predicted {len(cases)} case(s) with {request.method} ({folder}) into {request.output_dir}"
+    source = f"({folder})" if len(folders) == 1 else \
+        f"folds {', '.join(map(str, folders))} ensembled (mean of their logits; runs in {folder.parent})"
+    lines = warnings + [f"predicted {len(cases)} case(s) with {request.method} {source} into {request.output_dir}"
                         + (f" — {note}" if note else "")]
     lines += [_case_line(case_id, scores, request.confidence) for case_id, scores in confidences.items()]
     lines += [f"warning: {case_id}: predicted Dice {dice:.3f} < {request.flag_below:g}; review this scan."
               for case_id, dice in flagged.items()]
-    return PredictResult(request.method, folder, Path(request.output_dir), confidences, flagged, lines)
+    return PredictResult(request.method, folder, Path(request.output_dir), confidences, flagged, lines, tuple(folders))
+
+
+def _check_ensemble_request(request: PredictRequest, folders: dict) -> None:
+    """Refuse what needs one model when several folds are ensembled: confidence heads and MC-dropout samples
+    describe one network, not the ensemble."""
+    if len(folders) == 1:
+        return
+    listed = " ".join(map(str, folders))
+    for flag, given in (("--confidence", request.confidence), ("--mc-samples", request.mc_samples)):
+        if given:
+            raise CalibnetError(f"{flag} scores one network, and -f {listed} ensembles {len(folders)}: predict one "
+                                f"fold for {flag} (calib_predict -f {next(iter(folders))} {flag} ...).")
 
 
 def _check_predict_request(request: PredictRequest, model, folder: Path) -> None:
     if request.confidence and not model.heads:
+        fold = model.record["spec"]["fold"]
         raise CalibnetError(f"--confidence: {folder} has no trained confidence head; train one with calib_train "
-                            f"{request.dataset_id} {request.configuration} confidence_head {request.fold} --split "
+                            f"{request.dataset_id} {request.configuration} confidence_head {fold} --split "
                             f"{request.split} --base {request.method}.")
     if request.prompt_setting is not None:
         from calibnet.prompt_quality import parse_setting
@@ -162,19 +187,49 @@ def _case_line(case_id: str, scores: dict, with_heads: bool) -> str:
             f"{scores['entropy_foreground']:.3f}" + ("; " + ", ".join(predicted) if with_heads else ""))
 
 
+# ---- calib_export ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """``calib_export``: the run (dataset, configuration, method, fold, split, seed) and where its nnU-Net model folder
+    goes (default: ``fold_F/`` in the run's trainer folder, where ``nnUNetv2_predict -tr -p -c -f`` looks)."""
+    dataset_id: int
+    configuration: str
+    method: str
+    fold: int
+    split: str = "loco"
+    seed: int = DEFAULT_SEED
+    output_dir: Path | None = None  # a model folder of its own (dataset.json, plans.json, fold_F/)
+    overwrite: bool = False  # replace a fold_F holding another run (or model files of another dataset in output_dir)
+
+
+def export(request: ExportRequest, roots: DataRoots | None = None) -> CommandResult:
+    """Write the run's nnU-Net model folder, so that nnU-Net's own nnUNetv2_predict (or
+    nnUNetv2_predict_from_modelfolder) predicts with it (see ``calibnet.launch.export``). ``result``: the
+    ExportResult; ``lines``: where it went and nnU-Net's command."""
+    from calibnet.launch.export import export_run
+
+    roots = roots or setup_data_roots()
+    exported = export_run(RunSpec.of(request), roots.preprocessed, roots.results, request.output_dir,
+                          request.overwrite)
+    return CommandResult(exported.model_folder, exported.lines, result=exported)
+
+
 # ---- calib_evaluate ----------------------------------------------------------------------------------------------
 
 def evaluate(split: str, dataset_id: int | None = None, methods: Sequence[str] | None = None,
              folds: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
-             configurations: Sequence[str] | None = None, seed: int = 0, roots: DataRoots | None = None):
+             configurations: Sequence[str] | None = None, seed: int = 0, roots: DataRoots | None = None,
+             predictions: Sequence[Path] = (), names: Sequence[str] = (), progress: bool = True):
     """Evaluate every trained run of ``split`` (optionally only these methods, folds, seeds, configurations);
     writes ``$nnUNet_results/DatasetXXX/evaluation/SPLIT/``. Returns the ``Evaluation`` (folder, report,
-    per-case table, missing runs); ``seed`` draws the voxel subsample of the post-hoc fits."""
+    per-case table, missing runs); ``seed`` draws the voxel subsample of the post-hoc fits. ``predictions``:
+    folders of nnU-Net-format predictions made elsewhere, scored beside the runs under ``names`` (one each)."""
     from calibnet.evaluation.evaluate import evaluate as evaluate_runs
 
     roots = roots or setup_data_roots()
     return evaluate_runs(roots.results, roots.raw, roots.preprocessed, split, dataset_id, methods, folds, seeds,
-                         seed, configurations=configurations)
+                         seed, progress, configurations=configurations, predictions=predictions, names=names)
 
 
 # ---- calib_experiment --------------------------------------------------------------------------------------------

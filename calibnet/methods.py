@@ -30,6 +30,7 @@ NETWORK_FLAGS = {"adapter_blocks": "--adapter-blocks", "adapter_ratio": "--adapt
 # calib_train --sam-prompt: the per-slice prompts a SAM-FT method trains and predicts with (CalSAM's points: the mask's
 # centroid and a distant background point; box: the slice's ground-truth box, vanilla SAM's prompt)
 SAM_PROMPTS = ("points", "box")
+COMPARED_AS = ("baseline", "proposed", "ablation")
 HEAD_FLAGS = {"base": "--base", "adversarial": "--no-adversarial", "warmup_batches": "--warmup-batches",
               "patience": "--patience"}
 
@@ -55,13 +56,17 @@ class Method:
     # values of calib_train --sam-prompt it takes: SAM_PROMPTS (the SAM-FT family, whose run records the choice), or
     # its own prompts alone (a no-op: vanilla_sam and medsam_u always use boxes); () refuses the flag
     sam_prompts: tuple = ()
+    # what significance tables test it as (COMPARED_AS): the strongest "baseline" present is the method every other
+    # one is tested against; a "proposed" method (a paper's own) or an "ablation" (one part of it) never is
+    compared_as: str = "baseline"
 
     def __post_init__(self):
         unknown = ([self.backbone] if self.backbone not in BACKBONES else []) + \
             [o for o in self.loss_options if o not in LOSS_FLAGS] + \
             [o for o in self.network_options if o not in NETWORK_FLAGS] + \
             [name for name, _ in self.variants if name not in BACKBONE_NAMES] + \
-            [p for p in self.sam_prompts if p not in SAM_PROMPTS or self.backbone != "sam"]
+            [p for p in self.sam_prompts if p not in SAM_PROMPTS or self.backbone != "sam"] + \
+            ([self.compared_as] if self.compared_as not in COMPARED_AS else [])
         if unknown or (self.trains_head and self.backbone != "none"):
             raise ValueError(f"method {self.alias}: undeclared backbone or options {unknown}")
 
@@ -128,10 +133,12 @@ class Method:
 METHODS = {m.alias: m for m in (
     Method("nnunet", "nnUNetTrainerCalib", "nnUNetTrainerCalib", "plain nnU-Net (Dice + CE), the baseline"),
     Method("calunet", "nnUNetTrainerCalUNet", "nnUNetTrainerCalUNet",
-           "nnU-Net + 0.3·FIP on the encoder skips + 0.5·CMP on the final softmax", _CALUNET_LOSS),
+           "nnU-Net + 0.3·FIP on the encoder skips + 0.5·CMP on the final softmax", _CALUNET_LOSS,
+           compared_as="proposed"),
     Method("unet_fip", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetFIP", "ablation: nnU-Net + 0.3·FIP",
-           ("lambda_fip",)),
-    Method("unet_cmp", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetCMP", "ablation: nnU-Net + 0.5·CMP", _CMP_LOSS),
+           ("lambda_fip",), compared_as="ablation"),
+    Method("unet_cmp", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetCMP", "ablation: nnU-Net + 0.5·CMP", _CMP_LOSS,
+           compared_as="ablation"),
     Method("focal", "nnUNetTrainerCalibrationLosses", "nnUNetTrainerFocal",
            "nnU-Net with Dice + focal loss (γ = 2), a calibration baseline", ("focal_gamma",)),
     Method("dicepp", "nnUNetTrainerCalibrationLosses", "nnUNetTrainerDicePP",
@@ -155,18 +162,18 @@ METHODS = {m.alias: m for m in (
            ("dicepp_gamma",), backbone="sam", sam_prompts=SAM_PROMPTS),
     Method("calsam", "nnUNetTrainerSAM", "nnUNetTrainerCalSAM",
            "CalSAM: SAM-FT + 0.3·FIP on the frozen embeddings + 0.5·CMP", _CALUNET_LOSS, backbone="sam",
-           sam_prompts=SAM_PROMPTS),
+           sam_prompts=SAM_PROMPTS, compared_as="proposed"),
     Method("sam_fip", "nnUNetTrainerSAM", "nnUNetTrainerSAMFIP", "ablation: SAM-FT + 0.3·FIP", ("lambda_fip",),
-           backbone="sam", sam_prompts=SAM_PROMPTS),
+           backbone="sam", sam_prompts=SAM_PROMPTS, compared_as="ablation"),
     Method("sam_cmp", "nnUNetTrainerSAM", "nnUNetTrainerSAMCMP", "ablation: SAM-FT + 0.5·CMP", _CMP_LOSS,
-           backbone="sam", sam_prompts=SAM_PROMPTS),
+           backbone="sam", sam_prompts=SAM_PROMPTS, compared_as="ablation"),
     Method("vanilla_sam", "nnUNetTrainerSAM", "nnUNetTrainerVanillaSAM",
            "zero-shot SAM with the slice's ground-truth box (no training: calib_train only predicts)",
            backbone="sam", box_prompt=True, sam_prompts=("box",)),
     Method("medsam_u", "nnUNetTrainerMedSAMU", "nnUNetTrainerMedSAMU",
            "MedSAM-U: adapters in the image encoder + prompt encoder trained (focal + Dice, points and jittered "
            "boxes); UGMP + UGPA at prediction", backbone="sam", network_options=_MEDSAM_U_NETWORK,
-           box_prompt=True, sam_prompts=("box",)),
+           box_prompt=True, sam_prompts=("box",), compared_as="proposed"),
     Method("medsam", "nnUNetTrainerSAM", "nnUNetTrainerMedSAM",
            "SAM-FT from a MedSAM checkpoint (--sam-checkpoint medsam_vit_b.pth)", backbone="sam",
            sam_prompts=SAM_PROMPTS),
@@ -179,13 +186,13 @@ METHODS = {m.alias: m for m in (
            "SafeClick: SAM 2's decoder + expert layers E1/E2 + consensus reasoning layer, trained on imperfect "
            "prompts (--backbone litemedsam: safeclick_lite)", backbone="sam2",
            ablations=(("e1", "safeclick_no_e1"), ("e2", "safeclick_no_e2"), ("crl", "safeclick_no_crl")),
-           variants=(("litemedsam", "safeclick_lite"),)),
+           variants=(("litemedsam", "safeclick_lite"),), compared_as="proposed"),
     Method("safeclick_no_e1", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoE1",
-           "ablation: SafeClick without E1 (same as safeclick --no-e1)", backbone="sam2"),
+           "ablation: SafeClick without E1 (same as safeclick --no-e1)", backbone="sam2", compared_as="ablation"),
     Method("safeclick_no_e2", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoE2",
-           "ablation: SafeClick without E2 (same as safeclick --no-e2)", backbone="sam2"),
+           "ablation: SafeClick without E2 (same as safeclick --no-e2)", backbone="sam2", compared_as="ablation"),
     Method("safeclick_no_crl", "nnUNetTrainerSAM2", "nnUNetTrainerSafeClickNoCRL",
-           "ablation: SafeClick without the CRL (same as safeclick --no-crl)", backbone="sam2"),
+           "ablation: SafeClick without the CRL (same as safeclick --no-crl)", backbone="sam2", compared_as="ablation"),
     Method("samft_imperfect", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSAMFTImperfect",
            "SAM-FT on imperfect prompts with SafeClick's recipe (AdamW): the baseline of safeclick_lite",
            backbone="sam", variants=(("sam2", "sam2ft"),)),
@@ -194,14 +201,16 @@ METHODS = {m.alias: m for m in (
            "trained on imperfect prompts; no paper has this", backbone="sam",
            ablations=(("e1", "safeclick_lite_no_e1"), ("e2", "safeclick_lite_no_e2"),
                       ("crl", "safeclick_lite_no_crl")),
-           variants=(("sam2", "safeclick"),)),
+           variants=(("sam2", "safeclick"),), compared_as="proposed"),
     Method("safeclick_lite_no_e1", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLiteNoE1",
-           "ablation: safeclick_lite without E1 (same as safeclick --backbone litemedsam --no-e1)", backbone="sam"),
+           "ablation: safeclick_lite without E1 (same as safeclick --backbone litemedsam --no-e1)", backbone="sam",
+           compared_as="ablation"),
     Method("safeclick_lite_no_e2", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLiteNoE2",
-           "ablation: safeclick_lite without E2 (same as safeclick --backbone litemedsam --no-e2)", backbone="sam"),
+           "ablation: safeclick_lite without E2 (same as safeclick --backbone litemedsam --no-e2)", backbone="sam",
+           compared_as="ablation"),
     Method("safeclick_lite_no_crl", "nnUNetTrainerSafeClickLite", "nnUNetTrainerSafeClickLiteNoCRL",
            "ablation: safeclick_lite without the CRL (same as safeclick --backbone litemedsam --no-crl)",
-           backbone="sam"),
+           backbone="sam", compared_as="ablation"),
 )}
 
 SAFECLICK_ABLATIONS = dict(METHODS["safeclick"].ablations)

@@ -6,12 +6,16 @@ Layout under nnU-Net's results tree::
 
     $nnUNet_results/DatasetXXX/<Trainer>__CalibPlans__<configuration>/<split>_fold<F>_seed<S>/
         calibnet_run.json, checkpoint_{final,best,latest}.pth, nnU-Net's log and progress plot
-        predictions/{val,test}/                    CASE.nii.gz, CASE.npz (float32 probabilities), confidence.json
+        predictions/{val,test}/                    CASE.nii.gz, CASE.npz (float32 probabilities), confidence.json,
+                                                   and for nnU-Net's tools CASE.pkl, dataset.json, plans.json
         predictions/prompts_<SET>/{val,test}/      the same with a prompt-quality setting, plus prompts.json
+    $nnUNet_results/DatasetXXX/<Trainer>__CalibPlans__<configuration>/fold_<F>/
+        checkpoint_final.pth, calibnet_export.json  calib_export: one run as nnU-Net's model of fold F
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +48,12 @@ class RunSpec:
         """The spec of a request naming a run (calib_train's or calib_predict's: the same six fields)."""
         return cls(request.dataset_id, request.configuration, request.method, request.fold, request.split,
                    request.seed)
+
+    @property
+    def training_command(self) -> str:
+        """The calib_train command that trains this run."""
+        return f"calib_train {self.dataset_id} {self.configuration} {self.method} {self.fold} --split {self.split}" \
+               + (f" --seed {self.seed}" if self.seed != DEFAULT_SEED else "")
 
 
 @dataclass
@@ -79,6 +89,14 @@ class RunRecord:
 def run_folder(results_root: Path, dataset_name: str, trainer_name: str, spec: RunSpec) -> Path:
     return (Path(results_root) / dataset_name / f"{trainer_name}__{CALIB_PLANS_NAME}__{spec.configuration}"
             / f"{spec.split}_fold{spec.fold}_seed{spec.seed}")
+
+
+def finished_folds(results_root: Path, dataset_name: str, trainer_name: str, spec: RunSpec) -> list:
+    """The folds of ``spec``'s method, configuration, split and seed whose run has finished (``run_state``)."""
+    parent = run_folder(results_root, dataset_name, trainer_name, spec).parent
+    pattern = re.compile(rf"{re.escape(spec.split)}_fold(\d+)_seed{spec.seed}")
+    return sorted(int(match.group(1)) for folder in parent.glob(f"{spec.split}_fold*_seed{spec.seed}")
+                  if (match := pattern.fullmatch(folder.name)) and run_state(folder) == "finished")
 
 
 def read_run(folder: Path) -> dict:
@@ -157,6 +175,19 @@ def prompt_settings_of(run_folder: Path) -> list:
 def case_prediction_files(folder: Path, case_id: str, file_ending: str) -> tuple[Path, Path]:
     """(segmentation, probabilities .npz) of one case in a prediction folder."""
     return Path(folder) / f"{case_id}{file_ending}", Path(folder) / f"{case_id}.npz"
+
+
+# What nnU-Net's predictor writes beside its predictions, which calibnet writes too so that nnU-Net's tools
+# (nnUNetv2_ensemble, nnUNetv2_apply_postprocessing) take a calibnet prediction folder: the folder's dataset.json and
+# plans.json, and per case CASE.pkl, nnU-Net's image properties (the geometry a segmentation is written with).
+# calibnet never reads them: a .pkl is a pickle, and loading one can run code.
+NNUNET_FOLDER_FILES = ("dataset.json", "plans.json")
+NNUNET_CASE_PROPERTIES_ENDING = ".pkl"
+
+
+def is_nnunet_prediction_file(name: str) -> bool:
+    """Whether a file of a prediction folder is one written only for nnU-Net's tools (NNUNET_FOLDER_FILES, CASE.pkl)."""
+    return name in NNUNET_FOLDER_FILES or name.endswith(NNUNET_CASE_PROPERTIES_ENDING)
 
 
 def prediction_set_complete(run_folder: Path, prompt_setting: str | None = None) -> bool:

@@ -28,11 +28,16 @@ def evaluation(tiny_dataset):
     return output, tiny_dataset.data_dir / "results" / "Dataset511_Tiny" / "evaluation" / "scanner"
 
 
+def _not_json(constant):
+    raise ValueError(f"summary.json holds {constant}, which strict JSON parsers refuse")
+
+
 def test_all_outputs_are_written_with_the_documented_columns(evaluation):
     output, folder = evaluation
     for name in ("per_case.csv", "per_center.csv", "per_center.md", "dgg.csv", "dgg_per_fold.csv",
                  "failure_detection.csv", "significance.csv", "posthoc_parameters.json", "summary.json", "report.md",
-                 "tables.tex", "reliability.png", "risk_coverage.png", "dsc_per_domain.png"):
+                 "tables.tex", "reliability.png", "risk_coverage.png", "dsc_per_domain.png", "reliability.pdf",
+                 "risk_coverage.pdf", "dsc_per_domain.pdf"):
         assert (folder / name).is_file(), name
     per_case = pd.read_csv(folder / "per_case.csv")
     for column in ("method", "split", "fold", "seed", "case_id", "center", "vendor", "scanner", "role", "DSC", "IoU",
@@ -47,8 +52,11 @@ def test_all_outputs_are_written_with_the_documented_columns(evaluation):
     # the boundary view holds fewer voxels than the ROI, so its ECE is a different number
     assert (plain["ECE_boundary"] != plain["ECE"]).all()
     assert "samft: tiny SAM, not pretrained" in output and "report:" in output
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text(), parse_constant=_not_json)  # NaN is not JSON
     assert set(summary["pooled_ECE"]["nnunet"]) == {"source", "target"}
+    versions = summary["versions"]
+    assert versions["nnunetv2"] == "2.8.1" and versions["calibnet"] and versions["torch"]
+    assert [(b["method"], b["model"]) for b in versions["backbones"]] == [("samft", "tiny")]  # nnunet has none
     for column in ("configuration", "ECE_boundary", "ACE_boundary", "Brier_boundary"):
         assert column in per_case.columns, column
     assert set(per_case["configuration"]) == {"3d_fullres"}

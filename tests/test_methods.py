@@ -150,7 +150,7 @@ def test_calib_predict_maps_every_flag_onto_the_request(monkeypatch, tmp_path):
                                         "--disable-tta", "--mc-samples", 2, "--confidence", "--flag-below", 0.7,
                                         "--device", "cpu", "--prompts", "P50", "--prompts-from", tmp_path]).output
     assert output.endswith("line one\nwarning: two\n")
-    assert requests == [api.PredictRequest(511, "calsam", 1, tmp_path, tmp_path / "o", "2d", "scanner", 3, False,
+    assert requests == [api.PredictRequest(511, "calsam", (1,), tmp_path, tmp_path / "o", "2d", "scanner", 3, False,
                                            False, (2,), True, 0.7, "cpu", "P50", tmp_path)]
 
 

@@ -56,12 +56,13 @@ def test_earlier_predictions_are_kept_unless_overwrite_which_replaces_them_whole
     second = _incoming(tiny_dataset, tmp_path / "second", ("C3_001",))
     result = _predict(nnunet_run, second, out, expect_ok=False)
     assert result.exit_code == 1
-    assert f"Error: {out} already holds predictions (C4_000.nii.gz, C4_000.npz, confidence.json); pass --overwrite" \
-        in result.output
+    assert f"Error: {out} already holds predictions (C4_000.nii.gz, C4_000.npz, C4_000.pkl and 3 more); pass " \
+           f"--overwrite" in result.output
     assert _files(out) == before
     _predict(nnunet_run, second, out, "--overwrite")
     assert sorted(json.loads((out / "confidence.json").read_text())) == ["C3_001"]  # no stale C4_000 entry
-    assert sorted(p.name for p in out.iterdir()) == ["C3_001.nii.gz", "C3_001.npz", "confidence.json", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["C3_001.nii.gz", "C3_001.npz", "C3_001.pkl", "confidence.json",
+                                                      "dataset.json", "notes.txt", "plans.json"]  # no stale C4_000.pkl
     assert (out / "notes.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 

@@ -1,7 +1,9 @@
 """calib_train and calib_predict end to end on the tiny dataset (32³, 1 epoch of 2 iterations, CPU)."""
 import json
 import math
+import shlex
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from calibnet.cli import export as export_cli
 from calibnet.cli import predict as predict_cli
 from calibnet.cli import train as train_cli
 from calibnet.methods import METHODS
@@ -237,14 +240,16 @@ def test_calib_predict_on_new_images(tiny_dataset, trained, tmp_path):
     output = run_cli(predict_cli.main, ["-d", 511, "-m", "calunet", "-f", 1, "-i", incoming, "-o", out,
                                         "--device", "cpu", "--disable-tta"]).output
     assert "predicted 2 case(s) with calunet" in output and "C4_000: mean max-probability" in output
-    assert sorted(p.name for p in out.iterdir()) == ["C3_001.nii.gz", "C3_001.npz", "C4_000.nii.gz", "C4_000.npz",
-                                                      "confidence.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["C3_001.nii.gz", "C3_001.npz", "C3_001.pkl", "C4_000.nii.gz",
+                                                      "C4_000.npz", "C4_000.pkl", "confidence.json", "dataset.json",
+                                                      "plans.json"]
     result = run_cli(predict_cli.main, ["-d", 511, "-m", "guided_nnunet", "-f", 1, "-i", incoming, "-o", tmp_path / "g",
                                         "--device", "cpu", "--disable-tta"], expect_ok=False)
     assert result.exit_code == 1 and "needs point prompts" in result.output
     run_cli(predict_cli.main, ["-d", 511, "-m", "guided_nnunet", "-f", 1, "-i", incoming, "-o", tmp_path / "g",
                                "--device", "cpu", "--disable-tta", "--prompts-from", labels, "--no-save-probabilities"])
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["C3_001.nii.gz", "C4_000.nii.gz", "confidence.json"]
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["C3_001.nii.gz", "C4_000.nii.gz", "confidence.json",
+                                                                   "dataset.json", "plans.json"]
     result = run_cli(predict_cli.main, ["-d", 511, "-m", "focal", "-f", 3, "-i", incoming, "-o", tmp_path / "x"],
                      expect_ok=False)
     assert result.exit_code == 1 and "calibnet_run.json is missing" in result.output
@@ -407,6 +412,105 @@ def test_dropout_is_off_in_plain_prediction_and_on_for_sampling():
     assert torch.equal(layer(x), x)
     layer.sampling = True
     assert (layer(x) == 0).any()
+
+
+def _printed_command(output: str, input_dir, output_dir) -> tuple:
+    """(environment, argv) of the nnU-Net command calib_export printed last, with the folders filled in."""
+    words = shlex.split(output.strip().splitlines()[-1])
+    env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-"))
+    argv = [w.replace("INPUT_FOLDER", str(input_dir)).replace("OUTPUT_FOLDER", str(output_dir)) for w in words[len(env):]]
+    return env, argv
+
+
+def _segmentation(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _one_case(tiny_dataset, folder, case):
+    folder.mkdir()
+    for channel in (0, 1):
+        shutil.copy(tiny_dataset.raw / "imagesTr" / f"{case}_{channel:04d}.nii.gz", folder)
+    return folder
+
+
+@pytest.mark.parametrize("alias", ["nnunet", "calunet"])
+def test_nnunet_predict_of_an_exported_run_is_voxel_identical_to_calib_predict(tiny_dataset, trained, tmp_path,
+                                                                               monkeypatch, alias):
+    """nnUNetv2_predict exactly as calib_export prints it (its entry point in this process, one process: -npp 0
+    -nps 0), with no nnUNet_extTrainer, both without mirroring; calib_predict's folder holds what nnU-Net's does."""
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+
+    folder = trained[alias][1]
+    tiny_dataset.activate()
+    incoming = _one_case(tiny_dataset, tmp_path / "incoming", "C4_000")
+    try:
+        output = run_cli(export_cli.main, [511, "3d_fullres", alias, 1]).output
+        env, argv = _printed_command(output, incoming, tmp_path / "nnunet")
+        assert set(env) == {"nnUNet_results"} and argv[:3] == ["nnUNetv2_predict", "-d", "Dataset511_Tiny"]
+        monkeypatch.delenv("nnUNet_extTrainer", raising=False)  # calib_train sets it in this process
+        monkeypatch.setenv("nnUNet_results", env["nnUNet_results"])
+        monkeypatch.setattr(sys, "argv", argv + ["--disable_tta", "-device", "cpu", "-npp", "0", "-nps", "0",
+                                                 "--save_probabilities"])
+        threads = torch.get_num_threads()
+        try:
+            predict_entry_point()
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        shutil.rmtree(folder.parent / "fold_1", ignore_errors=True)  # the trainer folder is shared with other tests
+    ours = tmp_path / "calib"
+    run_cli(predict_cli.main, ["-d", 511, "-m", alias, "-f", 1, "-i", incoming, "-o", ours, "--device", "cpu",
+                               "--disable-tta"])
+    theirs = tmp_path / "nnunet"
+    assert np.array_equal(_segmentation(theirs / "C4_000.nii.gz"), _segmentation(ours / "C4_000.nii.gz"))
+    assert np.array_equal(np.load(theirs / "C4_000.npz")["probabilities"], np.load(ours / "C4_000.npz")["probabilities"])
+    assert {p.name for p in ours.iterdir()} - {"confidence.json"} == \
+        {p.name for p in theirs.iterdir()} - {"predict_from_raw_data_args.json"}
+    for name in ("dataset.json", "plans.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text()), name
+
+
+def test_a_network_calibnet_builds_opens_in_nnunet_with_the_printed_ext_trainer(tiny_dataset, trained, tmp_path,
+                                                                              monkeypatch):
+    """nnunet_dropout exported to a model folder of its own: nnU-Net cannot find its trainer without the
+    nnUNet_extTrainer calib_export prints, and predicts the run's own val segmentation with it (what
+    nnUNetv2_predict_from_modelfolder runs, in this process)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    folder = trained["nnunet_dropout"][1]
+    tiny_dataset.activate()
+    case = _fold(tiny_dataset, "loco", 1)["val"][0]
+    incoming, model = _one_case(tiny_dataset, tmp_path / "incoming", case), tmp_path / "model"
+    output = run_cli(export_cli.main, [511, "3d_fullres", "nnunet_dropout", 1, "-o", model]).output
+    env, argv = _printed_command(output, incoming, tmp_path / "nnunet")
+    assert set(env) == {"nnUNet_extTrainer"} and argv[:5] == ["nnUNetv2_predict_from_modelfolder", "-m", str(model),
+                                                              "-f", "1"]
+    assert sorted(p.name for p in model.iterdir()) == ["dataset.json", "fold_1", "plans.json"]
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer nnUNetTrainerDropout"):
+        nnUNetPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(str(model), (1,))
+    monkeypatch.setenv("nnUNet_extTrainer", env["nnUNet_extTrainer"])
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), (1,))
+    (tmp_path / "nnunet").mkdir()
+    predictor.predict_from_files_sequential(str(incoming), str(tmp_path / "nnunet"), False, True, None)
+    assert np.array_equal(_segmentation(tmp_path / "nnunet" / f"{case}.nii.gz"),
+                          _segmentation(folder / "predictions" / "val" / f"{case}.nii.gz"))  # calib_train: no TTA
+
+
+def test_nnunet_ensemble_merges_calibnet_prediction_folders(tiny_dataset, trained, tmp_path):
+    """nnUNetv2_ensemble's function on the val predictions of two runs: the mean of their probabilities, argmax."""
+    from nnunetv2.ensembling.ensemble import ensemble_folders
+
+    folders = [trained[alias][1] / "predictions" / "val" for alias in ("nnunet", "calunet")]
+    ensemble_folders([str(f) for f in folders], str(tmp_path / "ensemble"), num_processes=1)
+    cases = sorted(json.loads((folders[0] / "confidence.json").read_text()))
+    assert len(cases) == 3
+    for case in cases:
+        first, second = (np.load(f / f"{case}.npz")["probabilities"] for f in folders)
+        merged = sitk.ReadImage(str(tmp_path / "ensemble" / f"{case}.nii.gz"))
+        assert np.array_equal(sitk.GetArrayFromImage(merged), ((first.astype(np.float32) + second) / 2).argmax(0))
+        assert merged.GetSpacing() == sitk.ReadImage(str(folders[0] / f"{case}.nii.gz")).GetSpacing()
 
 
 def test_confidence_head_seconds_go_into_the_base_record(tiny_dataset, trained):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from calibnet import api
-from calibnet.cli.common import data_roots, parse_int_tuple, user_errors
+from calibnet.cli.common import DATASET, CalibCommand, data_roots, parse_int_tuple, user_errors
 
 
 def _list_converters(ctx, _param, value):
@@ -28,7 +28,7 @@ def main():
     """
 
 
-@main.command("synthetic")
+@main.command("synthetic", cls=CalibCommand)
 @click.option("-d", "--dataset-id", type=int, default=501, show_default=True, help="nnU-Net dataset id.")
 @click.option("--name", default="SynthBrain", show_default=True, help="Dataset name (DatasetXXX_NAME).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Everything is deterministic from it.")
@@ -60,8 +60,9 @@ def synthetic(dataset_id, name, seed, n_centers, cases_per_center, shape, channe
         click.echo(line)
 
 
-@main.command("corrupt")
-@click.option("-d", "--dataset-id", type=int, required=True, help="Source dataset id.")
+@main.command("corrupt", cls=CalibCommand)
+@click.option("-d", "--dataset-id", type=DATASET, required=True,
+              help="Source dataset: id, folder name (Dataset501_SynthBrain) or name.")
 @click.option("--to", "target_id", type=int, required=True, help="Id of the corrupted copy to write.")
 @click.option("--artifacts", default="motion,ghosting,bias,spike,noise", show_default=True,
               help="Comma-separated TorchIO artifacts: motion, ghosting, bias, spike, noise.")
@@ -103,8 +104,8 @@ def _public_command(name: str, extra_options=()):
         click.Option(["--overwrite"], is_flag=True, help="Replace an existing dataset of the same id and name."),
         *extra_options,
     ]
-    main.add_command(click.Command(name, callback=command, params=params,
-                                   help=f"{converter.title}.\n\nExpects: {converter.layout}"))
+    main.add_command(CalibCommand(name, callback=command, params=params,
+                                  help=f"{converter.title}.\n\nExpects: {converter.layout}"))
 
 
 _public_command("brats", [

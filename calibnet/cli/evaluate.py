@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from calibnet import api
-from calibnet.cli.common import data_roots, user_errors
+from calibnet.cli.common import DATASET, CalibCommand, data_roots, user_errors
 
 
 def _csv(value, cast=str):
@@ -20,22 +20,35 @@ def _int_list(_ctx, param, value):
                                  param=param) from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--split", type=click.Choice(["loco", "scanner"]), required=True, help="Split family to evaluate.")
-@click.option("-d", "--dataset-id", type=int, default=None, help="Needed only when several datasets have results.")
+@click.command(cls=CalibCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--split", type=click.Choice(["loco", "scanner"]), required=True,
+              help="Split family to evaluate (required; no default).")
+@click.option("-d", "--dataset-id", type=DATASET, default=None,
+              help="Id (501), folder name (Dataset501_SynthBrain) or name; needed only when several datasets have "
+                   "results (default: the only dataset with results).")
 @click.option("--methods", default=None, help="Comma-separated method aliases (default: every trained one).")
-@click.option("--folds", default=None, callback=_int_list, help="Comma-separated folds (default: all).")
-@click.option("--seeds", default=None, callback=_int_list, help="Comma-separated seeds (default: all).")
+@click.option("--folds", default=None, callback=_int_list,
+              help="Comma-separated fold numbers (default: every fold with a run; external predictions are scored on "
+                   "the same folds).")
+@click.option("--seeds", default=None, callback=_int_list,
+              help="Comma-separated training seeds of the runs (default: all).")
 @click.option("--configuration", "configurations", default=None,
               help="Comma-separated nnU-Net configurations (2d, 3d_fullres, ...; default: all, each in rows of its "
                    "own).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
-              help="Seed of the voxel subsampling for post-hoc fits.")
+              help="Seed of the voxel subsampling for post-hoc fits (not a training seed: see --seeds).")
+@click.option("--predictions", "predictions", multiple=True, type=click.Path(file_okay=False),
+              help="Folder of nnU-Net-format predictions made elsewhere (CASE.nii.gz, optional CASE.npz "
+                   "probabilities) to score beside the runs; repeatable, each with its --name (default: none).")
+@click.option("--name", "names", multiple=True,
+              help="Row label of the --predictions folder given at the same position; not a method name "
+                   "(default: none).")
 @user_errors
-def main(split, dataset_id, methods, folds, seeds, configurations, seed):
+def main(split, dataset_id, methods, folds, seeds, configurations, seed, predictions, names):
     """Evaluate every trained method of a split; writes $nnUNet_results/DatasetXXX/evaluation/SPLIT/."""
     roots = data_roots()
-    result = api.evaluate(split, dataset_id, _csv(methods), folds, seeds, _csv(configurations), seed, roots)
+    result = api.evaluate(split, dataset_id, _csv(methods), folds, seeds, _csv(configurations), seed, roots,
+                          predictions, names)
     for message in result.missing:
         click.echo(f"missing: {message}", err=True)
     click.echo(result.report)

@@ -8,7 +8,7 @@ import click
 
 from calibnet import api
 from calibnet.cli import train
-from calibnet.cli.common import data_roots, user_errors
+from calibnet.cli.common import CalibCommand, data_roots, user_errors
 from calibnet.errors import CalibnetError
 
 
@@ -30,7 +30,7 @@ def _parse_train(argv) -> api.TrainRequest:
         raise CalibnetError(e.format_message()) from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=CalibCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("experiment_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--executor", type=click.Choice(["local", "submitit-local", "slurm"]), default="local",
               show_default=True, help="local: cells as subprocesses of this command; submitit-local: submitit's "

@@ -6,7 +6,7 @@ from dataclasses import fields
 import click
 
 from calibnet import api
-from calibnet.cli.common import data_roots, user_errors
+from calibnet.cli.common import DATASET, CalibCommand, data_roots, user_errors
 
 
 def _list_methods(ctx, _param, value):
@@ -17,8 +17,8 @@ def _list_methods(ctx, _param, value):
     ctx.exit()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("dataset_id", type=int)
+@click.command(cls=CalibCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("dataset_id", type=DATASET)
 @click.argument("configuration")
 @click.argument("method")
 @click.argument("fold", type=int)

@@ -8,28 +8,34 @@ averaged over regions; softmax datasets on the predicted class confidence max_c 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from calibnet.errors import CalibnetError
 from calibnet.metrics.calibration import calibration_summary, pool_bins
+from calibnet.metrics.confidence_scores import case_confidence
 from calibnet.metrics.segmentation import case_metrics
 from calibnet.runs import LabelTargets
 
 BOUNDARY_MARGIN_MM = 5.0
 CALIBRATION_VIEWS = {"ROI": "", "boundary": "_boundary"}  # view -> suffix of its metric columns
 SEGMENTATION_METRICS = ("DSC", "IoU", "HD95", "NSD@1mm")
+CALIBRATION_METRICS = ("ECE", "ACE", "Brier")
+PROBABILITY_TOLERANCE = 1e-3  # float16 rounding and renormalisation leave values a hair outside [0, 1]
 
 
 @dataclass
 class CaseResult:
     metrics: dict
     bins: dict  # view -> equal-width CalibrationBins of the case's voxels (merged over regions), for pooling
-    sample_probabilities: np.ndarray  # (C, n) subsampled ROI voxels, for post-hoc calibration
-    sample_labels: np.ndarray
+    sample_probabilities: np.ndarray | None  # (C, n) subsampled ROI voxels, for post-hoc calibration
+    sample_labels: np.ndarray | None  # both None without probabilities
+    confidence: dict = field(default_factory=dict)  # scores of the probabilities (with_scores=True)
 
 
 def read_image(path: Path) -> tuple[np.ndarray, tuple]:
@@ -38,8 +44,44 @@ def read_image(path: Path) -> tuple[np.ndarray, tuple]:
 
 
 def load_probabilities(path: Path) -> np.ndarray:
-    """The ``probabilities`` of a prediction's .npz as float32 (float16 files of older runs are widened)."""
-    return np.load(path)["probabilities"].astype(np.float32, copy=False)
+    """The ``probabilities`` of a prediction's .npz (nnU-Net's ``--save_probabilities`` layout, which calibnet
+    writes too) as float32 (float16 files of older runs are widened), read without unpickling anything; a file
+    that is unreadable, lacks the key or holds values outside [0, 1] (NaN, logits) is refused naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "probabilities" not in npz.files:
+                raise CalibnetError(f"{path}: no 'probabilities' array (it holds {', '.join(npz.files) or 'nothing'}); "
+                                    f"write the probabilities as nnU-Net's --save_probabilities does.")
+            probabilities = npz["probabilities"].astype(np.float32, copy=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CalibnetError(f"{path}: not a readable .npz of probabilities ({error}).") from None
+    if not np.isfinite(probabilities).all():
+        raise CalibnetError(f"{path}: the probabilities hold NaN or infinite values; predict this case again.")
+    if probabilities.size and (probabilities.min() < -PROBABILITY_TOLERANCE
+                               or probabilities.max() > 1 + PROBABILITY_TOLERANCE):
+        raise CalibnetError(f"{path}: values outside [0, 1] ({probabilities.min():.3g} to {probabilities.max():.3g}) "
+                            f"are not probabilities (logits?); save the softmax/sigmoid outputs.")
+    return probabilities
+
+
+def probability_channels(targets: LabelTargets) -> int:
+    """Channels a probability map of these targets has: one per region (sigmoids), else one per label with the
+    background (softmax; 2 for a binary target)."""
+    return len(targets.masks) if targets.regions else len(targets.masks) + 1
+
+
+def checked_probabilities(path: Path, shape: tuple, targets: LabelTargets) -> np.ndarray:
+    """:func:`load_probabilities`, refused (naming the file) unless shaped (channels, *shape) of the label image."""
+    probabilities = load_probabilities(path)
+    channels = probability_channels(targets)
+    if probabilities.ndim != len(shape) + 1 or probabilities.shape[0] != channels:
+        raise CalibnetError(f"{path}: probabilities of shape {probabilities.shape} have {probabilities.shape[0]} "
+                            f"channels, the labels need {channels} ({', '.join(targets.masks)}"
+                            f"{'' if targets.regions else ' and background'}).")
+    if tuple(probabilities.shape[1:]) != tuple(shape):
+        raise CalibnetError(f"{path}: probabilities of shape {probabilities.shape[1:]} do not match the raw label "
+                            f"image {tuple(shape)} (z, y, x); save them in the raw image's geometry.")
+    return probabilities
 
 
 def predicted_mask(prediction: np.ndarray, values: list, targets: LabelTargets) -> np.ndarray:
@@ -89,7 +131,7 @@ def case_calibration(tasks: dict, rois: dict) -> tuple[dict, dict]:
         for name, (probabilities, labels) in tasks.items():
             per_task[name], b = calibration_summary(probabilities[:, roi], labels[roi])
             task_bins.append(b)
-        for metric in ("ECE", "ACE", "Brier"):
+        for metric in CALIBRATION_METRICS:
             metrics[f"{metric}{suffix}"] = float(np.mean([m[metric] for m in per_task.values()]))
             if len(tasks) > 1:
                 metrics.update({f"{metric}{suffix}_{name}": m[metric] for name, m in per_task.items()})
@@ -110,21 +152,28 @@ def segmentation_metrics(prediction: np.ndarray, truth: np.ndarray, spacing, tar
     return metrics
 
 
-def evaluate_case(prediction_path: Path, probabilities_path: Path, label_path: Path, image_paths: list,
-                  targets: LabelTargets, rng: np.random.Generator, max_samples: int = 20000) -> CaseResult:
-    """DSC, IoU, HD95, NSD@1mm per target, and ECE, ACE, Brier in the ROI and boundary views."""
+def evaluate_case(prediction_path: Path, probabilities_path: Path | None, label_path: Path, image_paths: list,
+                  targets: LabelTargets, rng: np.random.Generator, max_samples: int = 20000,
+                  with_scores: bool = False) -> CaseResult:
+    """DSC, IoU, HD95, NSD@1mm per target, and ECE, ACE, Brier in the ROI and boundary views (NaN without
+    ``probabilities_path``); ``with_scores``: also the confidence scores of the probabilities."""
     truth, spacing = read_image(label_path)
     prediction, _ = read_image(prediction_path)
     metrics = segmentation_metrics(prediction, truth, spacing, targets)
+    if probabilities_path is None:
+        metrics.update({f"{m}{suffix}": np.nan for suffix in CALIBRATION_VIEWS.values() for m in CALIBRATION_METRICS})
+        return CaseResult(metrics, {}, None, None)
+    probabilities = checked_probabilities(probabilities_path, truth.shape, targets)
+    confidence = case_confidence(probabilities, targets.regions) if with_scores else {}
     rois = calibration_rois(truth, prediction, image_paths, targets, spacing)
-    tasks, rois = restrict(calibration_tasks(load_probabilities(probabilities_path), truth, targets), rois)
+    tasks, rois = restrict(calibration_tasks(probabilities, truth, targets), rois)
     calibration, bins = case_calibration(tasks, rois)
     metrics.update(calibration)
     roi = rois["ROI"]
     voxel_probabilities = np.concatenate([p[:, roi] for p, _ in tasks.values()], 1)
     voxel_labels = np.concatenate([y[roi] for _, y in tasks.values()])
     chosen = rng.choice(voxel_labels.size, size=min(max_samples, voxel_labels.size), replace=False)
-    return CaseResult(metrics, bins, voxel_probabilities[:, chosen], voxel_labels[chosen])
+    return CaseResult(metrics, bins, voxel_probabilities[:, chosen], voxel_labels[chosen], confidence)
 
 
 def recalibrated_case_metrics(prediction_path: Path, probabilities_path: Path, label_path: Path, image_paths: list,

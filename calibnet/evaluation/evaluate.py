@@ -3,6 +3,7 @@ calibration, failure detection, significance, report, plots — written atomical
 ``$nnUNet_results/DatasetXXX/evaluation/<split>/``. Evaluation reads prediction files only."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import time
@@ -17,6 +18,7 @@ from calibnet.domains import DOMAINS_FILENAME, read_domains
 from calibnet.errors import CalibnetError
 from calibnet.metrics.calibration import pool_bins
 from calibnet.evaluation.case_evaluation import evaluate_case, recalibrated_case_metrics
+from calibnet.evaluation.external import ExternalSet, external_identity, external_predictions, external_set
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
 from calibnet.evaluation.report import plot_all, write_report
 from calibnet.evaluation.tables import (compute_time, domain_generalisation_gap, failure_detection, per_domain,
@@ -26,8 +28,9 @@ from calibnet.methods import method_of_trainer
 from calibnet.metrics.confidence_scores import score_kind
 from calibnet.paths import channel_files
 from calibnet.planners.splits import get_fold, load_calib_splits
-from calibnet.runs import (CONFIDENCE_FILENAME, PROMPTS_FILENAME, case_prediction_files, discover_runs, label_targets,
-                           prediction_folder, prediction_set_complete, prompt_settings_of, run_labels)
+from calibnet.runs import (CONFIDENCE_FILENAME, PROMPTS_FILENAME, ROLES, LabelTargets, case_prediction_files,
+                           discover_runs, label_targets, prediction_folder, prediction_set_complete,
+                           prompt_settings_of, run_labels)
 
 
 @dataclass
@@ -67,8 +70,8 @@ def _posthoc_rows(label: str, test_folder: Path, role_cases: list, raw: Path, da
 
 def pooled_calibration(bins_by: dict) -> tuple[pd.DataFrame, dict]:
     """ECE of all voxels pooled (equal-width bins merged exactly) per method, role and view: over all cases,
-    per center and per vendor (DESIGN §7's pooled value). Returns the table and the pooled bins over all
-    cases by (method, role, view), for the reliability diagrams."""
+    per center and per vendor (DESIGN §7's pooled value). Returns the table and the pooled bins by (method, role,
+    view, by, domain), for the reliability diagrams."""
     groups = {}
     for (label, role, center, vendor, view), bins in bins_by.items():
         for by, domain in (("all", "all"), ("center", center), ("vendor", vendor)):
@@ -78,8 +81,7 @@ def pooled_calibration(bins_by: dict) -> tuple[pd.DataFrame, dict]:
                            "voxels": int(bins.count.sum()), "pooled ECE": bins.expected_calibration_error()}
                           for (label, role, view, by, domain), bins in pooled.items()],
                          columns=["method", "role", "view", "by", "domain", "voxels", "pooled ECE"])
-    overall = {(label, role, view): bins for (label, role, view, by, _), bins in pooled.items() if by == "all"}
-    return table, overall
+    return table, pooled
 
 
 def _pooled_summary(table: pd.DataFrame) -> dict:
@@ -108,6 +110,8 @@ class _Collected:
     posthoc_parameters: dict = field(default_factory=dict)
     bins_by: dict = field(default_factory=dict)  # (label, role, center, vendor, view) -> [CalibrationBins]
     missing: list = field(default_factory=list)
+    external: dict = field(default_factory=dict)  # NAME -> identity of external predictions (summary.json)
+    tick: object = lambda: None  # called once per case scored (the progress bar)
 
 
 @dataclass(frozen=True)
@@ -182,38 +186,75 @@ def _prediction_sets(data: _Dataset, run, fold: dict, label: str, collected: _Co
     return sets
 
 
+@dataclass(frozen=True)
+class _ScoredSet:
+    """One prediction set to score: the columns its rows start with (method … seed), the folder of each role
+    (val, test), the targets, the note of its rows, its confidence.json entries by case (None: the scores of its
+    probabilities, as for external predictions) and whether it has probabilities."""
+    columns: dict
+    folders: dict
+    targets: LabelTargets
+    note: str
+    confidences: dict | None
+    probabilities: bool = True
+
+
 def _evaluate_set(data: _Dataset, run, fold: dict, setting, label: str, prompts: str, rng,
                   collected: _Collected) -> None:
-    """Per-case rows of one prediction set (source = val, target = test), then its post-hoc rows."""
-    targets = label_targets(data.dataset_json, run.record)
-    samples, base_rows = [], {}
+    """Per-case rows of one prediction set of a run (source = val, target = test), then its post-hoc rows."""
+    folders = {role: prediction_folder(run.folder, role, setting) for role in ROLES}
     confidences = {}
-    for role, folder_name in (("source", "val"), ("target", "test")):
-        folder = prediction_folder(run.folder, folder_name, setting)
+    for role, folder in folders.items():
         confidence = json.loads((folder / CONFIDENCE_FILENAME).read_text())
-        confidences.update({case_id: confidence.get(case_id, {}) for case_id in fold[folder_name]})
+        confidences.update({case_id: confidence.get(case_id, {}) for case_id in fold[role]})
+    collected.missing += _missing_scores(label, run, confidences)
+    columns = {"method": label, "configuration": run.configuration, "prompts": prompts, "split": data.split,
+               "fold": run.fold, "seed": run.seed}
+    _score_set(data, fold, _ScoredSet(columns, folders, label_targets(data.dataset_json, run.record), run.note,
+                                      confidences), rng, collected)
+
+
+def _evaluate_external(data: _Dataset, external: ExternalSet, fold: dict, rng, collected: _Collected) -> None:
+    """Per-case rows of external predictions on one fold: every role from the one folder, scores from the
+    probabilities, targets every label of the dataset."""
+    columns = {"method": external.predictions.name, "configuration": external.configuration, "prompts": "none",
+               "split": data.split, "fold": external.fold, "seed": external.seed}
+    folders = {role: external.predictions.folder for role in ROLES}
+    _score_set(data, fold, _ScoredSet(columns, folders, label_targets(data.dataset_json, {}), external.note, None,
+                                      external.probabilities), rng, collected)
+
+
+def _score_set(data: _Dataset, fold: dict, scored: _ScoredSet, rng, collected: _Collected) -> None:
+    """The rows of a set's val (source) and test (target) cases, then its post-hoc rows (with probabilities)."""
+    samples, base_rows = [], {}
+    for role, folder_name in (("source", "val"), ("target", "test")):
         for case_id in fold[folder_name]:  # every file is there: incomplete sets were left out before
-            prediction, probabilities = case_prediction_files(folder, case_id, data.dataset_json["file_ending"])
-            result = evaluate_case(prediction, probabilities, data.label_path(case_id), data.image_paths(case_id),
-                                   targets, rng)
-            row = {"method": label, "configuration": run.configuration, "prompts": prompts, "split": data.split,
-                   "fold": run.fold, "seed": run.seed, "case_id": case_id, "role": role,
+            prediction, probabilities = case_prediction_files(scored.folders[folder_name], case_id,
+                                                              data.dataset_json["file_ending"])
+            result = evaluate_case(prediction, probabilities if scored.probabilities else None,
+                                   data.label_path(case_id), data.image_paths(case_id), scored.targets, rng,
+                                   with_scores=scored.confidences is None)
+            confidence = result.confidence if scored.confidences is None else scored.confidences.get(case_id, {})
+            row = {**scored.columns, "case_id": case_id, "role": role,
                    **data.domains.loc[case_id].to_dict(), "source_vendor": fold.get("source", {}).get("vendor", ""),
+                   "held_out_center": fold.get("held_out", {}).get("center", ""),
                    **result.metrics,
-                   **{f"conf_{k}": v for k, v in confidence.get(case_id, {}).items() if not isinstance(v, dict)},
-                   "note": run.note}
+                   **{f"conf_{k}": v for k, v in confidence.items() if not isinstance(v, dict)},
+                   "note": scored.note}
             collected.rows.append(row)
+            collected.tick()
             base_rows[case_id] = row
             for view, bins in result.bins.items():
-                collected.bins_by.setdefault((label, role, row["center"], row["vendor"], view), []).append(bins)
-            if role == "source":
+                collected.bins_by.setdefault((row["method"], role, row["center"], row["vendor"], view), []).append(bins)
+            if role == "source" and result.sample_probabilities is not None:
                 samples.append((result.sample_probabilities, result.sample_labels))
-    collected.missing += _missing_scores(label, run, confidences)
     if samples:
-        extra, parameters = _posthoc_rows(label, prediction_folder(run.folder, "test", setting), fold["test"],
-                                          data.raw, data.dataset_json, targets, samples, base_rows)
+        label = scored.columns["method"]
+        extra, parameters = _posthoc_rows(label, scored.folders["test"], fold["test"], data.raw, data.dataset_json,
+                                          scored.targets, samples, base_rows)
         collected.posthoc_rows += extra
-        collected.posthoc_parameters[f"{label} fold {run.fold} seed {run.seed}"] = parameters
+        collected.posthoc_parameters[f"{label} fold {scored.columns['fold']} seed {scored.columns['seed']}"] = \
+            parameters
 
 
 def compute_per_run(runs: list, labels: dict) -> pd.DataFrame:
@@ -242,33 +283,66 @@ def compute_per_run(runs: list, labels: dict) -> pd.DataFrame:
 
 def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split: str, dataset_id: int | None = None,
              methods=None, folds=None, seeds=None, seed: int = 0, progress: bool = True,
-             configurations=None) -> Evaluation:
+             configurations=None, predictions=(), names=()) -> Evaluation:
     """Evaluate every run of ``split`` and write the evaluation folder; returns the report and tables. Runs of
-    one method that differ in configuration, backbone or method options get rows of their own."""
+    one method that differ in configuration, backbone or method options get rows of their own. ``predictions``
+    and ``names``: folders of predictions made elsewhere and the row label of each (``calibnet.evaluation.external``),
+    scored on ``folds`` (default: the folds of the runs evaluated)."""
     started = time.perf_counter()
+    externals = external_predictions(predictions, names)
     dataset, runs, missing = discover_runs(results_root, split, dataset_id, methods, folds, seeds, configurations)
     raw = Path(raw_root) / dataset
     data = _Dataset(raw, json.loads((raw / "dataset.json").read_text()),
                     read_domains(raw / DOMAINS_FILENAME).set_index("case_id"), split)
     splits = load_calib_splits(Path(preprocessed_root) / dataset)
     runs, missing = _complete_runs(data, splits, runs, missing)
-    labels = run_labels(runs)
-    rng = np.random.default_rng(seed)
     collected = _Collected(missing=missing)
-    for run in tqdm(runs, desc="evaluating runs", unit="run", disable=not progress):
-        fold = get_fold(splits, data.split, run.fold)
-        for setting, label, prompts in _prediction_sets(data, run, fold, labels[run.folder], collected):
-            _evaluate_set(data, run, fold, setting, label, prompts, rng, collected)
-    notes = sorted({f"{labels[r.folder]}: {r.note}" for r in runs if r.note})
+    outside, external_notes = _external_sets(data, splits, externals, folds or sorted({r.fold for r in runs}),
+                                             collected)
+    if not runs and not outside:
+        also = " and no external prediction folder" if externals else ""
+        raise CalibnetError(f"no {split} run of {dataset}{also} has complete predictions to evaluate: "
+                            + "; ".join(collected.missing))
+    labels = run_labels(runs)
+    work = [(run, get_fold(splits, split, run.fold)) for run in runs]
+    work = [(run, fold, _prediction_sets(data, run, fold, labels[run.folder], collected)) for run, fold in work]
+    cases = sum(len(get_fold(splits, split, s.fold)["val"]) + len(get_fold(splits, split, s.fold)["test"])
+                for s in outside) + sum(len(sets) * (len(fold["val"]) + len(fold["test"])) for _, fold, sets in work)
+    rng = np.random.default_rng(seed)
+    with tqdm(total=cases, desc="evaluating", unit="case", disable=not progress) as bar:
+        collected.tick = lambda: bar.update(1)
+        outside_rng = np.random.default_rng(seed)  # a stream of their own: the runs' post-hoc fits stay as without
+        for external in outside:  # first: a bad external file stops the evaluation before the runs' long pass
+            _evaluate_external(data, external, get_fold(splits, split, external.fold), outside_rng, collected)
+        for run, fold, sets in work:
+            for setting, label, prompts in sets:
+                _evaluate_set(data, run, fold, setting, label, prompts, rng, collected)
+    collected.external = external_identity(outside)
+    notes = sorted({f"{labels[r.folder]}: {r.note}" for r in runs if r.note}) + external_notes
     final = Path(results_root) / dataset / "evaluation" / split
     report, per_case = _write_evaluation(final, dataset, split, runs, notes, collected,
                                          compute_per_run(runs, labels), started)
     return Evaluation(final, report, per_case, collected.missing)
 
 
+def _external_sets(data: _Dataset, splits: dict, externals: list, folds: list, collected: _Collected) -> tuple:
+    """(ExternalSet per external folder and fold that has every val and test case, notes); the others are added
+    to ``collected.missing``. Every segmentation scored is checked against its raw label first."""
+    sets, notes = [], []
+    for external in externals:
+        for fold in folds:
+            scored, messages = external_set(external, data.split, get_fold(splits, data.split, fold), data)
+            if scored is None:
+                collected.missing += messages
+            else:
+                sets.append(scored)
+                notes += messages
+    return sets, notes
+
+
 def _complete_runs(data: _Dataset, splits: dict, runs: list, missing: list) -> tuple[list, list]:
     """(runs whose own predictions are complete, missing + one message per other run: what lacks and the command
-    that completes it); an error when no run is complete."""
+    that completes it)."""
     complete, missing = [], list(missing)
     for run in runs:
         problem = incomplete_predictions(data, run, get_fold(splits, data.split, run.fold))
@@ -277,9 +351,6 @@ def _complete_runs(data: _Dataset, splits: dict, runs: list, missing: list) -> t
                            f"(not evaluated; complete them with: {run.completing_command()})")
         else:
             complete.append(run)
-    if not complete:
-        raise CalibnetError(f"no {data.split} run of {data.raw.name} has complete predictions to evaluate: "
-                            + "; ".join(missing))
     return complete, missing
 
 
@@ -287,6 +358,36 @@ def _json_records(table: pd.DataFrame) -> list:
     """Table rows for JSON, NaN as null."""
     return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
             for row in table.to_dict("records")]
+
+
+def json_safe(value):
+    """``value`` with NaN and ±inf as None and numpy scalars as Python numbers, for strict JSON (RFC 8259 has no
+    NaN)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def software_versions(runs: list) -> dict:
+    """calibnet, nnunetv2 and torch versions, and each evaluated run's backbone weights (its calibnet_run.json
+    ``"backbone"`` record: model, checkpoint, source, sha256) for summary.json."""
+    versions = {}
+    for package in ("calibnet", "nnunetv2", "torch"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    fields = ("model", "checkpoint", "source", "sha256")
+    versions["backbones"] = [{"run": str(run.folder), "method": run.method,
+                              **{k: run.record["backbone"].get(k) for k in fields}}
+                             for run in runs if run.record.get("backbone")]
+    return versions
 
 
 def _write_evaluation(final: Path, dataset: str, split: str, runs: list, notes: list, collected: _Collected,
@@ -311,6 +412,7 @@ def _write_evaluation(final: Path, dataset: str, split: str, runs: list, notes: 
         "confidence_scores": {"ranked": {name: score_kind(name).arrow for name in ranked}, "not ranked": unranked},
         "DGG": dgg.to_dict(orient="records"),
         "posthoc_parameters": collected.posthoc_parameters,
+        "external": collected.external,
     }
     if unranked:
         notes = notes + [f"not ranked for failure detection: {', '.join(unranked)}"]
@@ -325,7 +427,8 @@ def _write_evaluation(final: Path, dataset: str, split: str, runs: list, notes: 
         plots = plot_all(folder, per_case, pooled_bins, split)
         evaluation_seconds = time.perf_counter() - started
         summary["compute_seconds"] = {"evaluation": evaluation_seconds, "methods": _json_records(compute)}
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        summary["versions"] = software_versions(runs)
+        (folder / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
         report = write_report(folder, dataset, split, per_case, dgg, failure, tests, notes, plots, pooled,
                               compute, evaluation_seconds)
     return report, per_case

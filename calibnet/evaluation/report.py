@@ -7,32 +7,66 @@ import numpy as np
 import pandas as pd
 
 from calibnet.metrics.failure_detection import risk_coverage
-from calibnet.evaluation.tables import COMPUTE_COLUMNS, LOWER_IS_BETTER, domain_columns
+from calibnet.evaluation.tables import (COMPUTE_COLUMNS, LOWER_IS_BETTER, domain_columns, format_p,
+                                        held_out_columns, seed_summary)
 
 ABLATIONS = (("samft", "sam_fip", "sam_cmp", "calsam"), ("nnunet", "unet_fip", "unet_cmp", "calunet"),
              ("samft", "samft_focal", "samft_dicepp", "calsam"))  # CalSAM Table 3: baselines on SAM-FT
+SUMMARY_PARTS = ("mean", "std", "ci_low", "ci_high")
+
+
+def _cell(mean: float, std: float, low: float, high: float) -> str:
+    """"mean ± std [low, high]": ± only with a std over seeds, the CI only where there is one."""
+    if not np.isfinite(mean):
+        return "—"
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if np.isfinite(std) else "") + \
+        (f" [{low:.3f}, {high:.3f}]" if np.isfinite(low) else "")
 
 
 def _mean_std(table: pd.DataFrame, keys: list, metrics: list) -> pd.DataFrame:
-    grouped = table.groupby(keys)[metrics]
-    means, stds = grouped.mean(), grouped.std()
-    out = means.copy().astype(object)
+    """One row per group of ``keys``: each metric as "mean ± std [95 % CI]" (:func:`tables.seed_summary`: std over
+    the per-seed means, bootstrap CI over cases), then seeds and n (cases)."""
+    summary = seed_summary(table, keys, metrics)
+    if summary.empty:
+        return pd.DataFrame(columns=[*keys, *metrics, "seeds", "n"])
+    out = summary[keys].copy()
     for metric in metrics:
-        out[metric] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(s) else f"{m:.3f}" for m, s in zip(means[metric], stds[metric])]
-    out["n"] = grouped.size()
-    return out.reset_index()
+        out[metric] = [_cell(*values) for values in zip(*(summary[f"{metric} {s}"] for s in SUMMARY_PARTS))]
+    if "ECE" in metrics:  # the ROI view is never empty: no ECE at all means predictions without probabilities
+        without = summary["ECE mean"].isna().to_numpy()
+        for metric in (m for m in metrics if m.startswith(("ECE", "ACE", "Brier"))):
+            out.loc[without, metric] = "no probabilities"
+    return out.assign(seeds=summary["seeds"], n=summary["n"])
 
 
-def main_table(per_case: pd.DataFrame, dgg: pd.DataFrame, split: str) -> pd.DataFrame:
-    """Table-1 style: DSC, HD95, ECE (ROI and boundary view) per method and domain (source rows, target rows)
-    with DGG(DSC)."""
+def _fold_gap(plain: pd.DataFrame, key: str) -> dict:
+    """(method, held-out domain of the fold) -> DGG(DSC) as "mean ± std" over seeds: per seed the mean over the
+    fold's source cases − the mean over its target cases (DESIGN §7), computed per seed first."""
+    if "DSC" not in plain:
+        return {}
+    means = plain.groupby(["method", key, "seed", "role"])["DSC"].mean().unstack("role")
+    if not {"source", "target"} <= set(means.columns):
+        return {}
+    gaps = {}
+    for (method, domain), values in (means["source"] - means["target"]).dropna().groupby(level=[0, 1]):
+        gaps[(method, domain)] = f"{values.mean():.3f}" + (f" ± {values.std():.3f}" if len(values) > 1 else "")
+    return gaps
+
+
+def main_table(per_case: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Table-1 style: DSC, HD95, ECE (ROI and boundary view) per method, role and held-out domain: one row per
+    held-out center (loco) or per source → target vendor (scanner), with DGG(DSC) of the row's fold."""
     metrics = [m for m in ("DSC", "HD95", "ECE", "ECE_boundary") if m in per_case]
     plain = per_case[~per_case["method"].str.contains(r" \+ ")]
-    table = _mean_std(plain, ["method", "role", domain_columns(split)[-1]], metrics)
-    if not dgg.empty and "DGG DSC mean" in dgg:
-        gap = {r.method: f"{r['DGG DSC mean']:.3f} ± {r['DGG DSC std']:.3f}" if np.isfinite(r["DGG DSC std"])
-               else f"{r['DGG DSC mean']:.3f}" for _, r in dgg.iterrows()}
-        table["DGG(DSC)"] = table["method"].map(gap)
+    domains = held_out_columns(split)
+    if split == "loco" and "held_out_center" not in plain:
+        # a per_case.csv from before the column: a loco fold's target cases are all of its held-out center
+        held_out = plain[plain["role"] == "target"].groupby("fold")["center"].first()
+        plain = plain.assign(held_out_center=plain["fold"].map(held_out))
+    table = _mean_std(plain, ["method", "role", *domains], metrics)
+    gaps = _fold_gap(plain, domains[0])
+    if gaps:
+        table["DGG(DSC)"] = [gaps.get(key, "—") for key in zip(table["method"], table[domains[0]])]
     return table
 
 
@@ -150,25 +184,45 @@ def compute_section(compute: pd.DataFrame | None, evaluation_seconds: float | No
                                   disable_numparse=True) if not shown.empty else "_(nothing to show)_", ""]
 
 
-def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame, dgg: pd.DataFrame,
-                 failure: pd.DataFrame, significance: pd.DataFrame, notes: list, plots: list,
-                 pooled: pd.DataFrame | None = None, compute: pd.DataFrame | None = None, seconds=None) -> str:
-    """Write report.md and tables.tex (and prompt_robustness.csv when there is that table); returns the
-    Markdown. ``compute`` (``tables.compute_time``) and ``seconds`` (the evaluation's) make the compute section."""
-    main = main_table(per_case, dgg, split)
-    calibration = calibration_table(per_case)
-    ablations = ablation_tables(per_case)
-    lines = [f"# calibnet evaluation: {dataset}, {split} split", ""]
-    lines += [f"> note: {n}" for n in notes] + ([""] if notes else [])
-    lines += ["Source = in-domain validation cases of each fold, target = the held-out domain. Mean ± std over cases. "
-              f"Lower is better for {', '.join(LOWER_IS_BETTER)}; DGG = source − target (for DSC, positive = "
-              "worse on the target). Calibration on the predicted class confidence, 15 bins, in two views: ROI = "
-              "non-zero input voxels (columns without suffix) and boundary = within 5 mm of ground truth ∪ "
-              "prediction (`_boundary`), where easy background cannot drown the differences. SAM methods are "
-              "prompted from the ground truth.", "",
-              "## Accuracy, boundary error and calibration per domain", "", _markdown(main), ""]
-    for table in ablations:
-        lines += ["## Ablation (target cases)", "", _markdown(table), ""]
+def dgg_table(dgg: pd.DataFrame) -> pd.DataFrame:
+    """DGG of DSC, HD95 and ECE (both views) per method as "mean ± std" over the method's folds and seeds."""
+    metrics = [m for m in ("DSC", "HD95", "ECE", "ECE_boundary") if f"DGG {m} mean" in dgg]
+    out = dgg[["method"]].copy() if not dgg.empty else pd.DataFrame(columns=["method"])
+    for metric in metrics:
+        out[f"DGG {metric}"] = [_cell(m, s, np.nan, np.nan) for m, s in zip(dgg[f"DGG {metric} mean"],
+                                                                        dgg[f"DGG {metric} std"])]
+    return out
+
+
+def significance_shown(significance: pd.DataFrame) -> pd.DataFrame:
+    """The significance table as printed: means with three decimals, every p-value by :func:`tables.format_p`."""
+    shown = significance.astype(object)
+    for column in ("mean", "baseline_mean"):
+        shown[column] = [f"{v:.3f}" if np.isfinite(v) else "—" for v in significance[column].astype(float)]
+    for column in (c for c in significance.columns if c.endswith(("_p", "_p_holm"))):
+        shown[column] = [format_p(p) for p in significance[column].astype(float)]
+    return shown
+
+
+def _intro(dataset: str, split: str, notes: list) -> list:
+    held_out = "the held-out center" if split == "loco" else "source → target vendor"
+    return [f"# calibnet evaluation: {dataset}, {split} split", ""] + \
+        [f"> note: {n}" for n in notes] + ([""] if notes else []) + \
+        ["Source = in-domain validation cases of each fold, target = the held-out domain. Each cell: mean ± std over "
+         "seeds (the mean over each seed's cases first, then mean and std of those per-seed means; no ± with one "
+         "seed) [bootstrap 95 % CI of the mean over cases, each case averaged over seeds; percentile, "
+         "scipy.stats.bootstrap]; n = cases, seeds = seeds. "
+         f"Lower is better for {', '.join(LOWER_IS_BETTER)}; DGG = source − target (for DSC, positive = "
+         "worse on the target). Calibration on the predicted class confidence, 15 bins, in two views: ROI = "
+         "non-zero input voxels (columns without suffix) and boundary = within 5 mm of ground truth ∪ "
+         "prediction (`_boundary`), where easy background cannot drown the differences. SAM methods are "
+         "prompted from the ground truth.", "",
+         f"## Accuracy, boundary error and calibration per held-out domain ({held_out})", ""]
+
+
+def _prompt_sections(folder: Path, per_case: pd.DataFrame) -> list:
+    """The prompt-quality and robustness sections (and prompt_robustness.csv), where there are such predictions."""
+    lines = []
     prompt_quality = prompt_quality_table(per_case)
     if not prompt_quality.empty:
         lines += ["## Prompt quality (target cases)", "",
@@ -185,9 +239,15 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
                   "25–100 % of the object radius; B100 = the ground-truth box (perfect), B50–B150 = scaled to "
                   "50–150 %. Avg. IP = mean over the imperfect settings shown; ECE and Brier averaged the same way.",
                   "", _markdown(robustness), ""]
-    lines += ["## Calibration with post-hoc rows (target cases)", "",
-              "`+ TS`: temperature scaling, `+ Dirichlet`: Dirichlet calibration, both fitted on the source "
-              "validation voxels of the same run.", "", _markdown(calibration), ""]
+    return lines
+
+
+def _analysis_sections(split: str, calibration: pd.DataFrame, pooled, failure: pd.DataFrame,
+                       significance: pd.DataFrame) -> list:
+    """Calibration, pooled calibration, failure detection and significance sections."""
+    lines = ["## Calibration with post-hoc rows (target cases)", "",
+             "`+ TS`: temperature scaling, `+ Dirichlet`: Dirichlet calibration, both fitted on the source "
+             "validation voxels of the same run.", "", _markdown(calibration), ""]
     if pooled is not None and not pooled.empty:
         lines += ["## Pooled calibration (all voxels of a domain)", "",
                   "ECE of every voxel of the domain's cases together (equal-width bins merged exactly); `all` = "
@@ -198,48 +258,130 @@ def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame,
               "wrong), negated before ranking, so Pearson r is that of the oriented score for both (positive = "
               "good). Tied scores share the mean risk of their block.", "",
               _markdown(failure[failure["domain"] == "pooled"] if not failure.empty else failure), ""]
-    lines += ["## Significance against the strongest baseline (** p < 0.01, * p < 0.05, paired t-test)", "",
-              _markdown(significance), ""] + compute_section(compute, seconds)
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["## Significance against the strongest baseline (paired t-test and Wilcoxon, Holm-adjusted)", "",
+              "The baseline is the best target mean among the methods the registry declares as baselines "
+              "(calibnet/methods.py `compared_as`); proposed methods and their ablations are never the baseline. "
+              "`*_holm`: Holm-adjusted over every comparison of this table; `significant`: ** p < 0.01, * p < 0.05 "
+              "of the adjusted t-test p.", "", _markdown(significance_shown(significance)), ""]
+    return lines
+
+
+def write_report(folder: Path, dataset: str, split: str, per_case: pd.DataFrame, dgg: pd.DataFrame,
+                 failure: pd.DataFrame, significance: pd.DataFrame, notes: list, plots: list,
+                 pooled: pd.DataFrame | None = None, compute: pd.DataFrame | None = None, seconds=None) -> str:
+    """Write report.md and tables.tex (and prompt_robustness.csv when there is that table); returns the
+    Markdown. ``compute`` (``tables.compute_time``) and ``seconds`` (the evaluation's) make the compute section."""
+    main = main_table(per_case, split)
+    calibration = calibration_table(per_case)
+    lines = _intro(dataset, split, notes) + [_markdown(main), ""]
+    if not dgg.empty:
+        lines += ["## Domain generalisation gap (mean ± std over folds and seeds)", "",
+                  "Per run: mean over its source cases − mean over its target cases; lower is better for HD95 and "
+                  "ECE, so their gap is usually negative.", "", _markdown(dgg_table(dgg)), ""]
+    for table in ablation_tables(per_case):
+        lines += [f"## Ablation: {' vs '.join(table['method'])} (target cases)", "", _markdown(table), ""]
+    lines += _prompt_sections(folder, per_case)
+    lines += _analysis_sections(split, calibration, pooled, failure, significance)
+    lines += compute_section(compute, seconds)
+    lines += ["## Plots", "", "Each figure is also written as a vector PDF beside the PNG (same name, `.pdf`).", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
     text = "\n".join(lines) + "\n"
     (folder / "report.md").write_text(text)
-    latex = [main.to_latex(index=False, caption=f"{dataset}, {split}: per-domain results", label="tab:main"),
-             calibration.to_latex(index=False, caption="Calibration (target)", label="tab:calibration")]
+    tables = [(main, f"{dataset}, {split}: per-domain results", "tab:main"),
+              (calibration, "Calibration (target)", "tab:calibration"),
+              (significance_shown(significance), "Significance against the strongest baseline", "tab:significance")]
     if not failure.empty:
-        latex.append(failure[failure["domain"] == "pooled"].to_latex(index=False, float_format="%.3f",
-                                                                     caption="Failure detection", label="tab:fd"))
-    (folder / "tables.tex").write_text("\n\n".join(latex))
+        tables.insert(2, (failure[failure["domain"] == "pooled"], "Failure detection", "tab:fd"))
+    (folder / "tables.tex").write_text(latex_tables(tables))
     return text
 
 
+# text that pdflatex cannot typeset as it is (after pandas' escaping of LaTeX's special characters): < and > are
+# other glyphs in the default OT1 font encoding; the Unicode symbols are not defined for inputenc
+LATEX_SYMBOLS = str.maketrans({"±": r"$\pm$", "−": "$-$", "–": "--", "—": "---", "↑": r"$\uparrow$",
+                               "↓": r"$\downarrow$", "<": "$<$", ">": "$>$", "∪": r"$\cup$", "→": r"$\to$"})
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_text(text: str) -> str:
+    """Plain text (a caption) escaped for LaTeX, as pandas' ``to_latex(escape=True)`` escapes cells."""
+    return "".join(LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def latex_tables(tables: list) -> str:
+    """tables.tex: each (table, caption, label) as a booktabs table, cells, headers and captions escaped."""
+    blocks = ["% calibnet evaluation tables: \\usepackage{booktabs} in the preamble, then \\input{tables.tex}; wide "
+              "tables fit a page in \\resizebox{\\textwidth}{!}{...} (graphicx) or on a landscape page"]
+    for table, caption, label in tables:
+        blocks.append(table.to_latex(index=False, escape=True, float_format="%.3f", na_rep="---",
+                                     caption=latex_text(caption), label=label))
+    return "\n\n".join(blocks).translate(LATEX_SYMBOLS)
+
+
+def _save(fig, folder: Path, stem: str) -> Path:
+    """The figure as ``stem.png`` and as vector ``stem.pdf`` (no creation date, so reruns give the same file);
+    returns the PNG's path."""
+    fig.tight_layout()
+    fig.savefig(folder / f"{stem}.png", dpi=100)
+    fig.savefig(folder / f"{stem}.pdf", metadata={"CreationDate": None})
+    return folder / f"{stem}.png"
+
+
+def reliability_panels(pooled_bins: dict, split: str) -> list:
+    """(role, by, domain) of each column of the reliability figure: the source cases together, then each target
+    domain (center for loco, vendor for scanner)."""
+    by = "center" if split == "loco" else "vendor"
+    targets = sorted({domain for (_, role, _, b, domain) in pooled_bins if role == "target" and b == by})
+    return ([("source", "all", "all")] if any(role == "source" for _, role, _, _, _ in pooled_bins) else []) + \
+        [("target", by, domain) for domain in targets]
+
+
+def _reliability_figure(plt, pooled_bins: dict, split: str):
+    """Reliability curves per view (rows) and domain (columns), every method in each panel, with the bin counts
+    (log scale) under each panel."""
+    panels = reliability_panels(pooled_bins, split)
+    views = [v for v in ("ROI", "boundary") if any(key[2] == v for key in pooled_bins)]
+    methods = sorted({key[0] for key in pooled_bins})
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(2 * len(views), len(panels), figsize=(3.4 * len(panels), 4.4 * len(views)),
+                             squeeze=False, sharex=True, gridspec_kw={"height_ratios": [3, 1] * len(views)})
+    for row, view in enumerate(views):
+        for column, (role, by, domain) in enumerate(panels):
+            curve, counts = axes[2 * row, column], axes[2 * row + 1, column]
+            curve.plot([0, 1], [0, 1], "k--", lw=0.8)
+            for method in methods:
+                bins = pooled_bins.get((method, role, view, by, domain))
+                if bins is None:
+                    continue
+                used = bins.count > 0
+                curve.plot(bins.confidence[used], bins.accuracy[used], "o-", ms=3, color=colours[method],
+                           label=f"{method} (ECE {bins.expected_calibration_error():.3f})")
+                counts.stairs(bins.count, bins.edges, color=colours[method])
+            curve.set_title(f"{role} {domain} ({view})" if role == "target" else f"source, all cases ({view})",
+                            fontsize=9)
+            curve.set_ylabel("accuracy")
+            curve.legend(fontsize=6)
+            curve.set_xlim(0, 1)
+            counts.set_yscale("log")
+            counts.set_xlabel("confidence")
+            counts.tick_params(labelbottom=True)  # shared x hides them on every row but the last
+            counts.set_ylabel("voxels", fontsize=8)
+    return fig
+
+
 def plot_all(folder: Path, per_case: pd.DataFrame, pooled_bins: dict, split: str) -> list:
-    """Reliability diagrams (per method and role), risk–coverage curves, DSC per domain box plot."""
+    """Reliability diagrams per target domain with their bin counts (``pooled_bins``: (method, role, view, by,
+    domain) -> pooled CalibrationBins, as ``evaluate.pooled_calibration`` returns them), risk–coverage curves, DSC
+    per domain box plot; each as PNG and PDF. Returns the PNG paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    methods = sorted({label for label, _, _ in pooled_bins})
-    views = [v for v in ("ROI", "boundary") if any(view == v for _, _, view in pooled_bins)]
-    if methods:
-        fig, axes = plt.subplots(len(views), len(methods), figsize=(3.2 * len(methods), 3.2 * len(views)),
-                                 squeeze=False)
-        for row, view in enumerate(views):
-            for ax, method in zip(axes[row], methods):
-                ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-                for (label, role, v), bins in sorted(pooled_bins.items()):
-                    if label != method or v != view:
-                        continue
-                    used = bins.count > 0
-                    ax.plot(bins.confidence[used], bins.accuracy[used], "o-", ms=3,
-                            label=f"{role} (ECE {bins.expected_calibration_error():.3f})")
-                ax.set_title(f"{method} ({view})", fontsize=9)
-                ax.set_xlabel("confidence")
-                ax.set_ylabel("accuracy")
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(folder / "reliability.png")
-        fig.savefig(written[-1], dpi=100)
+    if pooled_bins:
+        fig = _reliability_figure(plt, pooled_bins, split)
+        written.append(_save(fig, folder, "reliability"))
         plt.close(fig)
     target = per_case[(per_case.role == "target") & per_case["DSC"].notna()] if "DSC" in per_case else per_case[:0]
     score = "conf_mean_max_probability_foreground"
@@ -252,9 +394,7 @@ def plot_all(folder: Path, per_case: pd.DataFrame, pooled_bins: dict, split: str
         ax.set_ylabel("risk (1 − DSC) of the covered cases")
         ax.set_title("risk–coverage, mean max-probability score", fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(folder / "risk_coverage.png")
-        fig.savefig(written[-1], dpi=100)
+        written.append(_save(fig, folder, "risk_coverage"))
         plt.close(fig)
     if not target.empty:
         domain = domain_columns(split)[-1 if split == "scanner" else 0]
@@ -266,8 +406,6 @@ def plot_all(folder: Path, per_case: pd.DataFrame, pooled_bins: dict, split: str
         ax.boxplot(data)
         ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
         ax.set_ylabel("DSC (target cases)")
-        fig.tight_layout()
-        written.append(folder / "dsc_per_domain.png")
-        fig.savefig(written[-1], dpi=100)
+        written.append(_save(fig, folder, "dsc_per_domain"))
         plt.close(fig)
     return written

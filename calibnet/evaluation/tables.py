@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from calibnet.evaluation.external import EXTERNAL_SEED
+from calibnet.methods import METHODS
 from calibnet.metrics.failure_detection import failure_detection_metrics
 from calibnet.metrics.confidence_scores import as_confidence, score_kind
 
 LOWER_IS_BETTER = ("HD95", "ECE", "ACE", "Brier")
-PROPOSED = ("calsam", "calunet", "sam_fip", "sam_cmp", "unet_fip", "unet_cmp")
+BOOTSTRAP_RESAMPLES = 9999
 
 
 def metric_columns(table: pd.DataFrame) -> list:
@@ -21,6 +23,43 @@ def metric_columns(table: pd.DataFrame) -> list:
 def domain_columns(split: str) -> list:
     """Columns that name a row's domain: the center (loco), or source → target vendor (scanner)."""
     return ["center", "vendor"] if split == "loco" else ["source_vendor", "vendor"]
+
+
+def held_out_columns(split: str) -> list:
+    """Columns that name the held-out domain of a row's fold, one value per fold: the held-out center (loco), or
+    the source vendor and the row's vendor (scanner: the source rows, then one row per target vendor)."""
+    return ["held_out_center"] if split == "loco" else ["source_vendor", "vendor"]
+
+
+def _bootstrap_ci(values: np.ndarray) -> tuple[float, float]:
+    """Percentile bootstrap 95 % CI of the mean (scipy.stats.bootstrap, fixed seed); NaN with fewer than 2 values."""
+    if len(values) < 2:
+        return np.nan, np.nan
+    if np.all(values == values[0]):
+        return float(values[0]), float(values[0])
+    result = stats.bootstrap((values,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
+                             rng=np.random.default_rng(0))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def seed_summary(table: pd.DataFrame, keys: list, metrics: list) -> pd.DataFrame:
+    """Per group of ``keys`` and metric: ``M mean`` and ``M std`` over seeds of the per-seed means (each seed's
+    mean over its cases first, so cases are never pooled across seeds; std NaN with one seed) and ``M ci_low``,
+    ``M ci_high``: a bootstrap 95 % CI of the mean over cases (a case = fold and case_id, its values averaged over
+    seeds). ``seeds`` and ``n`` (cases) per group. Rows without a seed column count as one seed."""
+    table = table.assign(seed=table["seed"] if "seed" in table else 0)
+    units = [c for c in ("fold", "case_id") if c in table] or None
+    rows = []
+    for key, group in table.groupby(keys, sort=True, dropna=False):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        per_seed = group.groupby("seed")[metrics].mean()
+        per_case = group.groupby(units)[metrics].mean() if units else group[metrics]
+        for metric in metrics:
+            low, high = _bootstrap_ci(per_case[metric].dropna().to_numpy(dtype=float))
+            row.update({f"{metric} mean": per_seed[metric].mean(), f"{metric} std": per_seed[metric].std(),
+                        f"{metric} ci_low": low, f"{metric} ci_high": high})
+        rows.append({**row, "seeds": group["seed"].nunique(), "n": len(per_case)})
+    return pd.DataFrame(rows)
 
 
 def per_domain(per_case: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -113,20 +152,72 @@ def stars(p: float) -> str:
     return "" if not np.isfinite(p) else "**" if p < 0.01 else "*" if p < 0.05 else ""
 
 
+def format_p(p: float) -> str:
+    """A p-value as tables print it: three decimals, ``<0.001`` below that, ``—`` where there is none."""
+    return "—" if not np.isfinite(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values (same order; NaN stays NaN and does not count as a comparison): the i-th
+    smallest of m p-values becomes max over j ≤ i of min(1, (m − j + 1) · p_(j))."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(np.isfinite(p))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    m = len(order)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return adjusted
+
+
 def significance_metrics(per_case: pd.DataFrame) -> list:
     """DSC (the mean over labels where there are several) and each label's DSC, ECE in both views."""
     labels = sorted(c for c in per_case.columns if c.startswith("DSC_"))
     return [m for m in ["DSC", *labels, "ECE", "ECE_boundary"] if m in per_case]
 
 
+def is_baseline(label: str) -> bool:
+    """A row label ("nnunet", "nnunet (2d)") of a method the registry declares ``compared_as="baseline"``, or of
+    predictions no registered method made (external predictions are compared against, as a baseline would be)."""
+    method = METHODS.get(label.split(" (")[0])
+    return method is None or method.compared_as == "baseline"
+
+
+def _paired_values(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(method values, baseline values, "seeds" or "cases"): the per-seed means when at least two seeds are shared,
+    else the cases both have (against external predictions, which have no seed: each case's mean over seeds)."""
+    shared_seeds = sorted(set(a.seed) & set(b.seed))
+    if len(shared_seeds) >= 2:
+        return (a.groupby("seed")[metric].mean()[shared_seeds].values,
+                b.groupby("seed")[metric].mean()[shared_seeds].values, "seeds")
+    if EXTERNAL_SEED in set(a.seed) | set(b.seed):
+        a, b = (t.groupby(["case_id", "fold"], as_index=False)[metric].mean().assign(seed=EXTERNAL_SEED)
+                for t in (a, b))
+    paired = a.merge(b, on=["case_id", "fold", "seed"], suffixes=("", "_baseline"))
+    paired = paired[paired[metric].notna() & paired[f"{metric}_baseline"].notna()]
+    return paired[metric].values, paired[f"{metric}_baseline"].values, "cases"
+
+
+def _tests(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(paired t-test p, Wilcoxon p), NaN where there is nothing to test."""
+    if len(x) < 2 or not np.any(x != y):
+        return float("nan"), float("nan")
+    try:
+        w_p = float(stats.wilcoxon(x, y).pvalue)
+    except ValueError:
+        w_p = float("nan")
+    return float(stats.ttest_rel(x, y).pvalue), w_p
+
+
 def significance(per_case: pd.DataFrame, metrics=None) -> pd.DataFrame:
     """Paired t-test and Wilcoxon of each method against the strongest baseline on the target cases: over
     seeds (means per seed) when at least two seeds are shared, else over cases. The baseline pool holds the
-    methods that are not proposed ones and not prompt-setting variants ("samft [3P]") or post-hoc rows."""
+    methods the registry declares ``compared_as="baseline"`` (:func:`is_baseline`), without prompt-setting
+    variants ("samft [3P]") or post-hoc rows. ``*_holm``: Holm-adjusted over every comparison of the table (per
+    test); ``significant`` stars the adjusted t-test p."""
     target = per_case[(per_case["role"] == "target") & ~per_case["method"].str.contains(r" \+ ")]
     methods = sorted(target["method"].unique())
     own = [m for m in methods if not m.endswith("]")]
-    baselines = [m for m in own if m.split(" (")[0] not in PROPOSED] or own
+    baselines = [m for m in own if is_baseline(m)] or own
     rows = []
     for metric in metrics or significance_metrics(per_case):
         if metric not in target or target[metric].isna().all():
@@ -135,29 +226,19 @@ def significance(per_case: pd.DataFrame, metrics=None) -> pd.DataFrame:
         if means.empty:
             continue
         baseline = means.idxmin() if metric.startswith(LOWER_IS_BETTER) else means.idxmax()
-        for method in methods:
-            if method == baseline:
-                continue
-            a, b = target[target.method == method], target[target.method == baseline]
-            shared_seeds = sorted(set(a.seed) & set(b.seed))
-            if len(shared_seeds) >= 2:
-                x = a.groupby("seed")[metric].mean()[shared_seeds].values
-                y = b.groupby("seed")[metric].mean()[shared_seeds].values
-                over = "seeds"
-            else:
-                paired = a.merge(b, on=["case_id", "fold", "seed"], suffixes=("", "_baseline"))
-                paired = paired[paired[metric].notna() & paired[f"{metric}_baseline"].notna()]
-                x, y, over = paired[metric].values, paired[f"{metric}_baseline"].values, "cases"
-            t_p = float(stats.ttest_rel(x, y).pvalue) if len(x) >= 2 and np.any(x != y) else float("nan")
-            try:
-                w_p = float(stats.wilcoxon(x, y).pvalue) if len(x) >= 2 and np.any(x != y) else float("nan")
-            except ValueError:
-                w_p = float("nan")
+        for method in (m for m in methods if m != baseline):
+            x, y, over = _paired_values(target[target.method == method], target[target.method == baseline], metric)
+            t_p, w_p = _tests(x, y)
             rows.append({"metric": metric, "method": method, "baseline": baseline, "over": over, "n": len(x),
                          "mean": float(np.mean(x)) if len(x) else float("nan"),
                          "baseline_mean": float(np.mean(y)) if len(y) else float("nan"),
-                         "t_test_p": t_p, "wilcoxon_p": w_p, "significant": stars(t_p)})
-    return pd.DataFrame(rows)
+                         "t_test_p": t_p, "wilcoxon_p": w_p})
+    table = pd.DataFrame(rows, columns=["metric", "method", "baseline", "over", "n", "mean", "baseline_mean",
+                                        "t_test_p", "wilcoxon_p"])
+    table["t_test_p_holm"] = holm(table["t_test_p"])
+    table["wilcoxon_p_holm"] = holm(table["wilcoxon_p"])
+    table["significant"] = [stars(p) for p in table["t_test_p_holm"]]
+    return table
 
 
 COMPUTE_COLUMNS = ("training s", "prediction s", "prompt settings s")

@@ -5,8 +5,8 @@ preparation with prompts), ``scores`` (confidence, MC-dropout and head scores), 
 heads and the features they read), ``predict`` (the export loop and a run's val/test predictions).
 """
 from calibnet.inference.cases import folder_case_inputs, raw_case_inputs
-from calibnet.inference.model_loading import load_model
+from calibnet.inference.model_loading import load_fold_ensemble, load_model
 from calibnet.inference.predict import flagged_cases, predict_cases, predict_run_splits, score_run_splits
 
-__all__ = ["load_model", "predict_cases", "predict_run_splits", "score_run_splits", "folder_case_inputs",
+__all__ = ["load_model", "load_fold_ensemble", "predict_cases", "predict_run_splits", "score_run_splits", "folder_case_inputs",
            "raw_case_inputs", "flagged_cases"]

@@ -8,6 +8,13 @@ MedSAM-U's jitter, the setting's name) is handed to it for the span of that one 
 :meth:`LoadedModel.predict_logits` runs the predictor inside ``network.predicting(prompt_sets, case_id,
 setting)``, the context manager declared on ``calibnet.networks.sam_backbone.SamSliceSegmenter`` (see
 there). Nothing is left set on the network between cases.
+
+Several folds of one method are one model (:func:`load_fold_ensemble`), ensembled as ``nnUNetv2_predict -f 0 1``
+does: the mean of the folds' logits on the preprocessed grid (nnU-Net 2.8.1's
+``predict_logits_from_preprocessed_data`` sums the logits of its ``list_of_parameters`` and divides), then one
+softmax/sigmoid, resampling and argmax. nnU-Net networks share one predictor with every fold's weights in that
+list; SAM networks are one model per fold (their embedding store and prompt context are per network) whose logits
+are averaged the same way.
 """
 from __future__ import annotations
 
@@ -40,6 +47,8 @@ class LoadedModel:
     network: torch.nn.Module  # the network the predictor runs (before any torch.compile of nnU-Net's)
     heads: list = field(default_factory=list)  # LoadedHead: confidence heads trained on this run
     feature_capture: object = None  # FeatureCapture feeding the heads
+    ensemble: list = field(default_factory=list)  # SAM: the other folds' LoadedModels, logits averaged with these
+    folds: tuple = ()  # the folds ensembled (several), () for one run
 
     @property
     def is_sam(self) -> bool:
@@ -65,6 +74,12 @@ class LoadedModel:
         the case's prompt sets, id and prompt setting for this prediction only (``network.predicting``)."""
         if not self.is_sam:
             return self.predictor.predict_logits_from_preprocessed_data(case.data)
+        if self.ensemble:
+            members = [self, *self.ensemble]
+            return sum(m._sam_logits(case).cpu() for m in members) / len(members)
+        return self._sam_logits(case)
+
+    def _sam_logits(self, case: PreparedCase) -> torch.Tensor:
         from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
         self.predictor.configuration_manager = ConfigurationManager(  # SAM sees each slice entire
@@ -73,8 +88,10 @@ class LoadedModel:
             return self.predictor.predict_logits_from_preprocessed_data(case.data)
 
     def prediction_summary(self) -> dict:
-        """The network's own confidence.json entries for its last prediction (MedSAM-U: UGMP, UGPA)."""
-        return self.network.prediction_summary() if self.is_sam else {}
+        """The network's own confidence.json entries for its last prediction (MedSAM-U: UGMP, UGPA); an ensemble's
+        entries name the folds ensembled (``ensembled_folds``)."""
+        own = self.network.prediction_summary() if self.is_sam else {}
+        return {**own, "ensembled_folds": list(self.folds)} if self.folds else own
 
     def prediction_settings(self) -> dict:
         """What prompts.json records about how the network predicts (MedSAM-U: whether UGPA runs)."""
@@ -127,12 +144,13 @@ def _build_network(trainer_class: type, record: dict, plans_manager, configurati
 
 def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True,
                checkpoint_name: str | None = None, with_heads: bool = True,
-               network_options: dict | None = None, preprocessed_root: Path | None = None) -> LoadedModel:
+               network_options: dict | None = None, preprocessed_root: Path | None = None,
+               tile_step_size: float = 0.5) -> LoadedModel:
     """Rebuild the trained network of ``run_folder`` (architecture from its trainer class) and wrap it in
     nnU-Net's predictor, with the confidence heads trained on it, if any (unless ``with_heads`` is off).
     ``network_options`` override the recorded options of a SAM network (e.g. {"ugpa": False}). A SAM network
     with a frozen encoder reads and keeps its slice embeddings in the dataset's embedding store under
-    ``preprocessed_root``, when given."""
+    ``preprocessed_root``, when given. ``tile_step_size``: the sliding window's step, a fraction of the patch."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -156,7 +174,7 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     if preprocessed_root is not None and record.get("backbone") is not None and trainer_class.caches_embeddings:
         network.use_embedding_store(Path(preprocessed_root) / record["dataset_name"] / EMBEDDINGS_FOLDER)
     device = torch.device(device)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True,
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True,
                                 use_mirroring=use_mirroring and trainer_class.predicts_with_mirroring,
                                 perform_everything_on_device=device.type == "cuda", device=device,
                                 allow_tqdm=False)
@@ -167,3 +185,41 @@ def load_model(run_folder: Path, device: str = "cpu", use_mirroring: bool = True
     capture = FeatureCapture(predictor, heads[0].head.features[0].in_channels) if heads else None
     return LoadedModel(predictor, trainer_class, plans_manager, configuration_manager, dataset_json, checkpoint_path,
                        record, network, heads, capture)
+
+
+# what changes a run's predictions besides its weights: folds ensembled must agree on these
+_ENSEMBLE_IDENTITY = ("trainer", "backbone", "target_label", "sam_prompt", "network_options")
+
+
+def load_fold_ensemble(run_folders: dict, device: str = "cpu", use_mirroring: bool = True,
+                       checkpoint_name: str | None = None, preprocessed_root: Path | None = None,
+                       tile_step_size: float = 0.5) -> LoadedModel:
+    """One model of the runs ``{fold: folder}`` of one method (see the module's docstring for how the folds are
+    ensembled); one fold is :func:`load_model` itself. Confidence heads are not loaded for an ensemble: each reads
+    its own fold's features, and an ensemble has no single network they describe."""
+    if len(run_folders) == 1:
+        (folder,) = run_folders.values()
+        return load_model(folder, device, use_mirroring, checkpoint_name, preprocessed_root=preprocessed_root,
+                          tile_step_size=tile_step_size)
+    models = {fold: load_model(folder, device, use_mirroring, checkpoint_name, with_heads=False,
+                               preprocessed_root=preprocessed_root, tile_step_size=tile_step_size)
+              for fold, folder in sorted(run_folders.items())}
+    (first_fold, first), *others = models.items()
+    for fold, model in others:
+        for key in _ENSEMBLE_IDENTITY:
+            mine, theirs = first.record.get(key), model.record.get(key)
+            if key == "network_options":
+                mine, theirs = ({k: v for k, v in (o or {}).items() if k != "seed"} for o in (mine, theirs))
+            if mine != theirs:
+                raise CalibnetError(f"folds {first_fold} and {fold} differ in {key} ({mine} vs {theirs}): they are "
+                                    f"not one model to ensemble; predict them separately.")
+    if first.is_sam and first.prediction_settings():
+        raise CalibnetError(f"{first.trainer_class.__name__} decides its prompts per network (e.g. MedSAM-U's UGPA), "
+                            f"so its folds cannot be ensembled; predict one fold.")
+    first.folds = tuple(models)
+    if first.is_sam:
+        first.ensemble = [model for _, model in others]
+    else:  # nnU-Net's own multi-fold mechanism: one network, each fold's weights in turn
+        first.predictor.list_of_parameters = [p for model in models.values()
+                                              for p in model.predictor.list_of_parameters]
+    return first

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from calibnet.errors import CalibnetError
 from calibnet.files import remove_stale_partials
 from calibnet.image_geometry import first_geometry_difference
-from calibnet.runs import CONFIDENCE_FILENAME, PROMPTS_FILENAME
+from calibnet.runs import CONFIDENCE_FILENAME, PROMPTS_FILENAME, is_nnunet_prediction_file
 
 SPACING_FACTOR = 2.0  # a spacing more than this many times larger or smaller than the training median is warned of
 
@@ -39,12 +39,14 @@ def check_output_outside_input(input_dir: Path, output_dir: Path, prompts_from: 
 
 
 def earlier_predictions(output_dir: Path, file_ending: str) -> list:
-    """The prediction files in ``output_dir`` (segmentations, .npz, confidence.json, prompts.json)."""
+    """The prediction files in ``output_dir`` (segmentations, .npz, confidence.json, prompts.json, and the files
+    for nnU-Net's tools: .pkl, dataset.json, plans.json)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     return sorted(p for p in output_dir.iterdir() if p.is_file() and (
-        p.name in (CONFIDENCE_FILENAME, PROMPTS_FILENAME) or p.name.endswith((file_ending, ".npz"))))
+        p.name in (CONFIDENCE_FILENAME, PROMPTS_FILENAME) or p.name.endswith((file_ending, ".npz"))
+        or is_nnunet_prediction_file(p.name)))
 
 
 def check_no_earlier_predictions(output_dir: Path, file_ending: str, overwrite: bool) -> None:

@@ -1,6 +1,7 @@
 """Prediction with a trained calibnet model, through nnU-Net's own preprocessing, sliding-window predictor
 and export, case by case: segmentation (.nii.gz), softmax probabilities (.npz, key ``probabilities``,
-float32 as nnU-Net writes them, (C, z, y, x) at the original geometry) and ``confidence.json``.
+float32 as nnU-Net writes them, (C, z, y, x) at the original geometry) and ``confidence.json``; and, as nnU-Net's
+predictor does, CASE.pkl beside each .npz and the folder's dataset.json and plans.json, for nnU-Net's tools only.
 
 Each case's files are written in a temporary folder and moved into place only when complete. The parts:
 ``model_loading`` (the run as a model), ``cases`` (case listing and preparation with prompts), ``scores``
@@ -24,7 +25,8 @@ from calibnet.inference.scores import case_confidence, head_scores, mc_dropout_s
 from calibnet.metrics.entropy import binary_entropy
 from calibnet.networks.confidence_head import HEAD_FOLDERS
 from calibnet.prompt_quality import parse_setting
-from calibnet.runs import CONFIDENCE_FILENAME, NO_UGPA, ROLES, prediction_folder, read_run
+from calibnet.runs import (CONFIDENCE_FILENAME, NNUNET_CASE_PROPERTIES_ENDING, NNUNET_FOLDER_FILES, NO_UGPA, ROLES,
+                           prediction_folder, read_run)
 
 
 def _export_case(model: LoadedModel, case: PreparedCase, logits, output_folder: Path, scores: dict,
@@ -46,8 +48,17 @@ def _export_case(model: LoadedModel, case: PreparedCase, logits, output_folder: 
             shutil.move(truncated + "_uncertainty.npz", output_folder / f"{case.case_id}_uncertainty.npz")
         if save_probabilities:  # nnU-Net's own file, float32: float16 would round every p > 0.99976 to 1
             shutil.move(truncated + ".npz", output_folder / f"{case.case_id}.npz")
+            properties = f"{case.case_id}{NNUNET_CASE_PROPERTIES_ENDING}"  # for nnU-Net's tools only (runs.py)
+            shutil.move(Path(tmp) / properties, output_folder / properties)
         shutil.move(truncated + ending, output_folder / f"{case.case_id}{ending}")
     return entry
+
+
+def write_nnunet_folder_files(output_folder: Path, model: LoadedModel) -> None:
+    """The dataset.json and plans.json nnU-Net's predictor writes beside its predictions (``runs.NNUNET_FOLDER_FILES``):
+    the labels the model predicts and its plans, which nnU-Net's tools (nnUNetv2_ensemble) read from the folder."""
+    for name, content in zip(NNUNET_FOLDER_FILES, (model.export_dataset_json, model.plans_manager.plans)):
+        atomic_write_json(Path(output_folder) / name, content)
 
 
 def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_probabilities: bool = True,
@@ -69,6 +80,7 @@ def predict_cases(model: LoadedModel, cases: list, output_folder: Path, save_pro
 
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
+    write_nnunet_folder_files(output_folder, model)
     regions = model.plans_manager.get_label_manager(model.export_dataset_json).has_regions
     confidence_path = output_folder / CONFIDENCE_FILENAME
     confidences = json.loads(confidence_path.read_text()) if confidence_path.is_file() else {}

@@ -23,8 +23,8 @@ from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, 
                                      check_recorded_sam_prompt, check_sam_prompt)
 from calibnet.launch.interruption import workers_die_with_parent
 from calibnet.methods import METHODS, get_method
-from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, model_checkpoint, read_run,
-                           resume_checkpoint, run_folder, run_state, write_run)
+from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunRecord, RunSpec, finished_folds, model_checkpoint,
+                           read_run, resume_checkpoint, run_folder, run_state, write_run)
 
 
 
@@ -74,6 +74,30 @@ def locate_run(spec: RunSpec, preprocessed_root: Path, results_root: Path) -> Pa
     dataset_folder = find_preprocessed_dataset(preprocessed_root, spec.dataset_id)
     get_fold(load_calib_splits(dataset_folder), spec.split, spec.fold, where=dataset_folder / "calib_splits.json")
     return run_folder(results_root, dataset_folder.name, method.class_name, spec)
+
+
+def locate_fold_runs(spec: RunSpec, folds, preprocessed_root: Path, results_root: Path) -> dict:
+    """{fold: run folder} of ``spec``'s method, configuration, split and seed for ``folds`` (fold numbers, or
+    ``"all"``: every fold with a finished run), refusing a fold without a finished run (``calibnet_run.json``)
+    with the command that trains it."""
+    method = get_method(spec.method)
+    if folds == "all":
+        dataset_folder = find_preprocessed_dataset(preprocessed_root, spec.dataset_id)
+        folds = finished_folds(results_root, dataset_folder.name, method.class_name, spec)
+        if not folds:
+            raise CalibnetError(f"-f all: {spec.method} ({spec.configuration}, {spec.split}, seed {spec.seed}) has no "
+                                f"finished run in {results_root / dataset_folder.name}; train one with: "
+                                f"{replace(spec, fold=0).training_command}")
+    folders = {}
+    for fold in folds:
+        fold_spec = replace(spec, fold=int(fold))
+        folder = locate_run(fold_spec, preprocessed_root, results_root)
+        if not (folder / RUN_FILENAME).is_file():
+            raise CalibnetError(f"fold {fold} of {spec.method} ({spec.configuration}, {spec.split}, seed {spec.seed}) "
+                                f"has no finished run: {folder / RUN_FILENAME} is missing; train it with: "
+                                f"{fold_spec.training_command}")
+        folders[int(fold)] = folder
+    return dict(sorted(folders.items()))
 
 
 def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, device: str | None = None,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calibnet.metrics.entropy import binary_entropy, normalised_entropy
+
 CONFIDENCE = "confidence"
 UNCERTAINTY = "uncertainty"
 NOT_A_SCORE = "not a score"
@@ -67,3 +69,21 @@ def as_confidence(name: str, values) -> np.ndarray:
         raise ValueError(f"{name!r} is not a declared confidence or uncertainty score")
     values = np.asarray(values, float)
     return -values if kind.direction == UNCERTAINTY else values
+
+
+def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
+    """The scores of one prediction's (C, *spatial) probabilities, as calibnet's predictions write them to
+    confidence.json: ``mean_max_probability_foreground`` (mean max_c p_c over the predicted foreground, over all
+    voxels when nothing is predicted), ``entropy_foreground`` (mean entropy there, normalised by log C; binary
+    entropy of the first region for region datasets) and ``predicted_foreground_voxels``. calib_evaluate scores
+    external predictions with it; ``calibnet.inference.scores.case_confidence`` computes the same."""
+    p = probabilities.astype(np.float32)
+    if regions:
+        foreground, confidence, entropy = p[0] > 0.5, np.maximum(p[0], 1 - p[0]), binary_entropy(p[0])
+    else:
+        foreground, confidence, entropy = p.argmax(0) > 0, p.max(0), normalised_entropy(p)
+    n_foreground = int(foreground.sum())
+    where = foreground if n_foreground else np.ones_like(foreground)
+    return {"mean_max_probability_foreground": float(confidence[where].mean()),
+            "entropy_foreground": float(entropy[where].mean()),
+            "predicted_foreground_voxels": n_foreground}
