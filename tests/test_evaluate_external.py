@@ -211,14 +211,15 @@ def test_bad_names_are_refused_with_nothing_written(nnunet_run, tmp_path, names,
     assert not (results / DATASET / "evaluation").exists()
 
 
-def test_probability_scores_are_the_ones_calibnet_predictions_write():
-    """The evaluation's copy of the probability scores (metrics) equals inference's, for softmax and regions."""
-    from calibnet.inference.scores import case_confidence as written
+def test_probability_scores_by_hand():
+    """The probability scores calibnet's predictions write and calib_evaluate computes for external ones."""
     from calibnet.metrics.confidence_scores import case_confidence
 
-    rng = np.random.default_rng(0)
-    softmax = rng.dirichlet([1, 1, 1], size=(4, 5, 6)).transpose(3, 0, 1, 2)
-    regions = rng.random((2, 4, 5, 6))
-    for probabilities, is_regions in ((softmax, False), (regions, True), (np.eye(3)[[0] * 8].T.reshape(3, 2, 2, 2),
-                                                                          False)):
-        assert case_confidence(probabilities, is_regions) == written(probabilities, is_regions)
+    softmax = np.array([[0.2, 0.9], [0.8, 0.1]]).reshape(2, 2, 1, 1)  # voxel 0 predicted foreground, voxel 1 not
+    scores = case_confidence(softmax, False)
+    entropy = -(0.2 * np.log(0.2) + 0.8 * np.log(0.8)) / np.log(2)
+    assert scores["predicted_foreground_voxels"] == 1
+    assert scores["mean_max_probability_foreground"] == pytest.approx(0.8)
+    assert scores["entropy_foreground"] == pytest.approx(entropy, rel=1e-6)
+    nothing = case_confidence(np.array([[0.7, 0.9], [0.3, 0.1]]).reshape(2, 2, 1, 1), False)  # all voxels then
+    assert nothing["predicted_foreground_voxels"] == 0 and nothing["mean_max_probability_foreground"] == pytest.approx(0.8)

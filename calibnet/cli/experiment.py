@@ -42,13 +42,15 @@ def _parse_train(argv) -> api.TrainRequest:
 @click.option("--no-wait", is_flag=True,
               help="slurm: return once the jobs are submitted, printing their ids; a rerun collects them and "
                    "evaluates.")
-@click.option("--partition", default=None, help="slurm: the partition.")
+@click.option("--partition", default=None, help="slurm: the partition.  [default: the cluster's default partition]")
 @click.option("--time", "time_min", type=click.IntRange(1), default=None,
               help="slurm (required): minutes one cell may run; submitit-local: default 7 days.")
 @click.option("--gpus-per-job", type=click.IntRange(0), default=None,
               help="slurm, submitit-local: GPUs of each cell (submitit's local jobs see none unless given).")
-@click.option("--cpus-per-job", type=click.IntRange(1), default=None, help="slurm: CPUs of each cell.")
-@click.option("--mem-gb", type=click.FloatRange(0, min_open=True), default=None, help="slurm: memory of each cell.")
+@click.option("--cpus-per-job", type=click.IntRange(1), default=None,
+              help="slurm: CPUs of each cell.  [default: the cluster's default]")
+@click.option("--mem-gb", type=click.FloatRange(0, min_open=True), default=None,
+              help="slurm: memory of each cell, in GB.  [default: the cluster's default]")
 @user_errors
 def main(experiment_file, executor, jobs, dry_run, no_wait, partition, time_min, gpus_per_job, cpus_per_job,
          mem_gb):

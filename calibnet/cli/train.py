@@ -25,13 +25,19 @@ def _list_methods(ctx, _param, value):
 @click.option("--split", type=click.Choice(["loco", "scanner"]), default="loco", show_default=True,
               help="Split family of calib_splits.json that FOLD indexes.")
 @click.option("--seed", type=click.IntRange(0), default=42, show_default=True,
-              help="42, 2024 and 3407 are the paper's seeds.")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs (nnU-Net default 1000).")
+              help="Training seed of this run (weights, sampling, augmentation; one run folder per seed, "
+                   "which calib_evaluate --seeds selects); 42, 2024 and 3407 are the paper's seeds.")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Training epochs.  [default: the trainer's: 1000 as nnU-Net; confidence_head: at most 100, "
+                   "with early stopping]")
 @click.option("--iters-per-epoch", type=click.IntRange(1), default=None,
-              help="Training iterations per epoch (nnU-Net default 250; validation uses a fifth of it).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+              help="Training iterations (batches) per epoch; validation uses a fifth of it.  [default: 250 as "
+                   "nnU-Net; confidence_head: 100]")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Where to train and predict.  [default: cuda when available, else cpu]")
 @click.option("--num-workers", type=click.IntRange(0), default=None,
-              help="Data-augmentation worker processes (nnU-Net's nnUNet_n_proc_DA; 0 = main process).")
+              help="Data-augmentation worker processes (nnU-Net's nnUNet_n_proc_DA; 0 = main process).  "
+                   "[default: $nnUNet_n_proc_DA, else nnU-Net's choice for the machine]")
 @click.option("--num-gpus", type=click.IntRange(1), default=1, show_default=True,
               help="Train on N GPUs of this machine with nnU-Net's DDP (one process per GPU; nnU-Net's batch is "
                    "split over them). nnU-Net-based methods only; see docs/calib_train.md.")
@@ -111,7 +117,11 @@ def _list_methods(ctx, _param, value):
 @user_errors
 def main(**flags):
     """Train METHOD on FOLD of the split (e.g. calib_train 501 3d_fullres calunet 0), with nnU-Net's training
-    loop, then predict the fold's val (source) and test (target) cases with probabilities."""
+    loop, then predict the fold's val (source) and test (target) cases with probabilities.
+
+    DATASET_ID: the dataset's id (501), folder name (Dataset501_SynthBrain) or name. CONFIGURATION: an nnU-Net
+    configuration of CalibPlans (2d, 3d_fullres, 3d_lowres). METHOD: see --list. FOLD: the fold number of --split
+    in calib_splits.json (calib_plan_and_preprocess prints them)."""
     roots = data_roots()
     api.train(_request(flags), roots, log=click.echo)
 

@@ -21,7 +21,8 @@ from calibnet.errors import CalibnetError
 from calibnet.files import atomic_output_dir, atomic_write_json
 from calibnet.inference.cases import PreparedCase, prepare_case, raw_case_inputs
 from calibnet.inference.model_loading import LoadedModel, load_model
-from calibnet.inference.scores import case_confidence, head_scores, mc_dropout_scores
+from calibnet.inference.scores import head_scores, mc_dropout_scores
+from calibnet.metrics.confidence_scores import case_confidence
 from calibnet.metrics.entropy import binary_entropy
 from calibnet.networks.confidence_head import HEAD_FOLDERS
 from calibnet.prompt_quality import parse_setting

@@ -1,4 +1,5 @@
-"""Per-case confidence scores of a prediction: from its probabilities (``case_confidence``), from
+"""Per-case confidence scores of a prediction beyond those of its probabilities
+(``calibnet.metrics.confidence_scores.case_confidence``): from
 MC-dropout samples (score agreement and mean entropy for each N of ``--mc-samples``) and from the confidence
 heads trained on the model. The entropies are ``calibnet.metrics.entropy``'s.
 """
@@ -13,30 +14,6 @@ from calibnet.inference.model_loading import LoadedModel
 from calibnet.metrics.entropy import binary_entropy, normalised_entropy
 from calibnet.metrics.segmentation import case_metrics, overlap_metrics
 from calibnet.networks.mc_dropout import set_mc_sampling
-
-
-def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
-    """Image-level confidence scores of one prediction.
-
-    ``mean_max_probability_foreground``: mean of max_c p_c over the predicted foreground (over all voxels
-    when nothing is predicted); ``entropy_foreground``: mean entropy over the predicted foreground,
-    normalised to [0, 1] by log(C) (binary entropy of the first region for region datasets).
-    """
-    p = probabilities.astype(np.float32)
-    if regions:
-        first = p[0]
-        foreground = first > 0.5
-        confidence = np.maximum(first, 1 - first)
-        entropy = binary_entropy(first)
-    else:
-        foreground = p.argmax(0) > 0
-        confidence = p.max(0)
-        entropy = normalised_entropy(p)
-    n_foreground = int(foreground.sum())
-    where = foreground if n_foreground else np.ones_like(foreground)
-    return {"mean_max_probability_foreground": float(confidence[where].mean()),
-            "entropy_foreground": float(entropy[where].mean()),
-            "predicted_foreground_voxels": n_foreground}
 
 
 def mc_sample_counts(sample_counts) -> tuple:

@@ -76,7 +76,7 @@ def case_confidence(probabilities: np.ndarray, regions: bool) -> dict:
     confidence.json: ``mean_max_probability_foreground`` (mean max_c p_c over the predicted foreground, over all
     voxels when nothing is predicted), ``entropy_foreground`` (mean entropy there, normalised by log C; binary
     entropy of the first region for region datasets) and ``predicted_foreground_voxels``. calib_evaluate scores
-    external predictions with it; ``calibnet.inference.scores.case_confidence`` computes the same."""
+    external predictions with it, calibnet's prediction writes it."""
     p = probabilities.astype(np.float32)
     if regions:
         foreground, confidence, entropy = p[0] > 0.5, np.maximum(p[0], 1 - p[0]), binary_entropy(p[0])
