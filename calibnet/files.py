@@ -3,6 +3,7 @@ everything is written under a temporary name in the same folder, then renamed in
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -109,3 +110,12 @@ def remove_stale_partials(final_dir: os.PathLike) -> list:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

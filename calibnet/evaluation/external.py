@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from calibnet.errors import CalibnetError
+from calibnet.files import file_sha256
 from calibnet.image_geometry import first_geometry_difference, geometry_of
 from calibnet.methods import METHODS
 from calibnet.runs import ROLES, case_prediction_files
@@ -148,16 +149,8 @@ def external_identity(sets: list) -> dict:
         files = sorted({p for s in of_name for p in s.files}, key=lambda p: p.name)
         digest = hashlib.sha256()
         for path in files:
-            digest.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
+            digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
         identity[name] = {"folder": str(of_name[0].predictions.folder), "files": len(files),
                           "sha256": digest.hexdigest(), "probabilities": of_name[0].probabilities,
                           "folds": sorted(s.fold for s in of_name)}
     return identity
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -15,7 +15,6 @@ prompt-channel methods (guided_nnunet) and confidence heads are refused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ import torch
 
 from calibnet.checkpoints import UnsafeCheckpointError, load_checkpoint
 from calibnet.errors import CalibnetError
-from calibnet.files import atomic_output_dir, atomic_write_json
+from calibnet.files import atomic_output_dir, atomic_write_json, file_sha256
 from calibnet.launch.training_run import locate_run
 from calibnet.methods import Method, get_method
 from calibnet.runs import (CALIB_PLANS_NAME, RUN_FILENAME, RunSpec, export_dataset_json, model_checkpoint,
@@ -117,7 +116,7 @@ def export_run(spec: RunSpec, preprocessed_root: Path, results_root: Path, outpu
     fold_folder = model_folder / f"fold_{spec.fold}"
     export_record = {"spec": asdict(spec), "run": str(run_folder), "trainer": record["trainer"],
                      "trainer_name": trainer_name, "checkpoint": checkpoint_path.name,
-                     "sha256": _sha256(checkpoint_path)}
+                     "sha256": file_sha256(checkpoint_path)}
     replaced = _check_destination(model_folder, fold_folder, export_record, dataset_json, plans, overwrite)
     if model_folder != run_folder.parent:
         atomic_write_json(model_folder / "dataset.json", dataset_json)
@@ -189,14 +188,6 @@ def _check_destination(model_folder: Path, fold_folder: Path, export_record: dic
         raise CalibnetError(f"{fold_folder} holds {described}; pass --overwrite to replace it, or -o FOLDER to "
                             f"export into a model folder of its own.")
     return described
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _nnunet_command(spec: RunSpec, record: dict, model_folder: Path, results_root: Path, own_folder: bool,
