@@ -228,6 +228,7 @@ def test_calunet_fip_is_half_the_mean_of_each_patchs_squared_gradient_norm(tiny_
 
 
 def test_calib_predict_on_new_images(tiny_dataset, trained, tmp_path):
+    trained["calunet"], trained["guided_nnunet"]  # trained here when this test runs alone
     tiny_dataset.activate()
     incoming, labels = tmp_path / "incoming", tmp_path / "labels"
     incoming.mkdir()
@@ -398,10 +399,12 @@ def test_mc_dropout_scores_of_several_n_in_one_prediction(tiny_dataset, trained)
     result = run_cli(train_cli.main, [511, "3d_fullres", "nnunet_dropout", 1, "--predict-only", "--device", "cpu",
                                       "--mc-samples", 1], expect_ok=False)
     assert result.exit_code == 2 and "--mc-samples" in result.output and "x>=2" in result.output
-    trained["nnunet"]  # a finished run without dropout
+    predictions = trained["nnunet"][1] / "predictions"  # a finished run without dropout
+    before = {p: p.read_bytes() for p in predictions.rglob("*") if p.is_file()}
     result = run_cli(train_cli.main, [511, "3d_fullres", "nnunet", 1, "--predict-only", "--device", "cpu",
                                       "--disable-tta", "--mc-samples", 2], expect_ok=False)
     assert result.exit_code == 1 and "--mc-samples needs a model trained with dropout" in result.output
+    assert before and {p: p.read_bytes() for p in predictions.rglob("*") if p.is_file()} == before  # kept whole
 
 
 def test_dropout_is_off_in_plain_prediction_and_on_for_sampling():

@@ -21,7 +21,7 @@ from calibnet.errors import CalibnetError
 from calibnet.files import atomic_output_dir, atomic_write_json
 from calibnet.inference.cases import PreparedCase, prepare_case, raw_case_inputs
 from calibnet.inference.model_loading import LoadedModel, load_model
-from calibnet.inference.scores import head_scores, mc_dropout_scores
+from calibnet.inference.scores import check_mc_sampling, head_scores, mc_dropout_scores
 from calibnet.metrics.confidence_scores import case_confidence
 from calibnet.metrics.entropy import binary_entropy
 from calibnet.networks.confidence_head import HEAD_FOLDERS
@@ -165,6 +165,8 @@ def predict_run_splits(run_folder: Path, raw_root: Path, preprocessed_root: Path
             raise CalibnetError("--no-ugpa at prediction time applies to medsam_u with --prompts SETTING (train with "
                                 "--no-ugpa for the run's own predictions).")
         prediction_set = f"{prompt_setting}_{NO_UGPA}"
+    if mc_samples:
+        check_mc_sampling(model)  # a refused request leaves the run's predictions as they were
     for role in ROLES:  # a re-prediction replaces the old one entirely: never old val beside new test
         if prediction_folder(run_folder, role, prediction_set).exists():
             shutil.rmtree(prediction_folder(run_folder, role, prediction_set))

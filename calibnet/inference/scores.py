@@ -82,6 +82,15 @@ def _preprocessed_spacing(model: LoadedModel, data: torch.Tensor, properties: di
     return spacing
 
 
+def check_mc_sampling(model: LoadedModel) -> None:
+    """Refuse MC-dropout sampling of a model without dropout layers (before anything is predicted or removed)."""
+    network = model.predictor.network
+    if set_mc_sampling(network, True) == 0:
+        raise CalibnetError(f"--mc-samples needs a model trained with dropout (method nnunet_dropout); "
+                            f"{model.trainer_class.__name__} has none.")
+    set_mc_sampling(network, False)
+
+
 def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, sample_counts, n_image_channels: int,
                       properties: dict | None = None) -> dict:
     """MC-dropout baselines of the confidence-prediction paper (score agreement, Roy et al. 2018) for one
@@ -101,9 +110,8 @@ def mc_dropout_scores(model: LoadedModel, data: torch.Tensor, sample_counts, n_i
         return {}
     label_names, channels, regions = _mc_targets(model)
     predictor = model.predictor
-    if set_mc_sampling(predictor.network, True) == 0:
-        raise CalibnetError(f"--mc-samples needs a model trained with dropout (method nnunet_dropout); "
-                            f"{model.trainer_class.__name__} has none.")
+    check_mc_sampling(model)
+    set_mc_sampling(predictor.network, True)
     roi = (data[:n_image_channels] != 0).any(0)
     roi = roi if roi.any() else torch.ones_like(roi)
     mirroring = predictor.use_mirroring
