@@ -220,16 +220,19 @@ def export(request: ExportRequest, roots: DataRoots | None = None) -> CommandRes
 def evaluate(split: str, dataset_id: int | None = None, methods: Sequence[str] | None = None,
              folds: Sequence[int] | None = None, seeds: Sequence[int] | None = None,
              configurations: Sequence[str] | None = None, seed: int = 0, roots: DataRoots | None = None,
-             predictions: Sequence[Path] = (), names: Sequence[str] = (), progress: bool = True):
+             predictions: Sequence[Path] = (), names: Sequence[str] = (), progress: bool = True,
+             num_processes: int = 1):
     """Evaluate every trained run of ``split`` (optionally only these methods, folds, seeds, configurations);
     writes ``$nnUNet_results/DatasetXXX/evaluation/SPLIT/``. Returns the ``Evaluation`` (folder, report,
     per-case table, missing runs); ``seed`` draws the voxel subsample of the post-hoc fits. ``predictions``:
-    folders of nnU-Net-format predictions made elsewhere, scored beside the runs under ``names`` (one each)."""
+    folders of nnU-Net-format predictions made elsewhere, scored beside the runs under ``names`` (one each);
+    ``num_processes``: worker processes scoring cases (same results for any number)."""
     from calibnet.evaluation.evaluate import evaluate as evaluate_runs
 
     roots = roots or setup_data_roots()
     return evaluate_runs(roots.results, roots.raw, roots.preprocessed, split, dataset_id, methods, folds, seeds,
-                         seed, progress, configurations=configurations, predictions=predictions, names=names)
+                         seed, progress, configurations=configurations, predictions=predictions, names=names,
+                         num_processes=num_processes)
 
 
 # ---- calib_experiment --------------------------------------------------------------------------------------------

@@ -268,3 +268,92 @@ def test_ablation_tables_are_not_repeated_for_the_same_methods():
             for m in ("samft", "sam_fip", "sam_cmp", "calsam")]
     assert [list(t["method"]) for t in ablation_tables(pd.DataFrame(rows))] == [["samft", "sam_fip", "sam_cmp",
                                                                                    "calsam"]]
+
+
+def _masks_cases():
+    """Random label/prediction pairs, including empty, one-empty and border-touching ones."""
+    rng = np.random.default_rng(7)
+    shape = (12, 14, 10)
+    cases = [(np.zeros(shape, np.uint8), np.zeros(shape, np.uint8))]
+    one = np.zeros(shape, np.uint8)
+    one[3:6, 4:8, 2:5] = 2
+    cases += [(one, np.zeros(shape, np.uint8)), (np.zeros(shape, np.uint8), one)]
+    border = np.zeros(shape, np.uint8)
+    border[0:3, :4, 7:] = 1
+    border[-2:, -3:, :2] = 3
+    cases.append((border, np.roll(border, 1, axis=2)))
+    for _ in range(6):
+        blobs = (rng.random(shape) < 0.02).astype(np.uint8) * rng.integers(1, 4, shape).astype(np.uint8)
+        cases.append((blobs, np.where(rng.random(shape) < 0.5, blobs, 0).astype(np.uint8)))
+    return cases
+
+
+def test_cropped_metrics_equal_the_whole_image():
+    """Segmentation metrics and the boundary band computed on the foreground's bounding box equal the whole
+    image's on random, empty, one-empty and border-touching masks."""
+    from scipy import ndimage
+
+    from calibnet.evaluation.case_evaluation import boundary_band, segmentation_metrics
+    from calibnet.runs import LabelTargets
+
+    targets = LabelTargets({"a": [1], "b": [2, 3]}, False)
+    spacing = (1.5, 0.8, 2.0)
+    for truth, prediction in _masks_cases():
+        expected = {f"{m}_{name}": v for name, values in targets.masks.items()
+                    for m, v in case_metrics(np.isin(prediction, values), np.isin(truth, values), spacing).items()}
+        got = segmentation_metrics(prediction, truth, spacing, targets)
+        assert {k: got[k] for k in expected} == expected
+        union = (truth > 0) | (prediction > 0)
+        whole = ndimage.distance_transform_edt(~union, sampling=spacing) <= 5.0 if union.any() else union
+        assert np.array_equal(boundary_band(truth, prediction, targets, spacing), whole)
+
+
+def test_equal_mass_bins_equal_the_sorted_reference():
+    """Equal-mass bins (selected order statistics, no full sort) equal the definition on sorted values, ties
+    included: same bins, counts, means and edges."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n, n_bins = int(rng.integers(1, 400)), int(rng.integers(1, 20))
+        confidence = rng.integers(0, 5, n) / 4 if trial % 2 else rng.random(n)
+        correct = rng.random(n) < 0.6
+        values = np.sort(confidence)
+        sizes = np.full(n_bins, n // n_bins) + (np.arange(n_bins) < n % n_bins)
+        nominal = np.cumsum(sizes)[:-1]
+        at = values[np.minimum(nominal, n - 1)]
+        start, end = np.searchsorted(values, at, "left"), np.searchsorted(values, at, "right")
+        cuts = np.where(nominal - start <= end - nominal, start, end)
+        index = np.searchsorted(cuts, np.searchsorted(values, confidence, "left"), "right")
+        edges = np.array([values[c] if c < n else np.nan for c in np.r_[0, cuts]] + [values[-1]])
+        bins = calibration_bins(confidence, correct, n_bins, equal_mass=True)
+        assert np.array_equal(bins.count, np.bincount(index, minlength=n_bins))
+        assert np.array_equal(bins.edges, edges, equal_nan=True)
+        with np.errstate(invalid="ignore"):
+            assert np.array_equal(bins.accuracy, np.bincount(index, correct, n_bins) / bins.count, equal_nan=True)
+
+
+def test_worker_processes_give_the_same_results(tmp_path):
+    """Cases scored in two worker processes give the metrics, bins and post-hoc samples of one process."""
+    import SimpleITK as sitk
+
+    from calibnet.evaluation.case_evaluation import CaseJob, case_pool, evaluate_cases
+    from calibnet.runs import LabelTargets
+
+    rng = np.random.default_rng(0)
+    jobs = []
+    for i, (truth, prediction) in enumerate(_masks_cases()[2:6]):
+        paths = {}
+        for name, array in (("label", truth), ("seg", prediction), ("image", rng.random(truth.shape) > 0.3)):
+            paths[name] = tmp_path / f"{name}{i}.nii.gz"
+            sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.uint8)), str(paths[name]))
+        probabilities = rng.dirichlet(np.ones(4), truth.shape).transpose(3, 0, 1, 2).astype(np.float32)
+        np.savez_compressed(tmp_path / f"p{i}.npz", probabilities=probabilities)
+        jobs.append(CaseJob(paths["seg"], tmp_path / f"p{i}.npz", paths["label"], [paths["image"]],
+                            LabelTargets({"a": [1], "b": [2], "c": [3]}, False)))
+    one = list(evaluate_cases(jobs, np.random.default_rng(1), max_samples=50))
+    with case_pool(2) as pool:
+        two = list(evaluate_cases(jobs, np.random.default_rng(1), pool, max_samples=50))
+    for a, b in zip(one, two):
+        assert a.metrics == b.metrics or all(a.metrics[k] == b.metrics[k] or np.isnan(a.metrics[k]) for k in a.metrics)
+        assert np.array_equal(a.sample_probabilities, b.sample_probabilities)
+        assert np.array_equal(a.sample_labels, b.sample_labels) and a.sample_labels.dtype == b.sample_labels.dtype
+        assert all(np.array_equal(a.bins[v].count, b.bins[v].count) for v in a.bins)

@@ -1,6 +1,8 @@
 """calib_evaluate: per-domain accuracy, generalisation gap, calibration and failure detection tables."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from calibnet import api
@@ -43,12 +45,16 @@ def _int_list(_ctx, param, value):
 @click.option("--name", "names", multiple=True,
               help="Row label of the --predictions folder given at the same position; not a method name "
                    "(default: none).")
+@click.option("-np", "--num-processes", type=click.IntRange(1), default=min(4, os.cpu_count() or 1),
+              show_default="min(4, CPU cores)",
+              help="Worker processes scoring cases in parallel, at most one per 16 cases (the results are the same "
+                   "for any number).")
 @user_errors
-def main(split, dataset_id, methods, folds, seeds, configurations, seed, predictions, names):
+def main(split, dataset_id, methods, folds, seeds, configurations, seed, predictions, names, num_processes):
     """Evaluate every trained method of a split; writes $nnUNet_results/DatasetXXX/evaluation/SPLIT/."""
     roots = data_roots()
     result = api.evaluate(split, dataset_id, _csv(methods), folds, seeds, _csv(configurations), seed, roots,
-                          predictions, names)
+                          predictions, names, num_processes=num_processes)
     for message in result.missing:
         click.echo(f"missing: {message}", err=True)
     click.echo(result.report)

@@ -8,7 +8,10 @@ averaged over regions; softmax datasets on the predicted class confidence max_c 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+import math
+import multiprocessing
 import zipfile
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from calibnet.errors import CalibnetError
-from calibnet.metrics.calibration import calibration_summary, pool_bins
+from calibnet.metrics.calibration import calibration_summary, pool_bins, top_label
 from calibnet.metrics.confidence_scores import case_confidence
 from calibnet.metrics.segmentation import case_metrics
 from calibnet.runs import LabelTargets
@@ -55,11 +58,13 @@ def load_probabilities(path: Path) -> np.ndarray:
             probabilities = npz["probabilities"].astype(np.float32, copy=False)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise CalibnetError(f"{path}: not a readable .npz of probabilities ({error}).") from None
-    if not np.isfinite(probabilities).all():
+    if not probabilities.size:
+        return probabilities
+    low, high = probabilities.min(), probabilities.max()  # NaN propagates: one pass each finds it
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise CalibnetError(f"{path}: the probabilities hold NaN or infinite values; predict this case again.")
-    if probabilities.size and (probabilities.min() < -PROBABILITY_TOLERANCE
-                               or probabilities.max() > 1 + PROBABILITY_TOLERANCE):
-        raise CalibnetError(f"{path}: values outside [0, 1] ({probabilities.min():.3g} to {probabilities.max():.3g}) "
+    if low < -PROBABILITY_TOLERANCE or high > 1 + PROBABILITY_TOLERANCE:
+        raise CalibnetError(f"{path}: values outside [0, 1] ({low:.3g} to {high:.3g}) "
                             f"are not probabilities (logits?); save the softmax/sigmoid outputs.")
     return probabilities
 
@@ -99,6 +104,23 @@ def calibration_tasks(probabilities: np.ndarray, truth: np.ndarray, targets: Lab
     return {"all": (probabilities, truth.astype(np.int64))}
 
 
+def foreground_box(mask: np.ndarray, margin_voxels) -> tuple | None:
+    """Slices of the bounding box of ``mask`` grown by ``margin_voxels`` (per axis) within the image; None
+    when the mask is empty. Scans the whole mask once, then only the planes that hold foreground."""
+    planes = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1))
+    if not planes.size:
+        return None
+    low, high = [planes[0]], [planes[-1] + 1]
+    inner = mask[planes[0]:planes[-1] + 1]
+    for axis in range(1, mask.ndim):
+        used = np.flatnonzero(inner.any(tuple(a for a in range(mask.ndim) if a != axis)))
+        low.append(used[0])
+        high.append(used[-1] + 1)
+    margin = np.broadcast_to(np.asarray(margin_voxels, int), (mask.ndim,))
+    return tuple(slice(max(0, int(lo - m)), min(size, int(hi + m)))
+                 for lo, hi, m, size in zip(low, high, margin, mask.shape))
+
+
 def calibration_rois(truth: np.ndarray, prediction: np.ndarray, image_paths: list, targets: LabelTargets,
                      spacing, margin_mm: float = BOUNDARY_MARGIN_MM) -> dict:
     """view -> boolean mask: ``ROI`` (any input channel non-zero; everything when none is) and ``boundary``
@@ -108,10 +130,23 @@ def calibration_rois(truth: np.ndarray, prediction: np.ndarray, image_paths: lis
         roi |= read_image(path)[0] != 0
     if not roi.any():
         roi[:] = True
+    return {"ROI": roi, "boundary": boundary_band(truth, prediction, targets, spacing, margin_mm)}
+
+
+def boundary_band(truth: np.ndarray, prediction: np.ndarray, targets: LabelTargets, spacing,
+                  margin_mm: float = BOUNDARY_MARGIN_MM) -> np.ndarray:
+    """The voxels within ``margin_mm`` of ground truth ∪ prediction (any foreground). The distance transform
+    runs on the union's bounding box grown by more than ``margin_mm``: every union voxel lies inside it, so the
+    distances there are the whole image's, and every voxel outside it is farther than ``margin_mm``."""
+    band = np.zeros(truth.shape, bool)
+    box = foreground_box((truth != 0) | (prediction != 0), [math.ceil(margin_mm / s) + 1 for s in spacing])
+    if box is None:
+        return band
     values = sorted({v for vs in targets.masks.values() for v in vs})
-    union = np.isin(truth, values) | predicted_mask(prediction, values, targets)
-    boundary = ndimage.distance_transform_edt(~union, sampling=spacing) <= margin_mm if union.any() else union
-    return {"ROI": roi, "boundary": boundary}
+    union = np.isin(truth[box], values) | predicted_mask(prediction[box], values, targets)
+    if union.any():
+        band[box] = ndimage.distance_transform_edt(~union, sampling=spacing) <= margin_mm
+    return band
 
 
 def restrict(tasks: dict, rois: dict) -> tuple[dict, dict]:
@@ -121,15 +156,28 @@ def restrict(tasks: dict, rois: dict) -> tuple[dict, dict]:
             {view: roi[used] for view, roi in rois.items()})
 
 
+def restricted_tasks(probabilities: np.ndarray, truth: np.ndarray, targets: LabelTargets,
+                     rois: dict) -> tuple[dict, dict]:
+    """:func:`restrict` of :func:`calibration_tasks`, built on the used voxels only (the same values, without
+    whole-image copies of every problem)."""
+    used = np.flatnonzero(np.logical_or.reduce(list(rois.values())).ravel())
+    flat = probabilities.reshape(probabilities.shape[0], -1)
+    return (calibration_tasks(flat[:, used], truth.ravel()[used], targets),
+            {view: roi.ravel()[used] for view, roi in rois.items()})
+
+
 def case_calibration(tasks: dict, rois: dict) -> tuple[dict, dict]:
     """(metrics, view -> bins): ECE/ACE/Brier per view (``ECE``, ``ECE_boundary``, …), averaged over the
     calibration problems, with per-region columns (``ECE_<region>``) where there are several."""
     metrics, bins = {}, {}
+    tops = {name: top_label(probabilities, labels) for name, (probabilities, labels) in tasks.items()}
     for view, suffix in CALIBRATION_VIEWS.items():
         roi = rois[view]
         per_task, task_bins = {}, []
         for name, (probabilities, labels) in tasks.items():
-            per_task[name], b = calibration_summary(probabilities[:, roi], labels[roi])
+            confidence, correct = tops[name]
+            per_task[name], b = calibration_summary(probabilities[:, roi], labels[roi],
+                                                    top=(confidence[roi], correct[roi]))
             task_bins.append(b)
         for metric in CALIBRATION_METRICS:
             metrics[f"{metric}{suffix}"] = float(np.mean([m[metric] for m in per_task.values()]))
@@ -142,7 +190,12 @@ def case_calibration(tasks: dict, rois: dict) -> tuple[dict, dict]:
 def segmentation_metrics(prediction: np.ndarray, truth: np.ndarray, spacing, targets: LabelTargets) -> dict:
     """DSC, IoU, HD95 and NSD@1mm per target (``DSC_<name>``) and their mean over targets (``DSC``) when there
     are several; the plain names for one target."""
-    per_target = {name: case_metrics(predicted_mask(prediction, values, targets), np.isin(truth, values), spacing)
+    shape = truth.shape
+    box = foreground_box((truth != 0) | (prediction != 0), 1)  # every target's voxels lie inside it
+    if box is not None:
+        prediction, truth = prediction[box], truth[box]
+    per_target = {name: case_metrics(predicted_mask(prediction, values, targets), np.isin(truth, values), spacing,
+                                     image_shape=shape)
                   for name, values in targets.masks.items()}
     if len(per_target) == 1:
         return next(iter(per_target.values()))
@@ -157,23 +210,91 @@ def evaluate_case(prediction_path: Path, probabilities_path: Path | None, label_
                   with_scores: bool = False) -> CaseResult:
     """DSC, IoU, HD95, NSD@1mm per target, and ECE, ACE, Brier in the ROI and boundary views (NaN without
     ``probabilities_path``); ``with_scores``: also the confidence scores of the probabilities."""
-    truth, spacing = read_image(label_path)
-    prediction, _ = read_image(prediction_path)
-    metrics = segmentation_metrics(prediction, truth, spacing, targets)
-    if probabilities_path is None:
+    job = CaseJob(prediction_path, probabilities_path, label_path, image_paths, targets, with_scores)
+    return subsampled(score_case(job), rng, max_samples)
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """The files and targets of one case to score (picklable: sent to worker processes)."""
+    prediction_path: Path
+    probabilities_path: Path | None
+    label_path: Path
+    image_paths: list
+    targets: LabelTargets
+    with_scores: bool = False
+
+
+def score_case(job: CaseJob) -> CaseResult:
+    """:func:`evaluate_case` before subsampling: the samples are every ROI voxel of every calibration problem."""
+    truth, spacing = read_image(job.label_path)
+    prediction, _ = read_image(job.prediction_path)
+    metrics = segmentation_metrics(prediction, truth, spacing, job.targets)
+    if job.probabilities_path is None:
         metrics.update({f"{m}{suffix}": np.nan for suffix in CALIBRATION_VIEWS.values() for m in CALIBRATION_METRICS})
         return CaseResult(metrics, {}, None, None)
-    probabilities = checked_probabilities(probabilities_path, truth.shape, targets)
-    confidence = case_confidence(probabilities, targets.regions) if with_scores else {}
-    rois = calibration_rois(truth, prediction, image_paths, targets, spacing)
-    tasks, rois = restrict(calibration_tasks(probabilities, truth, targets), rois)
+    probabilities = checked_probabilities(job.probabilities_path, truth.shape, job.targets)
+    confidence = case_confidence(probabilities, job.targets.regions) if job.with_scores else {}
+    rois = calibration_rois(truth, prediction, job.image_paths, job.targets, spacing)
+    tasks, rois = restricted_tasks(probabilities, truth, job.targets, rois)
+    del probabilities, truth, prediction
     calibration, bins = case_calibration(tasks, rois)
     metrics.update(calibration)
     roi = rois["ROI"]
     voxel_probabilities = np.concatenate([p[:, roi] for p, _ in tasks.values()], 1)
     voxel_labels = np.concatenate([y[roi] for _, y in tasks.values()])
-    chosen = rng.choice(voxel_labels.size, size=min(max_samples, voxel_labels.size), replace=False)
-    return CaseResult(metrics, bins, voxel_probabilities[:, chosen], voxel_labels[chosen], confidence)
+    return CaseResult(metrics, bins, voxel_probabilities, voxel_labels, confidence)
+
+
+def subsampled(result: CaseResult, rng: np.random.Generator, max_samples: int = 20000) -> CaseResult:
+    """The result with at most ``max_samples`` of its sample voxels, drawn with ``rng`` (in case order, so that
+    the draws are the same however many processes scored the cases)."""
+    if result.sample_labels is None:
+        return result
+    size = result.sample_labels.size
+    chosen = rng.choice(size, size=min(max_samples, size), replace=False)
+    return CaseResult(result.metrics, result.bins, result.sample_probabilities[:, chosen],
+                      result.sample_labels[chosen], result.confidence)
+
+
+def _worker_initializer() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one case per process: threads would only compete for the same cores
+
+
+def _score_case_in_worker(job: CaseJob) -> CaseResult:
+    """:func:`score_case` in a worker: labels sent back in the smallest integer type that holds them (far
+    smaller than int64; widened again on arrival)."""
+    result = score_case(job)
+    labels = result.sample_labels
+    if labels is not None and labels.size and labels.min() >= 0:
+        result.sample_labels = labels.astype(np.min_scalar_type(int(labels.max())))
+    return result
+
+
+@contextlib.contextmanager
+def case_pool(num_processes: int):
+    """``num_processes`` worker processes for :func:`evaluate_cases` (None, this process, for one)."""
+    if num_processes <= 1:
+        yield None
+        return
+    # spawn, not fork: the parent may hold torch/OpenMP threads (calib_experiment trains first)
+    with multiprocessing.get_context("spawn").Pool(num_processes, initializer=_worker_initializer) as pool:
+        yield pool
+
+
+def evaluate_cases(jobs: list, rng: np.random.Generator, pool=None, max_samples: int = 20000):
+    """:func:`evaluate_case` of every job, yielded in order: scored in the worker processes of ``pool``
+    (:func:`case_pool`) when given, the samples drawn here in case order, so the results are identical."""
+    if pool is None:
+        for job in jobs:
+            yield subsampled(score_case(job), rng, max_samples)
+        return
+    for result in pool.imap(_score_case_in_worker, jobs):
+        if result.sample_labels is not None:
+            result.sample_labels = result.sample_labels.astype(np.int64)
+        yield subsampled(result, rng, max_samples)
 
 
 def recalibrated_case_metrics(prediction_path: Path, probabilities_path: Path, label_path: Path, image_paths: list,
@@ -184,6 +305,6 @@ def recalibrated_case_metrics(prediction_path: Path, probabilities_path: Path, l
     truth, spacing = read_image(label_path)
     prediction, _ = read_image(prediction_path)
     rois = calibration_rois(truth, prediction, image_paths, targets, spacing)
-    tasks, rois = restrict(calibration_tasks(load_probabilities(probabilities_path), truth, targets), rois)
+    tasks, rois = restricted_tasks(load_probabilities(probabilities_path), truth, targets, rois)
     calibrated = {name: (calibrate(p), y) for name, (p, y) in tasks.items()}
     return case_calibration(calibrated, rois)[0]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from calibnet.domains import DOMAINS_FILENAME, read_domains
 from calibnet.errors import CalibnetError
 from calibnet.metrics.calibration import pool_bins
-from calibnet.evaluation.case_evaluation import evaluate_case, recalibrated_case_metrics
+from calibnet.evaluation.case_evaluation import CaseJob, case_pool, evaluate_cases, recalibrated_case_metrics
 from calibnet.evaluation.external import ExternalSet, external_identity, external_predictions, external_set
 from calibnet.evaluation.posthoc import apply_dirichlet, apply_temperature, fit_dirichlet, fit_temperature
 from calibnet.evaluation.report import plot_all, write_report
@@ -40,6 +40,9 @@ class Evaluation:
     per_case: pd.DataFrame
     missing: list = field(default_factory=list)
 
+
+# a spawned worker imports calibnet and torch (seconds): evaluations of fewer cases each are scored in-process
+MIN_CASES_PER_WORKER = 16
 
 def _image_paths(raw: Path, case_id: str, dataset_json: dict) -> list:
     return channel_files(raw / "imagesTr", case_id, dataset_json)
@@ -112,6 +115,7 @@ class _Collected:
     missing: list = field(default_factory=list)
     external: dict = field(default_factory=dict)  # NAME -> identity of external predictions (summary.json)
     tick: object = lambda: None  # called once per case scored (the progress bar)
+    pool: object = None  # worker processes scoring the cases (case_evaluation.case_pool), None: this process
 
 
 @dataclass(frozen=True)
@@ -227,27 +231,29 @@ def _evaluate_external(data: _Dataset, external: ExternalSet, fold: dict, rng, c
 def _score_set(data: _Dataset, fold: dict, scored: _ScoredSet, rng, collected: _Collected) -> None:
     """The rows of a set's val (source) and test (target) cases, then its post-hoc rows (with probabilities)."""
     samples, base_rows = [], {}
-    for role, folder_name in (("source", "val"), ("target", "test")):
-        for case_id in fold[folder_name]:  # every file is there: incomplete sets were left out before
-            prediction, probabilities = case_prediction_files(scored.folders[folder_name], case_id,
-                                                              data.dataset_json["file_ending"])
-            result = evaluate_case(prediction, probabilities if scored.probabilities else None,
-                                   data.label_path(case_id), data.image_paths(case_id), scored.targets, rng,
-                                   with_scores=scored.confidences is None)
-            confidence = result.confidence if scored.confidences is None else scored.confidences.get(case_id, {})
-            row = {**scored.columns, "case_id": case_id, "role": role,
-                   **data.domains.loc[case_id].to_dict(), "source_vendor": fold.get("source", {}).get("vendor", ""),
-                   "held_out_center": fold.get("held_out", {}).get("center", ""),
-                   **result.metrics,
-                   **{f"conf_{k}": v for k, v in confidence.items() if not isinstance(v, dict)},
-                   "note": scored.note}
-            collected.rows.append(row)
-            collected.tick()
-            base_rows[case_id] = row
-            for view, bins in result.bins.items():
-                collected.bins_by.setdefault((row["method"], role, row["center"], row["vendor"], view), []).append(bins)
-            if role == "source" and result.sample_probabilities is not None:
-                samples.append((result.sample_probabilities, result.sample_labels))
+    cases = [(role, case_id) for role, folder_name in (("source", "val"), ("target", "test"))
+             for case_id in fold[folder_name]]  # every file is there: incomplete sets were left out before
+    jobs = []
+    for role, case_id in cases:
+        prediction, probabilities = case_prediction_files(scored.folders["val" if role == "source" else "test"],
+                                                          case_id, data.dataset_json["file_ending"])
+        jobs.append(CaseJob(prediction, probabilities if scored.probabilities else None, data.label_path(case_id),
+                            data.image_paths(case_id), scored.targets, with_scores=scored.confidences is None))
+    for (role, case_id), result in zip(cases, evaluate_cases(jobs, rng, collected.pool)):
+        confidence = result.confidence if scored.confidences is None else scored.confidences.get(case_id, {})
+        row = {**scored.columns, "case_id": case_id, "role": role,
+               **data.domains.loc[case_id].to_dict(), "source_vendor": fold.get("source", {}).get("vendor", ""),
+               "held_out_center": fold.get("held_out", {}).get("center", ""),
+               **result.metrics,
+               **{f"conf_{k}": v for k, v in confidence.items() if not isinstance(v, dict)},
+               "note": scored.note}
+        collected.rows.append(row)
+        collected.tick()
+        base_rows[case_id] = row
+        for view, bins in result.bins.items():
+            collected.bins_by.setdefault((row["method"], role, row["center"], row["vendor"], view), []).append(bins)
+        if role == "source" and result.sample_probabilities is not None:
+            samples.append((result.sample_probabilities, result.sample_labels))
     if samples:
         label = scored.columns["method"]
         extra, parameters = _posthoc_rows(label, scored.folders["test"], fold["test"], data.raw, data.dataset_json,
@@ -283,11 +289,12 @@ def compute_per_run(runs: list, labels: dict) -> pd.DataFrame:
 
 def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split: str, dataset_id: int | None = None,
              methods=None, folds=None, seeds=None, seed: int = 0, progress: bool = True,
-             configurations=None, predictions=(), names=()) -> Evaluation:
+             configurations=None, predictions=(), names=(), num_processes: int = 1) -> Evaluation:
     """Evaluate every run of ``split`` and write the evaluation folder; returns the report and tables. Runs of
     one method that differ in configuration, backbone or method options get rows of their own. ``predictions``
     and ``names``: folders of predictions made elsewhere and the row label of each (``calibnet.evaluation.external``),
-    scored on ``folds`` (default: the folds of the runs evaluated)."""
+    scored on ``folds`` (default: the folds of the runs evaluated). ``num_processes``: worker processes scoring
+    cases (the results are the same for any number)."""
     started = time.perf_counter()
     externals = external_predictions(predictions, names)
     dataset, runs, missing = discover_runs(results_root, split, dataset_id, methods, folds, seeds, configurations)
@@ -309,7 +316,8 @@ def evaluate(results_root: Path, raw_root: Path, preprocessed_root: Path, split:
     cases = sum(len(get_fold(splits, split, s.fold)["val"]) + len(get_fold(splits, split, s.fold)["test"])
                 for s in outside) + sum(len(sets) * (len(fold["val"]) + len(fold["test"])) for _, fold, sets in work)
     rng = np.random.default_rng(seed)
-    with tqdm(total=cases, desc="evaluating", unit="case", disable=not progress) as bar:
+    with tqdm(total=cases, desc="evaluating", unit="case", disable=not progress) as bar, \
+            case_pool(min(num_processes, cases // MIN_CASES_PER_WORKER)) as collected.pool:
         collected.tick = lambda: bar.update(1)
         outside_rng = np.random.default_rng(seed)  # a stream of their own: the runs' post-hoc fits stay as without
         for external in outside:  # first: a bad external file stops the evaluation before the runs' long pass

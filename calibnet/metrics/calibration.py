@@ -37,15 +37,7 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 
     confidence = np.asarray(confidence, np.float64).ravel()
     correct = np.asarray(correct, np.float64).ravel()
     if equal_mass and confidence.size:
-        values = np.sort(confidence)
-        sizes = np.full(n_bins, len(values) // n_bins) + (np.arange(n_bins) < len(values) % n_bins)
-        nominal = np.cumsum(sizes)[:-1]  # the positions array_split would cut at
-        at = values[np.minimum(nominal, len(values) - 1)]
-        start, end = np.searchsorted(values, at, "left"), np.searchsorted(values, at, "right")
-        cuts = np.where(nominal - start <= end - nominal, start, end)
-        # a voxel goes to the bin whose cut range holds its first occurrence in sorted order
-        index = np.searchsorted(cuts, np.searchsorted(values, confidence, "left"), "right")
-        edges = np.array([values[c] if c < len(values) else np.nan for c in np.r_[0, cuts]] + [values[-1]])
+        index, edges = _equal_mass_bins(confidence, n_bins)
     else:
         edges = np.linspace(0, 1, n_bins + 1)
         index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
@@ -54,6 +46,41 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 
         mean_confidence = np.bincount(index, confidence, n_bins) / count
         accuracy = np.bincount(index, correct, n_bins) / count
     return CalibrationBins(edges, count, mean_confidence, accuracy)
+
+
+def _equal_mass_bins(confidence: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bin of each voxel, edges) of the equal-mass bins of :func:`calibration_bins` without sorting every voxel:
+    only the order statistics at the nominal cuts are selected (``np.partition``), tie blocks are counted."""
+    n = confidence.size
+    sizes = np.full(n_bins, n // n_bins) + (np.arange(n_bins) < n % n_bins)
+    nominal = np.cumsum(sizes)[:-1]  # the positions array_split would cut at (in sorted order)
+    kth = np.unique(np.minimum(nominal, n - 1))
+    selected = np.partition(confidence, kth)
+    at = selected[np.minimum(nominal, n - 1)]
+    distinct = np.unique(at)
+    below = np.cumsum(np.bincount(np.searchsorted(distinct, confidence, "right"), minlength=len(distinct) + 1))
+    up_to = np.cumsum(np.bincount(np.searchsorted(distinct, confidence, "left"), minlength=len(distinct) + 1))
+    where = np.searchsorted(distinct, at)
+    start, end = below[where], up_to[where]  # sorted positions where each cut's block of ties starts and ends
+    to_end = nominal - start > end - nominal
+    cuts = np.where(to_end, end, start)
+    # a voxel's bin = the cuts at or before its first sorted occurrence: cut at a block's start when v >= at,
+    # at its end when v > at, i.e. v >= the next float above at
+    thresholds = np.where(to_end, np.nextafter(at, np.inf), at)
+    index = np.searchsorted(thresholds, confidence, "right")
+    edges = np.array([confidence.min()] + [_order_statistic(selected, kth, c) if c < n else np.nan for c in cuts]
+                     + [confidence.max()])
+    return index, edges
+
+
+def _order_statistic(selected: np.ndarray, kth: np.ndarray, position: int) -> float:
+    """The value at ``position`` in sorted order of an array partitioned at the positions ``kth``."""
+    block = np.searchsorted(kth, position, "right")  # kth[block - 1] <= position < kth[block]
+    low = kth[block - 1] if block else -1
+    if low == position:
+        return selected[position]
+    high = kth[block] if block < len(kth) else len(selected)
+    return np.partition(selected[low + 1:high], position - low - 1)[position - low - 1]
 
 
 def top_label(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +101,11 @@ def calibration_metrics(probabilities: np.ndarray, labels: np.ndarray, n_bins: i
     return calibration_summary(probabilities, labels, n_bins)[0]
 
 
-def calibration_summary(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> tuple:
+def calibration_summary(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS, top=None) -> tuple:
     """(ECE/ACE/Brier, equal-width CalibrationBins) of (C, N) probabilities against (N,) labels; NaN metrics
-    and empty bins when there is no voxel."""
-    confidence, correct = top_label(probabilities, labels)
+    and empty bins when there is no voxel. ``top``: their :func:`top_label` when already computed."""
+    confidence, correct = top_label(probabilities, labels) if top is None else top
+    confidence, correct = np.asarray(confidence, np.float64), np.asarray(correct, np.float64)  # once for both
     bins = calibration_bins(confidence, correct, n_bins)
     if not labels.size:
         return {"ECE": np.nan, "ACE": np.nan, "Brier": np.nan}, bins

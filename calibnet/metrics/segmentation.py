@@ -31,15 +31,18 @@ def surface_distances_mm(prediction: np.ndarray, truth: np.ndarray, spacing_mm) 
 
 
 def case_metrics(prediction: np.ndarray, truth: np.ndarray, spacing_mm,
-                 nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM) -> dict:
-    """DSC, IoU, HD95 (mm) and NSD@tolerance of one pair of boolean masks (array axis order = spacing order)."""
-    prediction, truth = prediction.astype(bool), truth.astype(bool)
+                 nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM, image_shape=None) -> dict:
+    """DSC, IoU, HD95 (mm) and NSD@tolerance of one pair of boolean masks (array axis order = spacing order);
+    ``image_shape``: the whole image's, when the masks are a crop holding all their foreground (for the
+    diagonal of one empty mask)."""
+    prediction, truth = prediction.astype(bool, copy=False), truth.astype(bool, copy=False)
     metrics = overlap_metrics(prediction, truth)
     nsd_name = f"NSD@{nsd_tolerance_mm:g}mm"
     if not prediction.any() and not truth.any():
         return {**metrics, "HD95": 0.0, nsd_name: 1.0}
     if not prediction.any() or not truth.any():
-        diagonal = float(np.sqrt(np.sum((np.array(truth.shape) * np.asarray(spacing_mm, float)) ** 2)))
+        shape = truth.shape if image_shape is None else image_shape
+        diagonal = float(np.sqrt(np.sum((np.array(shape) * np.asarray(spacing_mm, float)) ** 2)))
         return {**metrics, "HD95": diagonal, nsd_name: 0.0}
     to_truth, to_prediction = surface_distances_mm(prediction, truth, spacing_mm)
     hd95 = max(np.percentile(to_truth, 95), np.percentile(to_prediction, 95))
