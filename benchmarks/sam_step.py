@@ -7,6 +7,9 @@ On the synthetic benchmark (built in a temporary CALIBNET_DATA) and one fixed ba
 default backbone (LiteMedSAM) unless told otherwise:
 - the frozen encoder's seconds per slice;
 - the decoder step of samft vs calsam (the FIP + CMP overhead; the CalSAM paper reports about +15 %);
+- each of those steps with the batch's slices decoded in one decoder call (the default) vs one call per slice
+  (``decode_chunk = 1``, the loop decoding was before), and the same for decoding one case's prompted slices
+  at prediction (embeddings cached, so the encoder is not timed);
 - a samft step with the embedding cache vs with the frozen encoder recomputed every step;
 - what the store's float16 does to the decoder's logits (max |Δ| and the share of pixels whose mask flips).
 Medians over ``--steps`` steps after two warm-up steps.
@@ -21,7 +24,9 @@ from dataclasses import replace
 import torch
 
 
-def _median_step(trainer, batch, steps: int, device: str, clear_cache: bool = False) -> float:
+def _median_step(trainer, batch, steps: int, device: str, clear_cache: bool = False,
+                 decode_chunk: int | None = None) -> float:
+    """Median seconds of a training step; ``decode_chunk=1`` decodes the batch slice by slice."""
     from common import step_times
 
     def step():
@@ -29,13 +34,48 @@ def _median_step(trainer, batch, steps: int, device: str, clear_cache: bool = Fa
             trainer.embedding_cache.store.clear()
         trainer.calib_train_step(batch)
 
-    store = trainer.network.embedding_store
+    store, chunk = trainer.network.embedding_store, trainer.network.decode_chunk
     if clear_cache:
         trainer.network.embedding_store = None  # the encoder itself, every step
+    trainer.network.decode_chunk = decode_chunk or chunk
     try:
         return statistics.median(step_times(step, steps, device))
     finally:
-        trainer.network.embedding_store = store
+        trainer.network.embedding_store, trainer.network.decode_chunk = store, chunk
+
+
+def _case_decode(trainer, steps: int, device: str) -> dict:
+    """Seconds to decode every slice of one case with its own prompts, as prediction does (the prompted slices'
+    embeddings come from the cache filled before training), batched vs slice by slice."""
+    import numpy as np
+    from common import step_times
+
+    from calibnet.prompts import sam_slice_prompts
+
+    network = trainer.network
+    case_id = sorted(trainer.volumes)[0]
+    foreground = trainer.volumes[case_id][1]
+    prompts = sam_slice_prompts(foreground, np.random.default_rng(0), trainer.box_prompts)
+    prompted = [z for z, prompt in enumerate(prompts) if prompt is not None]
+    embeddings = [None] * len(prompts)
+    for z, embedding in zip(prompted, trainer.embeddings([(case_id, z) for z in prompted])):
+        embeddings[z] = embedding
+
+    def decode():
+        with torch.no_grad():
+            network.decode(embeddings, prompts, tuple(foreground.shape[1:]))
+
+    chunk = network.decode_chunk
+    seconds = {}
+    try:
+        for name, decode_chunk in (("case_decode_seconds", chunk), ("case_decode_loop_seconds", 1)):
+            network.decode_chunk = decode_chunk
+            seconds[name] = round(statistics.median(step_times(decode, steps, device)), 4)
+    finally:
+        network.decode_chunk = chunk
+    return {"case_slices": len(prompts), "case_prompted_slices": len(prompted), **seconds,
+            "case_decode_loop_over_batched": round(seconds["case_decode_loop_seconds"]
+                                                   / seconds["case_decode_seconds"], 3)}
 
 
 def _encoder_and_float16(trainer, batch) -> dict:
@@ -91,7 +131,12 @@ def main() -> None:
             train_batches, _ = trainer.get_dataloaders()
             batch = batch or next(train_batches)
             result[f"{method}_cached_step_seconds"] = round(_median_step(trainer, batch, args.steps, args.device), 4)
+            result[f"{method}_loop_step_seconds"] = round(
+                _median_step(trainer, batch, args.steps, args.device, decode_chunk=1), 4)
+            result[f"{method}_loop_over_batched"] = round(result[f"{method}_loop_step_seconds"]
+                                                          / result[f"{method}_cached_step_seconds"], 3)
             if method == "samft":
+                result.update(_case_decode(trainer, args.steps, args.device))
                 result.update(_encoder_and_float16(trainer, batch))
                 result["samft_encoder_every_step_seconds"] = round(
                     _median_step(trainer, batch, args.steps, args.device, clear_cache=True), 4)

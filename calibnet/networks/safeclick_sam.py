@@ -29,6 +29,7 @@ from torch import nn
 
 from calibnet.errors import CalibnetError
 from calibnet.networks.safeclick import SafeClickOptions, SafeClickTransformer, to_image
+from calibnet.networks.fast_encoder import encode_fast
 from calibnet.networks.sam_backbone import SamSliceSegmenter
 
 
@@ -111,17 +112,20 @@ class SafeClickSamSegmenter(SamSliceSegmenter):
         if not self.needs_intermediate:
             return super().encode(inputs)
         captured = []
-        block = encoder_blocks(self.image_encoder)[self.middle_index]
+        fast = not torch.is_grad_enabled()  # the inference copy, as the plain encode: the same image embedding
+        encoder = self.inference_image_encoder() if fast else self.image_encoder
+        block = encoder_blocks(encoder)[self.middle_index]
         hook = block.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
-            image = self.image_encoder(inputs)
+            image = encode_fast(encoder, inputs) if fast else encoder(inputs)
         finally:
             hook.remove()
-        middle = middle_feature(captured[0], self.middle_shape)
+        middle = middle_feature(torch.cat(captured), self.middle_shape)  # one capture per encoder call
         return torch.cat([image.flatten(1), middle.flatten(1)], dim=1)
 
     def decode_low_res(self, embedding: torch.Tensor, points, boxes) -> torch.Tensor:
-        """The backbone's low-resolution logits of one slice, with the plug-in told the slice's x_f and x_i."""
+        """The backbone's low-resolution logits of B slices, one prompt each, with the plug-in told each slice's
+        x_f and x_i (its experts work on each slice alone, so the batch pairs as the decoder's does)."""
         image, middle = self.unpack(embedding)
         with self.plugin.features(image, middle):
             return super().decode_low_res(image, points, boxes)

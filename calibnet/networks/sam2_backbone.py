@@ -204,11 +204,12 @@ class Sam2SliceSegmenter(SamSliceSegmenter):
         return torch.cat([f.flatten(1) for f in features], dim=1)
 
     def decode_low_res(self, embedding: torch.Tensor, points, boxes) -> torch.Tensor:
-        """SAM 2's (1, 1, h, w) low-resolution logits of one packed slice embedding (see the SAM module)."""
+        """SAM 2's (B, 1, h, w) low-resolution logits of B packed slice embeddings, one prompt each (see the SAM
+        module; SAM 2's decoder takes one image per prompt with ``repeat_image=False``)."""
         image, level_s1, level_s0, *_ = self.unpack(embedding)
         if boxes is not None:  # SAM 2's image predictor gives a box as two corner points, labels 2 and 3
             corners = boxes.reshape(-1, 2, 2)
-            corner_labels = torch.tensor([[2, 3]], dtype=torch.int64, device=boxes.device)
+            corner_labels = torch.tensor([[2, 3]], dtype=torch.int64, device=boxes.device).expand(len(corners), 2)
             points = (corners, corner_labels) if points is None else \
                 (torch.cat([corners, points[0]], 1), torch.cat([corner_labels, points[1]], 1))
         with torch.set_grad_enabled(self.train_prompt_encoder and torch.is_grad_enabled()):

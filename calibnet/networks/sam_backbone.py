@@ -2,10 +2,11 @@
 
 ``build_sam`` makes ViT-B/L/H from the package's registry (weights from a user-given checkpoint, loaded
 with ``weights_only=True``) or a small randomly initialised ``tiny`` SAM for CPU tests and the demo.
-:class:`SamSliceSegmenter` runs the frozen image encoder on every axial slice (first array axis), the
-frozen prompt encoder on each slice's prompts, and the mask decoder once per slice with that slice's own
-prompt set (the stock decoder repeats one image embedding per prompt, so slices are decoded one by one).
-Slices without a prompt get an empty prediction. Nothing in the installed package is modified.
+:class:`SamSliceSegmenter` runs the frozen image encoder on every axial slice (first array axis), then the
+frozen prompt encoder and the mask decoder once for a whole batch of slices, each slice with its own embedding
+and prompt (slices grouped by prompt shape: number of points, box or not; see :meth:`SamSliceSegmenter.
+decode_low_res` for how the stock decoder is made to pair each prompt with its own slice). Slices without a
+prompt get an empty prediction. Nothing in the installed package is modified.
 
 What a prediction is told besides its input. nnU-Net's predictor calls only ``network(x)`` (once per
 sliding window, and per mirrored copy), so what a SAM network needs to know about the case — the prompts
@@ -34,6 +35,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from calibnet.checkpoints import UnsafeCheckpointError, load_checkpoint
 from calibnet.errors import CalibnetError
 from calibnet.networks.embedding_store import EmbeddingStore, weights_digest
+from calibnet.networks.fast_encoder import encode_fast, inference_encoder, weights_version
 from calibnet.prompt_quality import PromptSetting
 
 SAM_MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
@@ -45,6 +47,7 @@ _TINYVIT_KEY = "image_encoder.patch_embed.seq.0.c.weight"  # LiteMedSAM's TinyVi
 _VIT_KEY = "image_encoder.patch_embed.proj.weight"  # SAM ViT's patch embedding
 EMPTY_LOGIT = -20.0  # logit of slices without a prompt: p(foreground) ≈ 2e-9
 EMBED_CHUNK = 8  # slices per encoder call at prediction (bounds the encoder's activation memory)
+DECODE_CHUNK = 16  # prompts per decoder call (bounds the decoder's activation memory; 1 decodes slice by slice)
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,7 @@ class SamSliceSegmenter(torch.nn.Module):
     prediction_context = PredictionContext()  # the prediction under way (set by predicting only)
     embedding_store = None  # an EmbeddingStore shared across runs, when attached (use_embedding_store)
     embedding_layout = "sam"  # names what an embedding holds; subclasses that pack more name it otherwise
+    decode_chunk = DECODE_CHUNK  # prompts per decoder call; 1 is the slice-by-slice loop (benchmarks compare)
 
     def __init__(self, sam: Sam, use_box: bool = False, unit_intensities: bool = False,
                  image_channel: int | None = None):
@@ -381,8 +385,20 @@ class SamSliceSegmenter(torch.nn.Module):
         return self.embedding_store.embeddings(inputs, self.encode)
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The frozen encoder on prepared (N, 3, S, S) inputs."""
-        return self.sam.image_encoder(inputs)
+        """The frozen encoder on prepared (N, 3, S, S) inputs. Without gradients (:meth:`embed`) it runs the
+        encoder's inference copy (:mod:`calibnet.networks.fast_encoder`: BatchNorm folded, channels-last; the
+        same embeddings within float32 rounding), rebuilt whenever the encoder's weights change."""
+        if torch.is_grad_enabled():
+            return self.sam.image_encoder(inputs)
+        return encode_fast(self.inference_image_encoder(), inputs)
+
+    def inference_image_encoder(self) -> torch.nn.Module:
+        """The image encoder's inference copy (no gradients), built from its current weights."""
+        version = weights_version(self.image_encoder)
+        cached = self.__dict__.get("_inference_encoder")  # in __dict__: not a submodule, not in the state dict
+        if cached is None or cached[0] != version:
+            cached = self.__dict__["_inference_encoder"] = (version, inference_encoder(self.image_encoder))
+        return cached[1]
 
     def use_embedding_store(self, root) -> EmbeddingStore:
         """Read and keep this network's frozen-encoder embeddings in the store under ``root`` (shared by every
@@ -412,27 +428,53 @@ class SamSliceSegmenter(torch.nn.Module):
 
     def decode(self, embeddings, prompts: list, slice_shape: tuple) -> torch.Tensor:
         """Foreground logits (N, Y, X) for N slice embeddings (a tensor, or a sequence whose entries for slices
-        without a prompt may be None), one prompt dict (or None) per slice."""
+        without a prompt may be None), one prompt dict (or None) per slice. Slices whose prompts have the same
+        shape (number of points, box or not) are decoded together, up to :attr:`decode_chunk` per decoder
+        call; the logits are those of decoding each slice on its own."""
         present = next((e for e in embeddings if e is not None), None)
         device = present.device if present is not None else next(self.parameters()).device
         dtype = present.dtype if present is not None else torch.float32
-        outputs = []
-        for embedding, prompt in zip(embeddings, prompts):
-            if prompt is None:
-                outputs.append(torch.full(slice_shape, EMPTY_LOGIT, device=device, dtype=dtype))
-                continue
-            points, boxes = self.sam_prompts(prompt, slice_shape, dtype, device)
-            low_res = self.decode_low_res(embedding[None], points, boxes)
-            outputs.append(self.to_slice_shape(low_res, slice_shape)[0, 0])
-        return torch.stack(outputs)
+        outputs = [None] * len(prompts)
+        for indices in self.prompt_groups(prompts):
+            for start in range(0, len(indices), self.decode_chunk):
+                chunk = indices[start:start + self.decode_chunk]
+                sam_prompts = [self.sam_prompts(prompts[i], slice_shape, dtype, device) for i in chunk]
+                points = None if sam_prompts[0][0] is None else \
+                    tuple(torch.cat(parts) for parts in zip(*(p for p, _ in sam_prompts)))
+                boxes = None if sam_prompts[0][1] is None else torch.cat([b for _, b in sam_prompts])
+                low_res = self.decode_low_res(torch.stack([embeddings[i] for i in chunk]), points, boxes)
+                for i, logits in zip(chunk, self.to_slice_shape(low_res, slice_shape)[:, 0]):
+                    outputs[i] = logits
+        empty = torch.full(slice_shape, EMPTY_LOGIT, device=device, dtype=dtype)
+        return torch.stack([empty if logits is None else logits for logits in outputs])
 
-    def decode_low_res(self, embedding: torch.Tensor, points, boxes) -> torch.Tensor:
-        """SAM's (1, 1, h, w) low-resolution logits of one slice embedding; ``points`` = (coords (1, P, 2),
-        labels (1, P)) and ``boxes`` (1, 4), both as (x, y) at the encoder's input size, or None."""
+    @staticmethod
+    def prompt_groups(prompts: list) -> list:
+        """Indices of the prompted slices grouped by prompt shape (number of points, box or not), in order."""
+        groups = {}
+        for index, prompt in enumerate(prompts):
+            if prompt is not None:
+                key = ("points" in prompt, len(prompt.get("points", ())), "box" in prompt)
+                groups.setdefault(key, []).append(index)
+        return list(groups.values())
+
+    def decode_low_res(self, embeddings: torch.Tensor, points, boxes) -> torch.Tensor:
+        """SAM's (B, 1, h, w) low-resolution logits of B slice embeddings (B, C, H, W), one prompt each:
+        ``points`` = (coords (B, P, 2), labels (B, P)) and ``boxes`` (B, 4), both as (x, y) at the encoder's
+        input size, or None.
+
+        segment-anything's ``predict_masks`` decodes the prompts of ONE image: it repeats
+        ``image_embeddings`` once per prompt (``repeat_interleave`` by the number of prompts) and adds
+        ``dense_prompt_embeddings``. B embeddings would be repeated B times each (LiteMedSAM's copy of the
+        decoder skips the repeat when the counts match, the stock one does not). So the decoder gets one zero
+        image embedding, repeated to B zeros, and z_b + dense_b as prompt b's dense embedding: its ``src`` is
+        0 + (z_b + dense_b), exactly the z_b + dense_b of decoding slice b alone, and the gradient with
+        respect to z_b is the same; the positional encoding (1, C, H, W) is repeated per prompt as before."""
         with torch.set_grad_enabled(self.train_prompt_encoder and torch.is_grad_enabled()):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
-        low_res, _ = self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
-                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+        low_res, _ = self.mask_decoder(image_embeddings=embeddings.new_zeros(1, *embeddings.shape[1:]),
+                                       image_pe=self.prompt_encoder.get_dense_pe(),
+                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=embeddings + dense,
                                        multimask_output=False)
         return low_res
 
@@ -461,18 +503,24 @@ class SamSliceSegmenter(torch.nn.Module):
 
     def decode_prompt_sets(self, embeddings, prompt_sets: list, slice_shape: tuple) -> torch.Tensor:
         """Foreground logits (N, Y, X) for slices prompted with a prompt-quality setting: one
-        :class:`calibnet.prompt_quality.SlicePrompts` (or None, whose embedding may be None too) per slice. A slice with several boxes is
-        decoded once per box, each with all the slice's points, and the probabilities are averaged."""
-        outputs = []
-        for embedding, prompts in zip(embeddings, prompt_sets):
+        :class:`calibnet.prompt_quality.SlicePrompts` (or None, whose embedding may be None too) per slice. A
+        slice with several boxes is decoded once per box, each with all the slice's points, and the
+        probabilities are averaged; every slice's every box goes to :meth:`decode` together."""
+        owners, variants = [], []  # per decoded prompt: its slice, and the prompt
+        for z, prompts in enumerate(prompt_sets):
             if prompts is None:
-                outputs.append(self.decode([None], [None], slice_shape)[0])
                 continue
             points = {"points": [list(p) for p in prompts.points], "labels": list(prompts.labels)} \
                 if prompts.points else {}
-            variants = [{**points, "box": box} for box in prompts.boxes] or [points]
-            logits = self.decode(embedding[None].expand(len(variants), *embedding.shape), variants, slice_shape)
-            outputs.append(torch.logit(torch.sigmoid(logits).mean(0), eps=1e-7))
+            for variant in [{**points, "box": box} for box in prompts.boxes] or [points]:
+                owners.append(z)
+                variants.append(variant)
+        decoded = self.decode([embeddings[z] for z in owners], variants, slice_shape) if variants else None
+        empty = self.decode([None], [None], slice_shape)[0]
+        outputs = []
+        for z in range(len(prompt_sets)):
+            rows = [i for i, owner in enumerate(owners) if owner == z]
+            outputs.append(torch.logit(torch.sigmoid(decoded[rows]).mean(0), eps=1e-7) if rows else empty)
         return torch.stack(outputs)
 
     def context_prompt_sets(self, x: torch.Tensor) -> tuple | None:

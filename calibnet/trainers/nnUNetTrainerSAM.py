@@ -220,15 +220,21 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
 
     # --- objective -------------------------------------------------------------------------------------
     def _forward_slices(self, keys: list, z: torch.Tensor) -> tuple[list, list]:
-        """Each slice's flattened logits and binary target: slices differ in size from case to case."""
+        """Each slice's flattened logits and binary target: slices differ in size from case to case, so the
+        slices of one size are decoded together (each from its own embedding, so slice b's logits depend on
+        z_b alone, as FIP needs)."""
         prompts = self.slice_prompts(keys)
-        logits, targets = [], []
-        for index, (case_id, slice_index) in enumerate(keys):
-            foreground = self.volumes[case_id][1][slice_index]
-            slice_logits = self.network.decode(z[index:index + 1], [prompts[index]], foreground.shape)[0].flatten()
-            logits.append(slice_logits)
-            targets.append(torch.from_numpy(foreground.astype(np.float32)).flatten().to(device=self.device,
-                                                                                      dtype=slice_logits.dtype))
+        foregrounds = [self.volumes[case_id][1][slice_index] for case_id, slice_index in keys]
+        by_shape = {}
+        for index, foreground in enumerate(foregrounds):
+            by_shape.setdefault(foreground.shape, []).append(index)
+        logits = [None] * len(keys)
+        for shape, indices in by_shape.items():
+            decoded = self.network.decode(z[indices], [prompts[i] for i in indices], shape)
+            for index, slice_logits in zip(indices, decoded):
+                logits[index] = slice_logits.flatten()
+        targets = [torch.from_numpy(foreground.astype(np.float32)).flatten().to(device=self.device, dtype=flat.dtype)
+                   for foreground, flat in zip(foregrounds, logits)]
         return logits, targets
 
     def _forward(self, keys: list, z: torch.Tensor):
