@@ -20,7 +20,6 @@ next. The network protocol inference relies on is declared on :class:`SamSliceSe
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 
 from calibnet.checkpoints import UnsafeCheckpointError, load_checkpoint
 from calibnet.errors import CalibnetError
+from calibnet.files import file_sha256
 from calibnet.networks.embedding_store import EmbeddingStore, weights_digest
 from calibnet.networks.fast_encoder import encode_fast, inference_encoder, weights_version
 from calibnet.prompt_quality import PromptSetting
@@ -78,15 +78,6 @@ class SamConfig:
         name = "LiteMedSAM (TinyViT, 256²)" if self.model == "litemedsam" else f"SAM {self.model}"
         digest = f", sha256 {self.sha256[:12]}…" if self.sha256 else ""
         return f"{name} weights from {self.source or self.checkpoint} ({Path(self.checkpoint).name}{digest})"
-
-
-def file_sha256(path: os.PathLike) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packaged_litemedsam() -> SamConfig:
