@@ -53,9 +53,14 @@ def _fold_batch_norms(module: torch.nn.Module) -> int:
     return count
 
 
-def weights_version(module: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer of ``module`` is replaced or written in place (load_state_dict)."""
-    return tuple((id(t), t.data_ptr(), t._version) for t in list(module.parameters()) + list(module.buffers()))
+def weights_version(module: torch.nn.Module) -> tuple | None:
+    """Changes whenever a parameter or buffer of ``module`` is replaced or written in place (load_state_dict);
+    None when a weight was made under ``torch.inference_mode`` (such tensors keep no version counter, so an
+    in-place load could not be seen: the caller must not cache)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
 @torch.no_grad()

@@ -386,6 +386,8 @@ class SamSliceSegmenter(torch.nn.Module):
     def inference_image_encoder(self) -> torch.nn.Module:
         """The image encoder's inference copy (no gradients), built from its current weights."""
         version = weights_version(self.image_encoder)
+        if version is None:  # weights made under inference_mode: no version to check a cached copy against
+            return inference_encoder(self.image_encoder)
         cached = self.__dict__.get("_inference_encoder")  # in __dict__: not a submodule, not in the state dict
         if cached is None or cached[0] != version:
             cached = self.__dict__["_inference_encoder"] = (version, inference_encoder(self.image_encoder))
