@@ -123,17 +123,23 @@ class TrainedRun:
 def nnunet_run(tiny_dataset, tmp_path_factory) -> TrainedRun:
     """nnunet trained by calib_train on loco fold 0 of the tiny dataset (1 epoch of 2 iterations, CPU), in a results
     root of its own. Tests read it; to damage it, copy it (``shutil.copytree(run.results, ...)``)."""
-    from calibnet.cli import train
-
     results = tmp_path_factory.mktemp("nnunet_run") / "results"
     run = TrainedRun(tiny_dataset.data_dir, results, results / f"Dataset{TINY_ID}_{TINY_NAME}"
                      / "nnUNetTrainerCalib__CalibPlans__3d_fullres" / "loco_fold0_seed42")
+    train_tiny_nnunet(run, 0)
+    return run
+
+
+def train_tiny_nnunet(run: TrainedRun, fold: int) -> None:
+    """calib_train nnunet on loco ``fold`` of the tiny dataset into ``run``'s results root (1 epoch of 2
+    iterations, CPU), leaving the environment as it was."""
+    from calibnet.cli import train
+
     snapshot = _EnvSnapshot()
     snapshot.clear()
     try:
         run.activate()
-        run_cli(train.main, [TINY_ID, "3d_fullres", "nnunet", 0, "--epochs", 1, "--iters-per-epoch", 2,
+        run_cli(train.main, [TINY_ID, "3d_fullres", "nnunet", fold, "--epochs", 1, "--iters-per-epoch", 2,
                              "--device", "cpu", "--disable-tta", "--num-workers", 0])
     finally:
         snapshot.restore()
-    return run

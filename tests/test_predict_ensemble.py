@@ -13,7 +13,7 @@ from calibnet.cli import evaluate as evaluate_cli
 from calibnet.cli import predict as predict_cli
 from calibnet.errors import CalibnetError
 from calibnet.paths import dataset_id_of, data_roots_in_use
-from conftest import TINY_ID, TINY_NAME, TrainedRun, _EnvSnapshot, run_cli
+from conftest import TINY_ID, TINY_NAME, TrainedRun, run_cli, train_tiny_nnunet
 
 CASE = "C4_000"
 
@@ -21,19 +21,10 @@ CASE = "C4_000"
 @pytest.fixture(scope="module")
 def two_folds(nnunet_run, tmp_path_factory) -> TrainedRun:
     """nnunet_run's results copied, plus nnunet trained on loco fold 1 beside its fold 0 (same tiny settings)."""
-    from calibnet.cli import train
-
     results = tmp_path_factory.mktemp("two_folds") / "results"
     shutil.copytree(nnunet_run.results, results)
     run = TrainedRun(nnunet_run.data_dir, results, results / nnunet_run.folder.relative_to(nnunet_run.results))
-    snapshot = _EnvSnapshot()
-    snapshot.clear()
-    try:
-        run.activate()
-        run_cli(train.main, [TINY_ID, "3d_fullres", "nnunet", 1, "--epochs", 1, "--iters-per-epoch", 2,
-                             "--device", "cpu", "--disable-tta", "--num-workers", 0])
-    finally:
-        snapshot.restore()
+    train_tiny_nnunet(run, 1)
     return run
 
 
