@@ -1,6 +1,7 @@
 """The base of every calibnet trainer: nnU-Net training on one fold of ``calib_splits.json``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -86,9 +87,11 @@ class nnUNetTrainerCalib(nnUNetTrainer):
         if self.is_ddp:  # every rank's __init__ has made the default folder before rank 0 moves its log out of it
             torch.distributed.barrier()
         if default != folder and self.local_rank == 0:
-            if old_log.is_file():  # nnU-Net's __init__ already logged a line there
+            # nnU-Net's __init__ already logged a line there. Runs of other seeds of this fold share the default
+            # folder and, started in the same second, the log's name: a sibling may have moved or removed it first.
+            with contextlib.suppress(FileNotFoundError):
                 shutil.move(old_log, self.log_file)
-            if default.is_dir() and not any(default.iterdir()):
+            with contextlib.suppress(OSError):  # gone, or a sibling's file is in it now
                 default.rmdir()
 
     def save_checkpoint(self, filename: str) -> None:
