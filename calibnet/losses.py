@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 DEFAULT_LAMBDA_FIP = 0.3
+DEFAULT_FIP_ESTIMATOR = "sampled"
 DEFAULT_LAMBDA_CMP = 0.5
 DEFAULT_CMP_TAU = math.log(2.0)  # a voxel whose true class has p < 0.5 is penalised
 DEFAULT_CMP_GAMMA = 0.1
@@ -41,7 +44,8 @@ def full_precision():
         yield
 
 
-def fisher_information_penalty(sample_losses: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+def fisher_information_penalty(sample_losses: torch.Tensor, features: Sequence[torch.Tensor],
+                               create_graph: bool = True) -> torch.Tensor:
     """FIP = ½ · mean_b ‖∂L_b / ∂z_b‖² (CalSAM Eq. 3), z_b = all ``features`` of sample b together.
 
     ``sample_losses`` has shape (B,): L_b is sample b's *own* segmentation loss, not the batch mean (whose
@@ -54,8 +58,8 @@ def fisher_information_penalty(sample_losses: torch.Tensor, features: Sequence[t
     ``features`` must be part of the graph of ``sample_losses`` (non-leaf tensors for nnU-Net's skips, or
     detached copies with ``requires_grad`` for a frozen encoder) and should be float32, with the path from
     them to the losses computed under :func:`full_precision`; the gradient (taken with
-    ``create_graph=True``, so the penalty is differentiable with respect to the parameters) and its squared
-    norm are float32 whatever autocast is doing outside.
+    ``create_graph=True``, so the penalty is differentiable with respect to the parameters; False gives its
+    value alone, e.g. for a validation loss) and its squared norm are float32 whatever autocast is doing outside.
     """
     features = list(features)
     batch = features[0].shape[0]
@@ -63,12 +67,48 @@ def fisher_information_penalty(sample_losses: torch.Tensor, features: Sequence[t
         raise ValueError(f"fisher_information_penalty takes one loss per sample, shape ({batch},), "
                          f"not {tuple(sample_losses.shape)}")
     with full_precision():
-        grads = torch.autograd.grad(sample_losses.float().sum(), features, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(sample_losses.float().sum(), features, create_graph=create_graph,
+                                    allow_unused=True)
         squared = sample_losses.new_zeros(batch, dtype=torch.float32)
         for grad in grads:
             if grad is not None:
                 squared = squared + grad.float().pow(2).reshape(batch, -1).sum(1)
         return 0.5 * squared.mean()
+
+
+@dataclass(frozen=True)
+class FipEstimator:
+    """Which samples of a batch a training step takes FIP on (``calib_train --fip-estimator``).
+
+    ``exact``: every sample, every step — the penalty of CalSAM Eq. 3 and its exact parameter gradient (double
+    backward). ``sampled``: on average ``rate`` samples per step — ⌈rate⌉ samples drawn uniformly without
+    replacement, in a step drawn with probability rate/⌈rate⌉ — their mean penalty divided by that probability:
+    an unbiased estimate of the batch's FIP, so its parameter gradient is an unbiased estimate of the exact one
+    at a fraction of the double backward's cost. Each drawn sample's penalty is still exact (its own loss, its
+    own double backward).
+    """
+    name: str
+    rate: float | None = None  # mean FIP samples per step (sampled); None: every sample (exact)
+
+    def __post_init__(self):
+        if self.name not in FIP_ESTIMATORS:
+            raise ValueError(f"FIP estimator {self.name!r}: choose {', '.join(FIP_ESTIMATORS)}")
+        if self.name == "sampled" and not (self.rate and self.rate > 0):
+            raise ValueError("the sampled FIP estimator needs a rate > 0 (mean samples per step)")
+
+    def draw(self, batch: int, generator: np.random.Generator) -> tuple[list, float]:
+        """(indices of the samples to take FIP on this step, the weight w on their mean penalty): w · mean over
+        those samples is unbiased for the mean over all ``batch`` samples; no indices: no FIP this step."""
+        if self.name == "exact" or self.rate >= batch:
+            return list(range(batch)), 1.0
+        count = math.ceil(self.rate)
+        probability = self.rate / count
+        if probability < 1 and generator.random() >= probability:
+            return [], 0.0
+        return sorted(int(i) for i in generator.choice(batch, size=count, replace=False)), 1.0 / probability
+
+
+FIP_ESTIMATORS = ("exact", "sampled")
 
 
 def voxel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, regions: bool = False) -> torch.Tensor:

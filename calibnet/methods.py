@@ -17,7 +17,7 @@ BACKBONES = ("none", "sam", "sam2")  # nnU-Net's own network | segment_anything 
 BACKBONE_NAMES = {"sam2": "sam2", "litemedsam": "sam"}
 
 # option name (a field of the launch/ option dataclasses) -> calib_train flag
-LOSS_FLAGS = {"lambda_fip": "--lambda-fip", "lambda_cmp": "--lambda-cmp", "cmp_tau": "--cmp-tau",
+LOSS_FLAGS = {"lambda_fip": "--lambda-fip", "fip_estimator": "--fip-estimator", "lambda_cmp": "--lambda-cmp", "cmp_tau": "--cmp-tau",
               "cmp_gamma": "--cmp-gamma", "focal_gamma": "--focal-gamma", "dicepp_gamma": "--dicepp-gamma"}
 BACKBONE_FLAGS = {
     "none": {},
@@ -34,7 +34,8 @@ COMPARED_AS = ("baseline", "proposed", "ablation")
 HEAD_FLAGS = {"base": "--base", "adversarial": "--no-adversarial", "warmup_batches": "--warmup-batches",
               "patience": "--patience"}
 
-_CALUNET_LOSS = ("lambda_fip", "lambda_cmp", "cmp_tau", "cmp_gamma")
+_FIP_LOSS = ("lambda_fip", "fip_estimator")
+_CALUNET_LOSS = (*_FIP_LOSS, "lambda_cmp", "cmp_tau", "cmp_gamma")
 _CMP_LOSS = ("lambda_cmp", "cmp_tau", "cmp_gamma")
 _MEDSAM_U_NETWORK = tuple(NETWORK_FLAGS)
 
@@ -136,7 +137,7 @@ METHODS = {m.alias: m for m in (
            "nnU-Net + 0.3·FIP on the encoder skips + 0.5·CMP on the final softmax", _CALUNET_LOSS,
            compared_as="proposed"),
     Method("unet_fip", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetFIP", "ablation: nnU-Net + 0.3·FIP",
-           ("lambda_fip",), compared_as="ablation"),
+           _FIP_LOSS, compared_as="ablation"),
     Method("unet_cmp", "nnUNetTrainerCalUNet", "nnUNetTrainerUNetCMP", "ablation: nnU-Net + 0.5·CMP", _CMP_LOSS,
            compared_as="ablation"),
     Method("focal", "nnUNetTrainerCalibrationLosses", "nnUNetTrainerFocal",
@@ -163,7 +164,7 @@ METHODS = {m.alias: m for m in (
     Method("calsam", "nnUNetTrainerSAM", "nnUNetTrainerCalSAM",
            "CalSAM: SAM-FT + 0.3·FIP on the frozen embeddings + 0.5·CMP", _CALUNET_LOSS, backbone="sam",
            sam_prompts=SAM_PROMPTS, compared_as="proposed"),
-    Method("sam_fip", "nnUNetTrainerSAM", "nnUNetTrainerSAMFIP", "ablation: SAM-FT + 0.3·FIP", ("lambda_fip",),
+    Method("sam_fip", "nnUNetTrainerSAM", "nnUNetTrainerSAMFIP", "ablation: SAM-FT + 0.3·FIP", _FIP_LOSS,
            backbone="sam", sam_prompts=SAM_PROMPTS, compared_as="ablation"),
     Method("sam_cmp", "nnUNetTrainerSAM", "nnUNetTrainerSAMCMP", "ablation: SAM-FT + 0.5·CMP", _CMP_LOSS,
            backbone="sam", sam_prompts=SAM_PROMPTS, compared_as="ablation"),

@@ -1,10 +1,12 @@
 """The loss terms against hand-computed values and independent computations."""
 import math
+from itertools import combinations
 
+import numpy as np
 import pytest
 import torch
 
-from calibnet.losses import (confidence_misalignment_penalty, dice_plus_plus_loss,
+from calibnet.losses import (FipEstimator, confidence_misalignment_penalty, dice_plus_plus_loss,
                                       fisher_information_penalty, focal_loss, full_precision)
 
 torch.manual_seed(0)
@@ -156,3 +158,37 @@ def test_dice_plus_plus_hand_computed():
     assert dice_plus_plus_loss(logits, target, gamma=2).item() == pytest.approx(expected, rel=1e-5)
     soft_dice = 1 - (2 * tp + 1e-5) / (2 * tp + 0.6 + 0.1 + 0.8 + 1e-5)
     assert dice_plus_plus_loss(logits, target, gamma=1).item() == pytest.approx(soft_dice, rel=1e-5)
+
+
+def test_exact_fip_estimator_takes_every_sample_every_step():
+    assert FipEstimator("exact").draw(5, np.random.default_rng(0)) == ([0, 1, 2, 3, 4], 1.0)
+    assert FipEstimator("sampled", rate=8).draw(5, np.random.default_rng(0)) == ([0, 1, 2, 3, 4], 1.0)
+
+
+@pytest.mark.parametrize("rate", [0.5, 1.0, 2.0])
+def test_sampled_fip_estimator_is_unbiased_for_the_batch_mean(rate):
+    """E[w · mean over the drawn samples of F_b] = mean_b F_b: the draw weight cancels the chance of a FIP step
+    and every sample is drawn equally often (checked on draws and, exactly, on the draw law)."""
+    batch, penalties = 4, np.array([1.0, 5.0, 2.0, 0.5])
+    estimator = FipEstimator("sampled", rate=rate)
+    generator = np.random.default_rng(1)
+    draws = [estimator.draw(batch, generator) for _ in range(20000)]
+    count = math.ceil(rate)
+    fip_steps = [d for d in draws if d[0]]
+    assert len(fip_steps) / len(draws) == pytest.approx(rate / count, abs=0.015)
+    assert all(len(indices) == count and len(set(indices)) == count and weight == count / rate
+               for indices, weight in fip_steps)
+    frequency = np.bincount([i for indices, _ in fip_steps for i in indices], minlength=batch) / (len(fip_steps) * count)
+    assert frequency == pytest.approx(np.full(batch, 1 / batch), abs=0.02)
+    subsets = list(combinations(range(batch), count))  # uniform without replacement: every subset alike
+    expectation = (rate / count) * (count / rate) * np.mean([penalties[list(s)].mean() for s in subsets])
+    assert expectation == pytest.approx(penalties.mean())
+    estimates = [w * penalties[i].mean() if i else 0.0 for i, w in draws]
+    assert np.mean(estimates) == pytest.approx(penalties.mean(), rel=0.03)
+
+
+def test_fip_estimator_refuses_unknown_names_and_rates():
+    with pytest.raises(ValueError, match="choose exact, sampled"):
+        FipEstimator("hutchinson")
+    with pytest.raises(ValueError, match="rate > 0"):
+        FipEstimator("sampled", rate=0)

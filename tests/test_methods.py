@@ -8,6 +8,7 @@ import pytest
 
 from calibnet import api
 from calibnet.errors import CalibnetError, UsageError
+from calibnet.losses import FIP_ESTIMATORS
 from calibnet.launch.options import (BackboneOptions, HeadOptions, LossOptions, NetworkOptions, PredictionOptions,
                                      TrainRequest, check_backbone_options, check_head_options, check_loss_options,
                                      check_network_options, check_prediction_options)
@@ -29,8 +30,11 @@ def test_declared_fields_agree_with_the_trainer_class(alias):
     assert method.backbone == family
     assert method.trains_head == issubclass(trainer, nnUNetTrainerConfidenceHead)
     assert method.box_prompt == trainer.use_box
-    for option in method.loss_options:  # each loss flag sets a float attribute the trainer declares
-        assert isinstance(getattr(trainer, option), float), (alias, option)
+    for option in method.loss_options:  # each loss flag sets an attribute the trainer declares: a float or a name
+        if option == "fip_estimator":
+            assert getattr(trainer, option) in FIP_ESTIMATORS, alias
+        else:
+            assert isinstance(getattr(trainer, option), float), (alias, option)
 
 
 def test_medsam_u_network_options_are_arguments_of_its_network():
@@ -59,7 +63,7 @@ def test_safeclick_ablations_come_from_the_declared_parts():
 
 @pytest.mark.parametrize("method, options, message", [
     ("nnunet", LossOptions(lambda_fip=1), "--lambda-fip does not apply to method nnunet; it takes no loss flags"),
-    ("sam_fip", LossOptions(lambda_cmp=1), "--lambda-cmp does not apply to method sam_fip; it takes --lambda-fip."),
+    ("sam_fip", LossOptions(lambda_cmp=1), "--lambda-cmp does not apply to method sam_fip; it takes --lambda-fip, --fip-estimator."),
     ("calunet", LossOptions(cmp_gamma=0), "--cmp-gamma 0.0 is out of range: give a finite value > 0"),
     ("focal", LossOptions(focal_gamma=-1), "--focal-gamma -1.0 is out of range: give a finite value >= 0"),
 ])
@@ -118,7 +122,7 @@ def test_calib_train_maps_every_flag_onto_the_request(monkeypatch, tmp_path):
     run_cli(train_cli.main, [511, "2d", "safeclick", 3, "--split", "scanner", "--seed", 7, "--epochs", 2,
                              "--iters-per-epoch", 5, "--device", "cpu", "--num-workers", 0, "--continue",
                              "--predict-only", "--disable-tta", "--mc-samples", 15, "--mc-samples", 2,
-                             "--lambda-fip", 0.1, "--lambda-cmp", 0.2, "--cmp-tau", 0.3, "--cmp-gamma", 0.4,
+                             "--lambda-fip", 0.1, "--fip-estimator", "exact", "--lambda-cmp", 0.2, "--cmp-tau", 0.3, "--cmp-gamma", 0.4,
                              "--focal-gamma", 0.5, "--dicepp-gamma", 0.6, "--sam-model", "tiny", "--sam-checkpoint", "a",
                              "--sam2-model", "hiera_s", "--sam2-checkpoint", "b", "--sam2-image-size", 128,
                              "--no-e2", "--target", 1, "--sam-prompt", "box", "--adapter-blocks", "0,3",
@@ -129,7 +133,7 @@ def test_calib_train_maps_every_flag_onto_the_request(monkeypatch, tmp_path):
     assert requests == [TrainRequest(
         511, "2d", "safeclick", 3, "scanner", 7, epochs=2, iterations_per_epoch=5, device="cpu", num_workers=0,
         continue_training=True, ablations=("e2",),
-        loss=LossOptions(0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
+        loss=LossOptions(0.1, "exact", 0.2, 0.3, 0.4, 0.5, 0.6),
         backbone=BackboneOptions("tiny", "a", "hiera_s", "b", 128, 1, "box"),
         network=NetworkOptions("0,3", 0.5, 4, 2.0, 3, "roi", False),
         head=HeadOptions("nnunet", False, 9, 8),

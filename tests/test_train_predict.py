@@ -91,6 +91,7 @@ def test_each_method_trains_and_predicts_exactly_the_folds_val_and_test_cases(ti
 
 def test_loss_options_are_recorded_and_checked(tiny_dataset, trained):
     record = json.loads((trained["calunet"][1] / "calibnet_run.json").read_text())
+    assert record["loss_options"].pop("fip_estimator") == "sampled"
     assert record["loss_options"] == pytest.approx({"lambda_fip": 0.3, "lambda_cmp": 0.5, "cmp_tau": np.log(2),
                                                     "cmp_gamma": 0.1})
     tiny_dataset.activate()
@@ -215,6 +216,7 @@ def test_calunet_fip_is_half_the_mean_of_each_patchs_squared_gradient_norm(tiny_
     """Each patch run through the network on its own, its own deep-supervised nnU-Net loss differentiated
     with respect to the decoder's input (the skips): FIP = ½·mean over patches of the squared norms."""
     trainer, data, target = _calunet_batch(tiny_dataset)
+    trainer.fip_estimator = "exact"
     terms = trainer.loss_terms(data, target)
     squared = []
     for b in range(2):
@@ -225,6 +227,46 @@ def test_calunet_fip_is_half_the_mean_of_each_patchs_squared_gradient_norm(tiny_
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the FIP path stays float32 under mixed precision
         mixed = trainer.loss_terms(data, target)
     assert mixed["FIP"].dtype == torch.float32 and mixed["FIP"].item() == pytest.approx(terms["FIP"].item(), rel=1e-2)
+
+
+def test_calunet_sampled_fip_is_an_unbiased_estimate_of_the_exact_penalty_and_gradient(tiny_dataset):
+    """--fip-estimator sampled: a drawn patch's term is its own exact FIP (decoder rerun on its skips) times the
+    draw's weight, and the segmentation loss is the batch's as before; averaged over the patches it can draw, value
+    and parameter gradient are the exact estimator's."""
+    trainer, data, target = _calunet_batch(tiny_dataset)
+    parameters = [p for p in trainer.network.parameters() if p.requires_grad]
+
+    def gradient(value):
+        grads = torch.autograd.grad(value, parameters, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, parameters)])
+
+    trainer.fip_estimator = "exact"
+    exact = trainer.loss_terms(data, target)
+    trainer.fip_estimator = "sampled"
+    drawn = []
+    for b in range(2):
+        trainer.fip_draw = lambda batch, b=b: ([b], 4.0)
+        drawn.append(trainer.loss_terms(data, target))
+        assert drawn[-1]["segmentation loss"].item() == pytest.approx(exact["segmentation loss"].item(), rel=1e-5)
+    expected = (drawn[0]["FIP"] + drawn[1]["FIP"]) / (2 * 4.0)
+    assert expected.item() == pytest.approx(exact["FIP"].item(), rel=1e-4)
+    reference = gradient(exact["FIP"])
+    assert float((gradient(expected) - reference).abs().max() / reference.abs().max()) < 1e-4
+    trainer.fip_draw = lambda batch: ([], 0.0)
+    assert trainer.loss_terms(data, target)["FIP"].item() == 0.0
+    del trainer.fip_draw
+
+    def run_draws():
+        draws = []
+        for step in range(40):
+            trainer.step_in_epoch = step
+            draws.append(trainer.fip_draw(2))
+        return draws
+
+    draws = run_draws()  # the run's own draws: reproducible from seed, epoch and step (a resumed run redraws them)
+    assert run_draws() == draws and len({str(d) for d in draws}) == 3
+    assert all(weight == 2.0 for indices, weight in draws if indices)
+    assert 8 <= sum(bool(indices) for indices, _ in draws) <= 32  # one patch every other step on average
 
 
 def test_calib_predict_on_new_images(tiny_dataset, trained, tmp_path):

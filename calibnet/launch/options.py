@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from calibnet.errors import CalibnetError, UsageError
+from calibnet.losses import FIP_ESTIMATORS
 from calibnet.methods import LOSS_FLAGS, METHODS, NETWORK_FLAGS, SAM_PROMPTS, Method
 from calibnet.runs import DEFAULT_SEED, RunSpec
 
@@ -25,6 +26,7 @@ def _given(options) -> dict:
 class LossOptions:
     """Loss weights and shapes (--lambda-fip, ...); each method takes those in its ``loss_options``."""
     lambda_fip: float | None = None
+    fip_estimator: str | None = None  # one of losses.FIP_ESTIMATORS
     lambda_cmp: float | None = None
     cmp_tau: float | None = None
     cmp_gamma: float | None = None
@@ -121,12 +123,17 @@ def _takers(options: tuple, declared) -> str:
 
 
 def check_loss_options(method: Method, loss: LossOptions) -> dict:
-    """The given loss options as floats; refuses those the method does not take and values out of range."""
+    """The given loss options (floats; --fip-estimator a name); refuses those the method does not take and values out of range."""
     checked = {}
     for name, value in loss.given().items():
         if name not in method.loss_options:
             raise CalibnetError(f"{LOSS_FLAGS[name]} does not apply to method {method.alias}; it takes "
                                 f"{', '.join(LOSS_FLAGS[o] for o in method.loss_options) or 'no loss flags'}.")
+        if name == "fip_estimator":
+            if value not in FIP_ESTIMATORS:
+                raise CalibnetError(f"--fip-estimator {value!r}: choose {' or '.join(FIP_ESTIMATORS)}.")
+            checked[name] = value
+            continue
         value = float(value)
         strictly_positive = name.endswith("gamma") and name != "focal_gamma"
         if not np.isfinite(value) or value < 0 or (value == 0 and strictly_positive):

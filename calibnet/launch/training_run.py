@@ -58,7 +58,8 @@ def _set_loss_options(trainer, method, checked: dict) -> dict:
     """Set the checked loss options on the trainer; returns every loss option of the method as it trains."""
     for name, value in checked.items():
         setattr(trainer, name, value)
-    return {name: float(getattr(trainer, name)) for name in method.loss_options}
+    return {name: getattr(trainer, name) if name == "fip_estimator" else float(getattr(trainer, name))
+            for name in method.loss_options}
 
 
 def _stop_dataloaders(trainer) -> None:
@@ -125,7 +126,7 @@ def prepare_trainer(spec: RunSpec, preprocessed_root: Path, results_root: Path, 
     plans["continue_training"] = continue_training
     dataset_json = json.loads((dataset_folder / "dataset.json").read_text())
     trainer = method.trainer_class()(plans, spec.configuration, spec.fold, dataset_json, device=torch.device(device))
-    trainer.split_family = spec.split
+    trainer.split_family, trainer.seed = spec.split, spec.seed
     folder = Path(folder) if folder else run_folder(results_root, dataset_folder.name, trainer.__class__.__name__,
                                                     spec)
     trainer.use_run_folder(folder)

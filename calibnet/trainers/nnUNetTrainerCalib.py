@@ -14,6 +14,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from calibnet.checkpoints import weights_only_loads
 from calibnet.errors import CalibnetError
 from calibnet.files import atomic_path
+from calibnet.losses import DEFAULT_FIP_ESTIMATOR, FipEstimator
 from calibnet.planners.splits import describe_fold, get_fold, load_calib_splits
 
 
@@ -70,6 +71,10 @@ class nnUNetTrainerCalib(nnUNetTrainer):
     no_ddp_reason = ""
     progress = None  # the epoch's progress bar while training
     step_in_epoch = 0
+    seed = 0  # the run's --seed (prompts, FIP draws)
+    lambda_fip = 0.0
+    fip_estimator = DEFAULT_FIP_ESTIMATOR  # calib_train --fip-estimator (see calibnet.losses.FipEstimator)
+    fip_rate = 1.0  # --fip-estimator sampled: mean samples per step that FIP is taken on
 
     @classmethod
     def prompt_inputs(cls, foreground: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -147,6 +152,15 @@ class nnUNetTrainerCalib(nnUNetTrainer):
     def calib_train_step(self, batch: dict) -> dict:
         """One optimisation step; subclasses that change the objective override this."""
         return nnUNetTrainer.train_step(self, batch)
+
+    def fip_draw(self, batch: int) -> tuple[list, float]:
+        """The samples of this batch that FIP is taken on and the weight of their mean penalty (see
+        :class:`~calibnet.losses.FipEstimator`): every sample outside training (validation loss); in training
+        as the run's estimator draws them, reproducibly from the seed, epoch and step."""
+        if not self.network.training:
+            return list(range(batch)), 1.0
+        estimator = FipEstimator(self.fip_estimator, self.fip_rate if self.fip_estimator == "sampled" else None)
+        return estimator.draw(batch, np.random.default_rng([self.seed, self.current_epoch, self.step_in_epoch, 0xF1]))
 
     def backward_and_step(self, loss: torch.Tensor, parameters, restrict_to_parameters: bool = False) -> None:
         """Backpropagate ``loss`` and update, as nnU-Net does (grad scaler on CUDA, gradient norm clipped at 12).

@@ -85,11 +85,11 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     sam_config = SamConfig()
     target_label = None  # None: the union of all foreground labels; else one label value
     lambda_fip = 0.0
+    fip_rate = 0.5  # --fip-estimator sampled: one of the batch's slices every other step
     lambda_cmp = 0.0
     cmp_tau = DEFAULT_CMP_TAU
     cmp_gamma = DEFAULT_CMP_GAMMA
     slices_per_batch = 8
-    seed = 0
     caches_embeddings = True  # the image encoder is frozen, so each slice is encoded once
     predicts_with_mirroring = False  # SAM predicts once per prompt; mirroring would re-encode every slice 8×
     reads_unit_intensities = False  # MedSAM's encoder reads [0, 1] whatever the checkpoint's architecture
@@ -255,14 +255,23 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         FIP = ½·mean over slices of ‖∂L(slice b)/∂z_b‖² of those same per-slice losses (CalSAM Eq. 3; each
         slice is decoded from its own embedding, so one gradient of their sum gives every g_b); CMP = mean
         over all pixels of the batch. Computed in float32 with autocast off."""
-        z = self.embeddings(keys).detach().float().requires_grad_(self.lambda_fip > 0)
+        z = self.embeddings(keys).detach().float()
+        fip_samples, fip_weight = self.fip_draw(len(keys))
+        exact = self.lambda_fip and len(fip_samples) == len(keys)
         with full_precision():
-            slice_logits, slice_targets = self._forward_slices(keys, z)
+            slice_logits, slice_targets = self._forward_slices(keys, z.requires_grad_(bool(exact)))
             per_slice = torch.stack([self.slice_loss(l, t) for l, t in zip(slice_logits, slice_targets)])
             logits, target = torch.cat(slice_logits), torch.cat(slice_targets)
             terms = {"segmentation loss": per_slice.mean()}
-            if self.lambda_fip:
-                terms["FIP"] = fisher_information_penalty(per_slice, [z])
+            if exact:
+                terms["FIP"] = fisher_information_penalty(per_slice, [z], create_graph=self.network.training)
+            elif self.lambda_fip and fip_samples:  # the drawn slices decoded again, from their own embeddings
+                z_drawn = z[fip_samples].detach().requires_grad_(True)
+                drawn = self._forward_slices([keys[i] for i in fip_samples], z_drawn)
+                losses = torch.stack([self.slice_loss(l, t) for l, t in zip(*drawn)])
+                terms["FIP"] = fip_weight * fisher_information_penalty(losses, [z_drawn])
+            elif self.lambda_fip:
+                terms["FIP"] = per_slice.new_zeros(())
             if self.lambda_cmp:
                 terms["CMP"] = confidence_misalignment_penalty(logits[None, None], target[None, None], self.cmp_tau,
                                                                self.cmp_gamma, regions=True)
