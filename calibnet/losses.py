@@ -16,12 +16,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 DEFAULT_LAMBDA_FIP = 0.3
-DEFAULT_FIP_ESTIMATOR = "sampled"
+DEFAULT_FIP_ESTIMATOR = "amortised"
 DEFAULT_LAMBDA_CMP = 0.5
 DEFAULT_CMP_TAU = math.log(2.0)  # a voxel whose true class has p < 0.5 is penalised
 DEFAULT_CMP_GAMMA = 0.1
@@ -78,37 +77,31 @@ def fisher_information_penalty(sample_losses: torch.Tensor, features: Sequence[t
 
 @dataclass(frozen=True)
 class FipEstimator:
-    """Which samples of a batch a training step takes FIP on (``calib_train --fip-estimator``).
+    """How often a training step takes FIP's parameter gradient afresh (``calib_train --fip-estimator``).
 
-    ``exact``: every sample, every step — the penalty of CalSAM Eq. 3 and its exact parameter gradient (double
-    backward). ``sampled``: on average ``rate`` samples per step — ⌈rate⌉ samples drawn uniformly without
-    replacement, in a step drawn with probability rate/⌈rate⌉ — their mean penalty divided by that probability:
-    an unbiased estimate of the batch's FIP, so its parameter gradient is an unbiased estimate of the exact one
-    at a fraction of the double backward's cost. Each drawn sample's penalty is still exact (its own loss, its
-    own double backward).
+    ``exact``: every step, on that step's batch — CalSAM Eq. 3's penalty and its exact gradient (double
+    backward), as Algorithm 1. ``amortised``: afresh every ``every``-th step (and on the first step of a
+    process); the steps between add the last fresh gradient λ1·∇FIP to their own segmentation (and CMP)
+    gradient. That gradient is the exact per-sample FIP gradient of a batch drawn like every other, so it is
+    unbiased over batches; it is stale by fewer than ``every`` optimiser steps. The double backward's cost is
+    paid once per ``every`` steps.
     """
     name: str
-    rate: float | None = None  # mean FIP samples per step (sampled); None: every sample (exact)
+    every: int = 1
 
     def __post_init__(self):
         if self.name not in FIP_ESTIMATORS:
             raise ValueError(f"FIP estimator {self.name!r}: choose {', '.join(FIP_ESTIMATORS)}")
-        if self.name == "sampled" and not (self.rate and self.rate > 0):
-            raise ValueError("the sampled FIP estimator needs a rate > 0 (mean samples per step)")
+        if int(self.every) != self.every or self.every < 1:
+            raise ValueError(f"the FIP estimator's refresh interval must be a whole number of steps >= 1, "
+                             f"not {self.every}")
 
-    def draw(self, batch: int, generator: np.random.Generator) -> tuple[list, float]:
-        """(indices of the samples to take FIP on this step, the weight w on their mean penalty): w · mean over
-        those samples is unbiased for the mean over all ``batch`` samples; no indices: no FIP this step."""
-        if self.name == "exact" or self.rate >= batch:
-            return list(range(batch)), 1.0
-        count = math.ceil(self.rate)
-        probability = self.rate / count
-        if probability < 1 and generator.random() >= probability:
-            return [], 0.0
-        return sorted(int(i) for i in generator.choice(batch, size=count, replace=False)), 1.0 / probability
+    def fresh(self, step: int, have_gradient: bool) -> bool:
+        """Whether training step ``step`` (counted from 0 over the whole run) takes FIP afresh."""
+        return self.name == "exact" or not have_gradient or step % self.every == 0
 
 
-FIP_ESTIMATORS = ("exact", "sampled")
+FIP_ESTIMATORS = ("exact", "amortised")
 
 
 def voxel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, regions: bool = False) -> torch.Tensor:

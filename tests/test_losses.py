@@ -1,8 +1,6 @@
 """The loss terms against hand-computed values and independent computations."""
 import math
-from itertools import combinations
 
-import numpy as np
 import pytest
 import torch
 
@@ -160,35 +158,17 @@ def test_dice_plus_plus_hand_computed():
     assert dice_plus_plus_loss(logits, target, gamma=1).item() == pytest.approx(soft_dice, rel=1e-5)
 
 
-def test_exact_fip_estimator_takes_every_sample_every_step():
-    assert FipEstimator("exact").draw(5, np.random.default_rng(0)) == ([0, 1, 2, 3, 4], 1.0)
-    assert FipEstimator("sampled", rate=8).draw(5, np.random.default_rng(0)) == ([0, 1, 2, 3, 4], 1.0)
+def test_fip_estimators_say_which_steps_take_fip_afresh():
+    exact, amortised = FipEstimator("exact"), FipEstimator("amortised", every=3)
+    assert all(exact.fresh(step, have_gradient=True) for step in range(7))
+    assert [amortised.fresh(step, have_gradient=True) for step in range(7)] == [True, False, False, True, False,
+                                                                                False, True]
+    assert amortised.fresh(5, have_gradient=False)  # nothing kept yet (a resumed process): afresh
 
 
-@pytest.mark.parametrize("rate", [0.5, 1.0, 2.0])
-def test_sampled_fip_estimator_is_unbiased_for_the_batch_mean(rate):
-    """E[w · mean over the drawn samples of F_b] = mean_b F_b: the draw weight cancels the chance of a FIP step
-    and every sample is drawn equally often (checked on draws and, exactly, on the draw law)."""
-    batch, penalties = 4, np.array([1.0, 5.0, 2.0, 0.5])
-    estimator = FipEstimator("sampled", rate=rate)
-    generator = np.random.default_rng(1)
-    draws = [estimator.draw(batch, generator) for _ in range(20000)]
-    count = math.ceil(rate)
-    fip_steps = [d for d in draws if d[0]]
-    assert len(fip_steps) / len(draws) == pytest.approx(rate / count, abs=0.015)
-    assert all(len(indices) == count and len(set(indices)) == count and weight == count / rate
-               for indices, weight in fip_steps)
-    frequency = np.bincount([i for indices, _ in fip_steps for i in indices], minlength=batch) / (len(fip_steps) * count)
-    assert frequency == pytest.approx(np.full(batch, 1 / batch), abs=0.02)
-    subsets = list(combinations(range(batch), count))  # uniform without replacement: every subset alike
-    expectation = (rate / count) * (count / rate) * np.mean([penalties[list(s)].mean() for s in subsets])
-    assert expectation == pytest.approx(penalties.mean())
-    estimates = [w * penalties[i].mean() if i else 0.0 for i, w in draws]
-    assert np.mean(estimates) == pytest.approx(penalties.mean(), rel=0.03)
-
-
-def test_fip_estimator_refuses_unknown_names_and_rates():
-    with pytest.raises(ValueError, match="choose exact, sampled"):
+def test_fip_estimator_refuses_unknown_names_and_intervals():
+    with pytest.raises(ValueError, match="choose exact, amortised"):
         FipEstimator("hutchinson")
-    with pytest.raises(ValueError, match="rate > 0"):
-        FipEstimator("sampled", rate=0)
+    for every in (0, 2.5):
+        with pytest.raises(ValueError, match="whole number of steps"):
+            FipEstimator("amortised", every=every)

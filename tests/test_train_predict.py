@@ -91,7 +91,7 @@ def test_each_method_trains_and_predicts_exactly_the_folds_val_and_test_cases(ti
 
 def test_loss_options_are_recorded_and_checked(tiny_dataset, trained):
     record = json.loads((trained["calunet"][1] / "calibnet_run.json").read_text())
-    assert record["loss_options"].pop("fip_estimator") == "sampled"
+    assert record["loss_options"].pop("fip_estimator") == "amortised"
     assert record["loss_options"] == pytest.approx({"lambda_fip": 0.3, "lambda_cmp": 0.5, "cmp_tau": np.log(2),
                                                     "cmp_gamma": 0.1})
     tiny_dataset.activate()
@@ -229,44 +229,46 @@ def test_calunet_fip_is_half_the_mean_of_each_patchs_squared_gradient_norm(tiny_
     assert mixed["FIP"].dtype == torch.float32 and mixed["FIP"].item() == pytest.approx(terms["FIP"].item(), rel=1e-2)
 
 
-def test_calunet_sampled_fip_is_an_unbiased_estimate_of_the_exact_penalty_and_gradient(tiny_dataset):
-    """--fip-estimator sampled: a drawn patch's term is its own exact FIP (decoder rerun on its skips) times the
-    draw's weight, and the segmentation loss is the batch's as before; averaged over the patches it can draw, value
-    and parameter gradient are the exact estimator's."""
+def test_calunet_amortised_fip_adds_the_last_fresh_fip_gradient_to_each_steps_own(tiny_dataset):
+    """--fip-estimator amortised (every 3rd step afresh): step 0 updates with the exact gradient of segmentation +
+    λ1·FIP + λ2·CMP; steps 1 and 2 with their own batch's segmentation + CMP gradient plus step 0's λ1·∇FIP (and log
+    step 0's FIP); step 3 takes FIP afresh on its own batch. Gradients are read at the optimiser step (not taken)."""
     trainer, data, target = _calunet_batch(tiny_dataset)
-    parameters = [p for p in trainer.network.parameters() if p.requires_grad]
+    parameters = list(trainer.network.parameters())
+    batches = [(data, target), (data.flip(0), [t.flip(0) for t in target]), (data * 0.5, target), (-data, target)]
 
     def gradient(value):
-        grads = torch.autograd.grad(value, parameters, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, parameters)])
+        grads = torch.autograd.grad(value, parameters, allow_unused=True, retain_graph=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, parameters)]
+
+    def clipped(grads):  # nnU-Net clips the gradient norm at 12
+        norm = torch.norm(torch.stack([g.norm() for g in grads]))
+        return [g * min(1.0, 12 / (float(norm) + 1e-6)) for g in grads]
 
     trainer.fip_estimator = "exact"
-    exact = trainer.loss_terms(data, target)
-    trainer.fip_estimator = "sampled"
-    drawn = []
-    for b in range(2):
-        trainer.fip_draw = lambda batch, b=b: ([b], 4.0)
-        drawn.append(trainer.loss_terms(data, target))
-        assert drawn[-1]["segmentation loss"].item() == pytest.approx(exact["segmentation loss"].item(), rel=1e-5)
-    expected = (drawn[0]["FIP"] + drawn[1]["FIP"]) / (2 * 4.0)
-    assert expected.item() == pytest.approx(exact["FIP"].item(), rel=1e-4)
-    reference = gradient(exact["FIP"])
-    assert float((gradient(expected) - reference).abs().max() / reference.abs().max()) < 1e-4
-    trainer.fip_draw = lambda batch: ([], 0.0)
-    assert trainer.loss_terms(data, target)["FIP"].item() == 0.0
-    del trainer.fip_draw
-
-    def run_draws():
-        draws = []
-        for step in range(40):
-            trainer.step_in_epoch = step
-            draws.append(trainer.fip_draw(2))
-        return draws
-
-    draws = run_draws()  # the run's own draws: reproducible from seed, epoch and step (a resumed run redraws them)
-    assert run_draws() == draws and len({str(d) for d in draws}) == 3
-    assert all(weight == 2.0 for indices, weight in draws if indices)
-    assert 8 <= sum(bool(indices) for indices, _ in draws) <= 32  # one patch every other step on average
+    expected, fip_values = [], []
+    for step, (x, y) in enumerate(batches):
+        terms = trainer.loss_terms(x, y)
+        rest = gradient(terms["segmentation loss"] + trainer.lambda_cmp * terms["CMP"])
+        fip = gradient(trainer.lambda_fip * terms["FIP"])
+        if step % 3 == 0:
+            kept, kept_value = fip, terms["FIP"].item()
+        expected.append(clipped([a + b for a, b in zip(rest, kept)]))
+        fip_values.append(kept_value)
+    recorded = []
+    trainer.optimizer.step = lambda: recorded.append([p.grad.clone() for p in parameters])  # weights stay put
+    trainer.fip_estimator, trainer.fip_every, trainer.step_in_epoch = "amortised", 3, 0
+    losses = [float(trainer.train_step({"data": x, "target": y})["loss"]) for x, y in batches]
+    for step in range(4):
+        reference = torch.cat([g.reshape(-1) for g in expected[step]])
+        got = torch.cat([g.reshape(-1) for g in recorded[step]])
+        assert float((got - reference).abs().max() / reference.abs().max()) < 1e-4, step
+    trainer.fip_estimator = "exact"
+    for step, (x, y) in enumerate(batches):  # the logged loss carries the kept FIP
+        terms = trainer.loss_terms(x, y)
+        logged = terms["segmentation loss"].item() + trainer.lambda_cmp * terms["CMP"].item() + \
+            trainer.lambda_fip * fip_values[step]
+        assert losses[step] == pytest.approx(logged, rel=1e-4)
 
 
 def test_calib_predict_on_new_images(tiny_dataset, trained, tmp_path):

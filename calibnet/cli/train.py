@@ -53,11 +53,11 @@ def _list_methods(ctx, _param, value):
                    "--mc-samples 2 --mc-samples 15 (max(N) samples, the first N for each); default off.")
 @click.option("--lambda-fip", type=float, default=None,
               help="Weight of FIP (calunet, unet_fip, calsam, sam_fip; default 0.3).")
-@click.option("--fip-estimator", type=click.Choice(["exact", "sampled"]), default=None,
-              help="How FIP's gradient is taken (calunet, unet_fip, calsam, sam_fip). sampled (default): the exact "
-                   "penalty of a random sample of the batch each step (one SAM slice; one nnU-Net patch every "
-                   "other step), reweighted to an unbiased estimate at a fraction of the cost; exact: every "
-                   "sample, every step (double backward). See docs/losses.md.")
+@click.option("--fip-estimator", type=click.Choice(["exact", "amortised"]), default=None,
+              help="How FIP's parameter gradient is taken (calunet, unet_fip, calsam, sam_fip). amortised "
+                   "(default): exactly, on that step's batch, every 8th step, the steps between reusing it with "
+                   "their own segmentation and CMP gradients; exact: every step (double backward every step). "
+                   "See docs/losses.md.")
 @click.option("--lambda-cmp", type=float, default=None,
               help="Weight of CMP (calunet, unet_cmp, calsam, sam_cmp; default 0.5).")
 @click.option("--cmp-tau", type=float, default=None, help="CMP threshold τ on the voxel CE (default ln 2).")

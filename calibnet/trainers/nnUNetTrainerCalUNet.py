@@ -36,7 +36,6 @@ class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
     """nnU-Net + λ1·FIP (encoder skips) + λ2·CMP (final softmax)."""
 
     lambda_fip = DEFAULT_LAMBDA_FIP
-    fip_rate = 0.5  # --fip-estimator sampled: one patch every other step
     lambda_cmp = DEFAULT_LAMBDA_CMP
     cmp_tau = DEFAULT_CMP_TAU
     cmp_gamma = DEFAULT_CMP_GAMMA
@@ -64,38 +63,24 @@ class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
         return torch.stack([self.loss(_sample(output, b), _sample(target, b)) for b in range(final.shape[0])])
 
     def loss_terms(self, data: torch.Tensor, target) -> dict:
-        """Segmentation loss, FIP and CMP of one batch (the encoder under autocast on CUDA, as nnU-Net does).
-
-        With the exact estimator the decoder runs once, in float32, on every patch; with a sampled one it runs
-        as nnU-Net's does on the batch, then again in float32 on the drawn patches' skips for their FIP."""
-        fip_samples, fip_weight = self.fip_draw(data.shape[0]) if self.lambda_fip else ([], 0.0)
-        exact = bool(self.lambda_fip) and len(fip_samples) == data.shape[0]
+        """Segmentation loss, FIP and CMP of one batch (the encoder under autocast on CUDA, as nnU-Net does). On
+        the steps of the amortised estimator that reuse the last FIP gradient the network runs as nnU-Net's."""
+        fresh_fip = self.lambda_fip and self.fip_due()
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            if not self.lambda_fip:  # the network's own forward (decoder(encoder(x))), through DDP's wrapper if any
+            if not fresh_fip:  # the network's own forward (decoder(encoder(x))), through DDP's wrapper if any
                 output = self.network(data)
                 terms = {"segmentation loss": self.loss(output, target)}
             else:
                 skips = self.network.encoder(data)
-                if not exact:
-                    output = self.network.decoder(skips)
-                    terms = {"segmentation loss": self.loss(output, target)}
-        if exact:
+        if fresh_fip:
             self._check_samples_independent()
             with full_precision():
                 z = [s.to(torch.float32, copy=True) for s in skips]  # the decoder's input, still in the graph
                 output = self.network.decoder(z)
                 terms = {"segmentation loss": self.loss(output, target),
-                         "FIP": fisher_information_penalty(self.sample_losses(output, target), z,
-                                                           create_graph=self.network.training)}
-        elif self.lambda_fip and fip_samples:
-            self._check_samples_independent()
-            with full_precision():
-                z = [s[fip_samples].to(torch.float32, copy=True) for s in skips]
-                drawn_target = [t[fip_samples] for t in target] if isinstance(target, list) else target[fip_samples]
-                losses = self.sample_losses(self.network.decoder(z), drawn_target)
-                terms["FIP"] = fip_weight * fisher_information_penalty(losses, z)
+                         "FIP": fisher_information_penalty(self.sample_losses(output, target), z)}
         elif self.lambda_fip:
-            terms["FIP"] = terms["segmentation loss"].new_zeros((), dtype=torch.float32)
+            terms["FIP"] = self.amortised_fip_value()
         if self.lambda_cmp:
             final_output = output[0] if isinstance(output, (list, tuple)) else output
             final_target = target[0] if isinstance(target, list) else target
@@ -112,11 +97,11 @@ class nnUNetTrainerCalUNet(nnUNetTrainerCalib):
         self.optimizer.zero_grad(set_to_none=True)
         terms = self.loss_terms(data, target)
         self.check_finite(terms)
-        total = terms["segmentation loss"] + self.lambda_fip * terms.get("FIP", 0) + \
+        terms["total loss"] = terms["segmentation loss"] + self.lambda_fip * terms.get("FIP", 0) + \
             self.lambda_cmp * terms.get("CMP", 0)
-        self.check_finite({"total loss": total})
-        self.backward_and_step(total, self.network.parameters())
-        return {"loss": total.detach().cpu().numpy()}
+        self.check_finite({"total loss": terms["total loss"]})
+        self.fip_backward_and_step(terms, self.network.parameters())
+        return {"loss": terms["total loss"].detach().cpu().numpy()}
 
 
 class nnUNetTrainerUNetFIP(nnUNetTrainerCalUNet):

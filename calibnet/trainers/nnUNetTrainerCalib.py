@@ -74,7 +74,9 @@ class nnUNetTrainerCalib(nnUNetTrainer):
     seed = 0  # the run's --seed (prompts, FIP draws)
     lambda_fip = 0.0
     fip_estimator = DEFAULT_FIP_ESTIMATOR  # calib_train --fip-estimator (see calibnet.losses.FipEstimator)
-    fip_rate = 1.0  # --fip-estimator sampled: mean samples per step that FIP is taken on
+    fip_every = 8  # --fip-estimator amortised: FIP's gradient taken afresh every fip_every-th step
+    _fip_gradient = None  # amortised: λ1·∇FIP of the last fresh step, one tensor per trained parameter
+    _fip_value = None
 
     @classmethod
     def prompt_inputs(cls, foreground: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
@@ -153,32 +155,66 @@ class nnUNetTrainerCalib(nnUNetTrainer):
         """One optimisation step; subclasses that change the objective override this."""
         return nnUNetTrainer.train_step(self, batch)
 
-    def fip_draw(self, batch: int) -> tuple[list, float]:
-        """The samples of this batch that FIP is taken on and the weight of their mean penalty (see
-        :class:`~calibnet.losses.FipEstimator`): every sample outside training (validation loss); in training
-        as the run's estimator draws them, reproducibly from the seed, epoch and step."""
-        if not self.network.training:
-            return list(range(batch)), 1.0
-        estimator = FipEstimator(self.fip_estimator, self.fip_rate if self.fip_estimator == "sampled" else None)
-        return estimator.draw(batch, np.random.default_rng([self.seed, self.current_epoch, self.step_in_epoch, 0xF1]))
+    @property
+    def fip_estimator_spec(self) -> FipEstimator:
+        return FipEstimator(self.fip_estimator, self.fip_every if self.fip_estimator == "amortised" else 1)
 
-    def backward_and_step(self, loss: torch.Tensor, parameters, restrict_to_parameters: bool = False) -> None:
+    def fip_due(self) -> bool:
+        """Whether this step takes FIP afresh: always outside training (the validation loss) and with the exact
+        estimator; with the amortised one every ``fip_every``-th training step of the run."""
+        estimator = self.fip_estimator_spec
+        if not self.network.training or estimator.name == "exact":
+            return True
+        step = self.current_epoch * self.num_iterations_per_epoch + max(self.step_in_epoch - 1, 0)
+        return estimator.fresh(step, self._fip_gradient is not None)
+
+    def amortised_fip_value(self) -> torch.Tensor:
+        """The FIP of the last fresh step (a constant), logged in the loss of the steps that reuse its gradient."""
+        return self._fip_value
+
+    def fip_backward_and_step(self, terms: dict, parameters) -> None:
+        """Backpropagate segmentation loss + λ1·FIP + λ2·CMP and update. With the amortised estimator a fresh
+        FIP's parameter gradient is kept and added to the steps' own gradients until the next fresh one."""
+        parameters = list(parameters)
+        if not self.lambda_fip or self.fip_estimator == "exact" or not self.network.training:
+            return self.backward_and_step(terms["total loss"], parameters)
+        if terms["FIP"].requires_grad:
+            grads = torch.autograd.grad(self.lambda_fip * terms["FIP"], parameters, retain_graph=True,
+                                        allow_unused=True)
+            self._fip_gradient = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, parameters)]
+            self._fip_value = terms["FIP"].detach()
+        rest = terms["segmentation loss"] + self.lambda_cmp * terms.get("CMP", 0)
+        self.backward_and_step(rest, parameters, extra_gradients=self._fip_gradient)
+
+    def backward_and_step(self, loss: torch.Tensor, parameters, restrict_to_parameters: bool = False,
+                          extra_gradients=None) -> None:
         """Backpropagate ``loss`` and update, as nnU-Net does (grad scaler on CUDA, gradient norm clipped at 12).
 
         ``restrict_to_parameters`` computes gradients for ``parameters`` only (not for inputs that require
-        them, e.g. images being perturbed)."""
+        them, e.g. images being perturbed); ``extra_gradients`` (one tensor per parameter) are added to the
+        loss's gradients before clipping."""
         parameters = list(parameters)
         inputs = parameters if restrict_to_parameters else None
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward(inputs=inputs)
+            self._add_gradients(parameters, extra_gradients, float(self.grad_scaler.get_scale()))
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward(inputs=inputs)
+            self._add_gradients(parameters, extra_gradients)
             torch.nn.utils.clip_grad_norm_(parameters, 12)
             self.optimizer.step()
+
+    @staticmethod
+    def _add_gradients(parameters: list, gradients, scale: float = 1.0) -> None:
+        for parameter, gradient in zip(parameters, gradients or ()):
+            if parameter.grad is None:
+                parameter.grad = gradient * scale
+            else:
+                parameter.grad.add_(gradient, alpha=scale)
 
     def raise_non_finite(self, term: str) -> None:
         raise NonFiniteLossError(

@@ -85,7 +85,6 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     sam_config = SamConfig()
     target_label = None  # None: the union of all foreground labels; else one label value
     lambda_fip = 0.0
-    fip_rate = 0.5  # --fip-estimator sampled: one of the batch's slices every other step
     lambda_cmp = 0.0
     cmp_tau = DEFAULT_CMP_TAU
     cmp_gamma = DEFAULT_CMP_GAMMA
@@ -255,23 +254,17 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         FIP = ½·mean over slices of ‖∂L(slice b)/∂z_b‖² of those same per-slice losses (CalSAM Eq. 3; each
         slice is decoded from its own embedding, so one gradient of their sum gives every g_b); CMP = mean
         over all pixels of the batch. Computed in float32 with autocast off."""
-        z = self.embeddings(keys).detach().float()
-        fip_samples, fip_weight = self.fip_draw(len(keys))
-        exact = self.lambda_fip and len(fip_samples) == len(keys)
+        fresh_fip = self.lambda_fip and self.fip_due()
+        z = self.embeddings(keys).detach().float().requires_grad_(bool(fresh_fip))
         with full_precision():
-            slice_logits, slice_targets = self._forward_slices(keys, z.requires_grad_(bool(exact)))
+            slice_logits, slice_targets = self._forward_slices(keys, z)
             per_slice = torch.stack([self.slice_loss(l, t) for l, t in zip(slice_logits, slice_targets)])
             logits, target = torch.cat(slice_logits), torch.cat(slice_targets)
             terms = {"segmentation loss": per_slice.mean()}
-            if exact:
+            if fresh_fip:
                 terms["FIP"] = fisher_information_penalty(per_slice, [z], create_graph=self.network.training)
-            elif self.lambda_fip and fip_samples:  # the drawn slices decoded again, from their own embeddings
-                z_drawn = z[fip_samples].detach().requires_grad_(True)
-                drawn = self._forward_slices([keys[i] for i in fip_samples], z_drawn)
-                losses = torch.stack([self.slice_loss(l, t) for l, t in zip(*drawn)])
-                terms["FIP"] = fip_weight * fisher_information_penalty(losses, [z_drawn])
-            elif self.lambda_fip:
-                terms["FIP"] = per_slice.new_zeros(())
+            elif self.lambda_fip:  # --fip-estimator amortised between refreshes: the last penalty, a constant
+                terms["FIP"] = self.amortised_fip_value()
             if self.lambda_cmp:
                 terms["CMP"] = confidence_misalignment_penalty(logits[None, None], target[None, None], self.cmp_tau,
                                                                self.cmp_gamma, regions=True)
@@ -284,9 +277,9 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
 
     def calib_train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
-        total = self.loss_terms(batch["keys"])["total loss"]
-        self.backward_and_step(total, self.trainable_parameters())
-        return {"loss": total.detach().cpu().numpy()}
+        terms = self.loss_terms(batch["keys"])
+        self.fip_backward_and_step(terms, self.trainable_parameters())
+        return {"loss": terms["total loss"].detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:
         with torch.enable_grad():  # FIP needs gradients even in validation
