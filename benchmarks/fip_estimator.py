@@ -7,15 +7,15 @@ On the synthetic benchmark (built in a temporary CALIBNET_DATA), for each family
 decoder (LiteMedSAM unless told otherwise; one batch of 8 real slices) and calunet vs nnunet (3d_fullres, one
 real augmented batch from nnU-Net's dataloader):
 
-- mean seconds of a training step of the baseline, of the FIP method with ``exact`` and with ``sampled``, and
-  their ratios to the baseline; a sampled estimator that takes FIP on only some steps is timed on steps with and
-  without FIP apart, and its figure is their mean weighted by how often each happens;
-- cosine similarity of the parameter gradient of the whole training loss (segmentation + λ1·FIP + λ2·CMP)
-  under ``sampled`` to the one under ``exact``, per draw (mean and minimum over the draws of ``--steps`` steps);
-- the unbiasedness check: the expectation of the sampled FIP gradient, enumerated over every sample it can
-  draw, against the exact FIP gradient (cosine and max relative difference; 1 and ~1e-6 if unbiased);
-- the cosine of one draw's FIP gradient to the exact one (how noisy a single step's estimate is).
-Gradients are taken at the same weights (no optimiser step between them).
+- mean seconds of a training step of the baseline and of the FIP method with ``exact``; with ``amortised`` the
+  steps that take FIP afresh and those that reuse its gradient are timed apart, and its figure is
+  (fresh + (k − 1) · reuse) / k; the ratios to the baseline;
+- at the same weights, on ``--batches`` further real batches: the cosine similarity of the whole training gradient
+  of a step that reuses batch 0's FIP gradient (what ``amortised`` does between refreshes) to the exact gradient of
+  that batch (mean and minimum), the cosine between the two FIP gradients, and FIP's share of the gradient's norm
+  (how much the penalty steers a step at all).
+Gradients are taken at the same weights (no optimiser step between them): what staleness in the weights adds
+during training is not measured here (docs/losses.md gives the training runs that compare the estimators).
 """
 from __future__ import annotations
 
@@ -28,34 +28,28 @@ from dataclasses import replace
 import torch
 
 
-def _mean_step_seconds(trainer, batch, steps: int, device: str, draw=None) -> float:
-    """Mean seconds of a training step; ``draw`` (samples, weight) fixes what FIP is taken on."""
+def _mean_step_seconds(trainer, batch, steps: int, device: str, fresh=None) -> float:
+    """Mean seconds of a training step; ``fresh`` (True/False) fixes whether it takes FIP afresh."""
     from common import step_times
 
-    original = trainer.fip_draw
-    if draw is not None:
-        trainer.fip_draw = lambda batch_size: draw
+    original = trainer.fip_due
+    if fresh is not None:
+        trainer.fip_due = lambda: fresh or not trainer.network.training
     try:
         trainer.step_in_epoch = 0
         times = step_times(lambda: trainer.train_step(batch), steps, device)
     finally:
-        trainer.fip_draw = original
+        trainer.fip_due = original
     return sum(times) / len(times)
 
 
-def _sampled_step_seconds(trainer, batch, steps: int, device: str, name: str) -> dict:
-    """A sampled step's expected seconds: the share of steps that take FIP (rate/⌈rate⌉) times the seconds of
-    such a step (⌈rate⌉ samples) plus the rest times those of a step without FIP (timed apart, so that the mean
-    does not depend on how a few draws fell)."""
-    import math
-
-    count = math.ceil(trainer.fip_rate)
-    share = trainer.fip_rate / count
-    with_fip = _mean_step_seconds(trainer, batch, steps, device, (list(range(count)), 1.0 / share))
-    without = _mean_step_seconds(trainer, batch, steps, device, ([], 0.0)) if share < 1 else 0.0
-    return {f"{name}_sampled_step_with_fip_seconds": with_fip,
-            **({f"{name}_sampled_step_without_fip_seconds": without} if share < 1 else {}),
-            f"{name}_sampled_step_seconds": share * with_fip + (1 - share) * without}
+def _amortised_step_seconds(trainer, batch, steps: int, device: str, name: str) -> dict:
+    """An amortised step's expected seconds: (one fresh step + (k − 1) reusing steps) / k, each kind timed apart."""
+    every = trainer.fip_every
+    fresh = _mean_step_seconds(trainer, batch, steps, device, True)
+    reuse = _mean_step_seconds(trainer, batch, steps, device, False)
+    return {f"{name}_amortised_fresh_step_seconds": fresh, f"{name}_amortised_reuse_step_seconds": reuse,
+            f"{name}_amortised_step_seconds": (fresh + (every - 1) * reuse) / every}
 
 
 def _flat_gradient(trainer, loss) -> torch.Tensor:
@@ -68,38 +62,24 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
 
 
-def _gradients(trainer, terms_of, draw=None) -> tuple:
-    """(gradient of the whole loss, gradient of the FIP term) with the trainer's estimator or a fixed draw."""
-    original = trainer.fip_draw
-    if draw is not None:
-        trainer.fip_draw = lambda batch: draw
-    try:
-        terms = terms_of()
-    finally:
-        trainer.fip_draw = original
-    total = terms["segmentation loss"] + trainer.lambda_fip * terms["FIP"] + trainer.lambda_cmp * terms.get("CMP", 0)
-    fip = _flat_gradient(trainer, terms["FIP"]) if terms["FIP"].requires_grad else None
-    return _flat_gradient(trainer, total), fip
-
-
-def _estimator_accuracy(trainer, terms_of, batch_size: int, steps: int) -> dict:
+def _estimator_accuracy(trainer, terms_of, batches: list) -> dict:
+    """At the same weights, for batches 1..n: the whole training gradient of a step that reuses batch 0's FIP
+    gradient (amortised) against that batch's exact one, and the two FIP gradients against each other."""
     trainer.fip_estimator = "exact"
-    exact_total, exact_fip = _gradients(trainer, terms_of)
-    trainer.fip_estimator = "sampled"
-    totals, single_fip = [], []
-    for step in range(steps):
-        trainer.step_in_epoch = step
-        total, fip = _gradients(trainer, terms_of)
-        totals.append(_cosine(total, exact_total))
-        single_fip.append(_cosine(fip, exact_fip) if fip is not None else 0.0)
-    # E[estimate] = mean over samples b of sample b's own FIP (the estimator's draw weight cancels its probability)
-    expected = sum(_gradients(trainer, terms_of, ([b], 1.0))[1] for b in range(batch_size)) / batch_size
-    return {"sampled_total_gradient_cosine_mean": round(sum(totals) / len(totals), 5),
-            "sampled_total_gradient_cosine_min": round(min(totals), 5),
-            "sampled_fip_gradient_cosine_one_draw_mean": round(sum(single_fip) / len(single_fip), 4),
-            "sampled_expected_fip_gradient_cosine": round(_cosine(expected, exact_fip), 7),
-            "sampled_expected_fip_gradient_max_relative_difference":
-                float((expected - exact_fip).abs().max() / exact_fip.abs().max())}
+    gradients = []
+    for batch in batches:
+        terms = terms_of(batch)
+        rest = terms["segmentation loss"] + trainer.lambda_cmp * terms.get("CMP", 0)
+        gradients.append((_flat_gradient(trainer, rest), _flat_gradient(trainer, trainer.lambda_fip * terms["FIP"])))
+    kept = gradients[0][1]
+    whole = [_cosine(rest + kept, rest + fip) for rest, fip in gradients[1:]]
+    fip = [_cosine(kept, fip) for _, fip in gradients[1:]]
+    share = [float(fip.norm() / (rest + fip).norm()) for rest, fip in gradients]
+    return {"batches_compared": len(batches) - 1,
+            "amortised_total_gradient_cosine_mean": round(sum(whole) / len(whole), 4),
+            "amortised_total_gradient_cosine_min": round(min(whole), 4),
+            "amortised_fip_gradient_cosine_mean": round(sum(fip) / len(fip), 4),
+            "fip_share_of_gradient_norm_mean": round(sum(share) / len(share), 4)}
 
 
 def _sam_family(roots, args, config) -> dict:
@@ -121,16 +101,16 @@ def _sam_family(roots, args, config) -> dict:
             continue
         trainer.fip_estimator = "exact"
         result["calsam_exact_step_seconds"] = _mean_step_seconds(trainer, batch, args.steps, args.device)
-        trainer.fip_estimator = "sampled"
-        result.update(_sampled_step_seconds(trainer, batch, args.steps, args.device, "calsam"))
-        result.update(_estimator_accuracy(trainer, lambda t=trainer: t.loss_terms(batch["keys"]),
-                                          len(batch["keys"]), args.steps))
-        result["sampled_rate"] = trainer.fip_rate
+        trainer.fip_estimator = "amortised"
+        result.update(_amortised_step_seconds(trainer, batch, args.steps, args.device, "calsam"))
+        batches = [batch] + [next(train_batches) for _ in range(args.batches)]
+        result.update(_estimator_accuracy(trainer, lambda b, t=trainer: t.loss_terms(b["keys"]), batches))
+        result["amortised_every"] = trainer.fip_every
     result = {k: round(v, 4) if isinstance(v, float) and k.endswith("seconds") else v for k, v in result.items()}
     return {"sam": config.describe(), "slices_per_batch": len(batch["keys"]), **result,
             "calsam_exact_over_samft": round(result["calsam_exact_step_seconds"] / result["samft_step_seconds"], 3),
-            "calsam_sampled_over_samft": round(result["calsam_sampled_step_seconds"]
-                                               / result["samft_step_seconds"], 3)}
+            "calsam_amortised_over_samft": round(result["calsam_amortised_step_seconds"]
+                                                 / result["samft_step_seconds"], 3)}
 
 
 def _unet_family(roots, args) -> dict:
@@ -142,10 +122,11 @@ def _unet_family(roots, args) -> dict:
         trainer, *_ = prepare_trainer(RunSpec(501, "3d_fullres", method, 0), roots.preprocessed, roots.results,
                                       args.device)
         trainer.initialize()
-        if batch is None:  # one real batch: nnU-Net's sampling and augmentation, in this process
+        if batch is None:  # real batches: nnU-Net's sampling and augmentation, in this process
             os.environ["nnUNet_n_proc_DA"] = "0"
             train_loader, _ = trainer.get_dataloaders()
-            batch = next(train_loader)
+            batches = [next(train_loader) for _ in range(args.batches + 1)]
+            batch = batches[0]
             for loader in (train_loader, _):
                 getattr(loader, "_finish", lambda: None)()
         if method == "nnunet":
@@ -153,25 +134,28 @@ def _unet_family(roots, args) -> dict:
             continue
         trainer.fip_estimator = "exact"
         result["calunet_exact_step_seconds"] = _mean_step_seconds(trainer, batch, args.steps, args.device)
-        trainer.fip_estimator = "sampled"
-        result.update(_sampled_step_seconds(trainer, batch, args.steps, args.device, "calunet"))
-        data = batch["data"].to(trainer.device)
-        target = [t.to(trainer.device) for t in batch["target"]]
-        result.update(_estimator_accuracy(trainer, lambda t=trainer: t.loss_terms(data, target),
-                                          data.shape[0], args.steps))
-        result["sampled_rate"] = trainer.fip_rate
+        trainer.fip_estimator = "amortised"
+        result.update(_amortised_step_seconds(trainer, batch, args.steps, args.device, "calunet"))
+
+        def terms_of(b, t=trainer):
+            return t.loss_terms(b["data"].to(t.device), [y.to(t.device) for y in b["target"]])
+
+        result.update(_estimator_accuracy(trainer, terms_of, batches))
+        result["amortised_every"] = trainer.fip_every
+        data = batch["data"]
         patch, batch_size = list(trainer.configuration_manager.patch_size), data.shape[0]
     result = {k: round(v, 4) if isinstance(v, float) and k.endswith("seconds") else v for k, v in result.items()}
     return {"patch_size": patch, "batch_size": batch_size, **result,
             "calunet_exact_over_nnunet": round(result["calunet_exact_step_seconds"] / result["nnunet_step_seconds"], 3),
-            "calunet_sampled_over_nnunet": round(result["calunet_sampled_step_seconds"]
-                                                 / result["nnunet_step_seconds"], 3)}
+            "calunet_amortised_over_nnunet": round(result["calunet_amortised_step_seconds"]
+                                                   / result["nnunet_step_seconds"], 3)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per estimator, and draws compared")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind")
+    parser.add_argument("--batches", type=int, default=6, help="real batches whose gradients are compared")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sam-model", default=None, help="default: litemedsam (the packaged LiteMedSAM)")
     parser.add_argument("--sam-checkpoint", default=None)

@@ -55,7 +55,7 @@ def _list_methods(ctx, _param, value):
               help="Weight of FIP (calunet, unet_fip, calsam, sam_fip; default 0.3).")
 @click.option("--fip-estimator", type=click.Choice(["exact", "amortised"]), default=None,
               help="How FIP's parameter gradient is taken (calunet, unet_fip, calsam, sam_fip). amortised "
-                   "(default): exactly, on that step's batch, every 8th step, the steps between reusing it with "
+                   "(default): exactly, on that step's batch, every 16th step, the steps between reusing it with "
                    "their own segmentation and CMP gradients; exact: every step (double backward every step). "
                    "See docs/losses.md.")
 @click.option("--lambda-cmp", type=float, default=None,

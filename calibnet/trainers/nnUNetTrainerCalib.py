@@ -74,7 +74,7 @@ class nnUNetTrainerCalib(nnUNetTrainer):
     seed = 0  # the run's --seed (prompts, FIP draws)
     lambda_fip = 0.0
     fip_estimator = DEFAULT_FIP_ESTIMATOR  # calib_train --fip-estimator (see calibnet.losses.FipEstimator)
-    fip_every = 8  # --fip-estimator amortised: FIP's gradient taken afresh every fip_every-th step
+    fip_every = 16  # --fip-estimator amortised: FIP's gradient taken afresh every fip_every-th step
     _fip_gradient = None  # amortised: λ1·∇FIP of the last fresh step, one tensor per trained parameter
     _fip_value = None
 
