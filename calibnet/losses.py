@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_LAMBDA_FIP = 0.3
-DEFAULT_FIP_ESTIMATOR = "amortised"
+DEFAULT_FIP_ESTIMATOR = "exact"
 DEFAULT_LAMBDA_CMP = 0.5
 DEFAULT_CMP_TAU = math.log(2.0)  # a voxel whose true class has p < 0.5 is penalised
 DEFAULT_CMP_GAMMA = 0.1
