@@ -1,5 +1,5 @@
 """Seconds per case of ``evaluate_case`` (every per-case metric, reading included) on one core, and of
-``calib_evaluate -np 2`` over cases; prints JSON.
+``calib_evaluate -np 2`` over cases, and of reading the case's files alone (the floor); prints JSON.
 
     python benchmarks/evaluation_speed.py [--cases 4] [--repeats 3] [--baseline OLD.py]
 
@@ -95,6 +95,21 @@ def seconds_per_case(evaluate_case, cases: list, targets, repeats: int) -> float
     return round(statistics.median(times), 4)
 
 
+def reading_seconds_per_case(cases: list, repeats: int) -> float:
+    """Seconds per case of reading its files alone (images, label, prediction, the .npz's probabilities): the floor
+    under evaluate_case on one core, set by zlib (nnU-Net's np.savez_compressed) and the compressed NIfTI."""
+    times = []
+    for _ in range(repeats):
+        for paths in cases:
+            start = time.perf_counter()
+            for path in [*paths["images"], paths["label"], paths["prediction"]]:
+                sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+            with np.load(paths["probabilities"]) as archive:
+                archive["probabilities"]
+            times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 4)
+
+
 def parallel_seconds_per_case(cases: list, targets, repeats: int, num_processes: int) -> float:
     """Wall seconds per case of evaluate_cases over all cases (the workers started and warmed untimed)."""
     from calibnet.evaluation.case_evaluation import CaseJob, case_pool, evaluate_cases
@@ -132,7 +147,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name, shape in SHAPES.items():
             cases = [write_case(Path(folder), f"{name}_{i}", shape, rng) for i in range(args.cases)]
-            figures = {"one_core": seconds_per_case(load_evaluate_case(None), cases, targets, args.repeats)}
+            figures = {"one_core": seconds_per_case(load_evaluate_case(None), cases, targets, args.repeats),
+                       "reading_only_one_core": reading_seconds_per_case(cases, args.repeats)}
             if args.baseline:
                 figures["one_core_before"] = seconds_per_case(load_evaluate_case(args.baseline), cases, targets,
                                                               args.repeats)

@@ -94,6 +94,8 @@ def _evaluation_speed(result: dict) -> list:
     return _figures(result, [
         ("BraTS-size case (240×240×155), one core", "median_seconds_per_case.240x240x155.one_core", "s/case"),
         ("BraTS-size case, `-np 2`", "median_seconds_per_case.240x240x155.np2", "s/case"),
+        ("BraTS-size case, reading its files alone", "median_seconds_per_case.240x240x155.reading_only_one_core",
+         "s/case"),
         ("128³ case, one core", "median_seconds_per_case.128^3.one_core", "s/case")])
 
 

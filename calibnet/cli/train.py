@@ -54,10 +54,10 @@ def _list_methods(ctx, _param, value):
 @click.option("--lambda-fip", type=float, default=None,
               help="Weight of FIP (calunet, unet_fip, calsam, sam_fip; default 0.3).")
 @click.option("--fip-estimator", type=click.Choice(["exact", "amortised"]), default=None,
-              help="How FIP's parameter gradient is taken (calunet, unet_fip, calsam, sam_fip). exact (default): "
-                   "on every step's batch (double backward every step; CalSAM's Algorithm 1); amortised: exactly "
-                   "every 16th step, the steps between adding that gradient to their own — 1.15x samft's step "
-                   "instead of 2.5x, but it trained measurably worse models (docs/losses.md).")
+              help="How FIP's parameter gradient is taken (calunet, unet_fip, calsam, sam_fip). exact (default of "
+                   "calsam, sam_fip): on every step's batch (double backward every step; CalSAM's Algorithm 1); "
+                   "amortised (default of calunet, unet_fip): exactly every 16th step, the steps between adding "
+                   "that gradient to their own. See docs/losses.md for what each costs and trains.")
 @click.option("--lambda-cmp", type=float, default=None,
               help="Weight of CMP (calunet, unet_cmp, calsam, sam_cmp; default 0.5).")
 @click.option("--cmp-tau", type=float, default=None, help="CMP threshold τ on the voxel CE (default ln 2).")
