@@ -31,7 +31,7 @@ def _median_step(trainer, batch, steps: int, device: str, clear_cache: bool = Fa
 
     def step():
         if clear_cache:
-            trainer.embedding_cache.store.clear()
+            trainer.embedding_cache.clear()
         trainer.calib_train_step(batch)
 
     store, chunk = trainer.network.embedding_store, trainer.network.decode_chunk

@@ -3,15 +3,18 @@ as axial slices, point prompts from the ground truth, cached slice embeddings.
 
 Training reads the chosen configuration's preprocessed volumes (nnU-Net's normalisation and resampling)
 and draws batches of whole axial slices that contain foreground, without spatial or intensity
-augmentation, so each slice's frozen-encoder embedding is computed once and cached in memory (keyed by
-case, slice and preprocessing); the decoder is what trains (Adam β = (0.9, 0.999), lr 1e-4, cosine decay).
+augmentation, so each slice's frozen-encoder embedding is computed once, kept in the on-disk embedding store
+and, up to a bound, in memory (keyed by case, slice and preprocessing); the decoder is what trains (Adam
+β = (0.9, 0.999), lr 1e-4, cosine decay).
 Prediction runs nnU-Net's predictor over the whole volume in one window, the prompts travelling as three
 extra input channels (see ``calibnet.prompts.sam_prompt_maps``).
 """
 from __future__ import annotations
 
 import math
+import os
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +34,100 @@ from calibnet.networks.embedding_store import EMBEDDINGS_FOLDER, STORE_DTYPE
 from calibnet.networks.sam_backbone import EMBED_CHUNK, SamConfig, SamSliceSegmenter, build_sam
 
 
-class EmbeddingCache:
-    """Frozen-encoder embeddings by (case, slice, preprocessing); counts hits and misses."""
+EMBEDDING_CACHE_VARIABLE = "CALIBNET_EMBEDDING_CACHE_MIB"
 
-    def __init__(self):
-        self.store, self.hits, self.misses = {}, 0, 0
+
+class EmbeddingCache:
+    """Frozen-encoder embeddings (float16, CPU) by (case, slice, preprocessing), the least recently used
+    dropped once they pass ``max_bytes`` (None: unbounded); counts hits, misses and evictions. A dropped
+    embedding is computed again when next asked for: with an embedding store attached, a read of the same
+    float16 value from disk."""
+
+    def __init__(self, max_bytes: float | None = None):
+        self.store, self.max_bytes = OrderedDict(), max_bytes
+        self.nbytes = self.hits = self.misses = self.evicted = 0
 
     def get(self, keys: list, compute) -> torch.Tensor:
-        missing = [k for k in keys if k not in self.store]
+        held = {}
+        for key in keys:
+            if key in self.store:
+                held[key] = self.store[key]
+                self.store.move_to_end(key)
+        missing = [k for k in dict.fromkeys(keys) if k not in held]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
             for key, embedding in zip(missing, compute(missing)):
-                self.store[key] = embedding.detach().to("cpu", STORE_DTYPE)  # the store's values: half the memory
-        return torch.stack([self.store[k] for k in keys]).float()
+                held[key] = embedding.detach().to("cpu", STORE_DTYPE)  # the store's values: half the memory
+                self._keep(key, held[key])
+        return torch.stack([held[k] for k in keys]).float()
+
+    def _keep(self, key, embedding: torch.Tensor) -> None:
+        self.store[key] = embedding
+        self.nbytes += embedding.nbytes
+        while self.max_bytes is not None and self.nbytes > self.max_bytes:
+            _, dropped = self.store.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+            self.evicted += 1
+
+    def clear(self) -> None:
+        """Drop every embedding (the counts stay)."""
+        self.store.clear()
+        self.nbytes = 0
+
+    def describe(self) -> str:
+        cap = "unbounded" if self.max_bytes is None else f"of {self.max_bytes / 2 ** 20:g} MiB"
+        return f"{len(self.store)} slices held ({self.nbytes / 2 ** 20:.1f} MiB {cap}), {self.evicted} evicted"
+
+
+def embedding_cache_bytes(default_mib: float | None) -> float | None:
+    """The in-RAM embedding cache's bound in bytes: $CALIBNET_EMBEDDING_CACHE_MIB (a number of MiB, or "none"
+    for unbounded) where set, else ``default_mib``; None: unbounded."""
+    value = os.environ.get(EMBEDDING_CACHE_VARIABLE, "").strip()
+    if not value:
+        return None if default_mib is None else default_mib * 2 ** 20
+    if value.lower() == "none":
+        return None
+    try:
+        mib = float(value)
+    except ValueError:
+        mib = -1.0
+    if not math.isfinite(mib) or mib < 0:
+        raise CalibnetError(f"{EMBEDDING_CACHE_VARIABLE}={value}: give the MiB of slice embeddings to keep in RAM "
+                            f"(a number ≥ 0) or none for no bound.")
+    return mib * 2 ** 20
+
+
+class PackedMask:
+    """A boolean (Z, Y, X) mask kept as bits (np.packbits along X, an eighth of a bool array's RAM); indexing
+    along Z gives the bool arrays the mask itself would."""
+
+    def __init__(self, mask: np.ndarray):
+        self.shape = mask.shape
+        self.bits = np.packbits(np.asarray(mask, dtype=bool), axis=-1)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.unpackbits(self.bits[index], axis=-1, count=self.shape[-1]).astype(bool)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def slices_with_foreground(self) -> np.ndarray:
+        """Indices z of the slices holding any foreground."""
+        return np.flatnonzero(self.bits.reshape(self.shape[0], -1).any(1))
+
+
+class PreprocessedImage:
+    """One case's preprocessed image (C, Z, Y, X) in nnU-Net's dataset files, opened again (memory-mapped by
+    nnU-Net's dataset class) whenever it is indexed, so that only the slices asked for are read and no case
+    stays in RAM; indexing gives float32 tensors."""
+
+    def __init__(self, dataset, case_id: str, shape: tuple):
+        self.dataset, self.case_id, self.shape = dataset, case_id, tuple(shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        data = self.dataset.load_case(self.case_id)[0]
+        return torch.from_numpy(np.array(data[index], dtype=np.float32))
 
 
 class CosineLR:
@@ -90,6 +173,9 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     cmp_gamma = DEFAULT_CMP_GAMMA
     slices_per_batch = 8
     caches_embeddings = True  # the image encoder is frozen, so each slice is encoded once
+    # RAM kept for slice embeddings once the on-disk store holds them all, least recently used out first (None:
+    # every slice in RAM); $CALIBNET_EMBEDDING_CACHE_MIB overrides it
+    embedding_cache_mib = 512
     predicts_with_mirroring = False  # SAM predicts once per prompt; mirroring would re-encode every slice 8×
     reads_unit_intensities = False  # MedSAM's encoder reads [0, 1] whatever the checkpoint's architecture
     supports_ddp = False
@@ -152,11 +238,16 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         return target_mask(seg, self.target_label)
 
     def _load_volumes(self, case_ids: list) -> None:
+        """``self.volumes[case_id]`` = (image (C, Z, Y, X), binary target (Z, Y, X)): the image read slice by
+        slice from nnU-Net's memory-mapped files when indexed (read whole only from an .npz nnU-Net cannot map),
+        the target held as bits, so that RAM does not grow with the cases' voxels."""
         dataset = self.dataset_class(self.preprocessed_dataset_folder, case_ids)
         for case_id in case_ids:
             data, seg, _, _ = dataset.load_case(case_id)
-            self.volumes[case_id] = (torch.from_numpy(np.asarray(data, dtype=np.float32)),
-                                     self.foreground(np.asarray(seg)[0]))
+            in_memory = isinstance(data, np.ndarray) and not isinstance(data, np.memmap)
+            image = (torch.from_numpy(np.asarray(data, dtype=np.float32)) if in_memory
+                     else PreprocessedImage(dataset, case_id, data.shape))
+            self.volumes[case_id] = (image, PackedMask(self.foreground(np.asarray(seg)[0])))
 
     def get_dataloaders(self):
         self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -165,11 +256,12 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
         self._load_volumes(list(train_ids) + list(val_ids))
         batches, all_keys = [], []
         for offset, ids in enumerate((train_ids, val_ids)):
-            keys = [(case_id, int(z)) for case_id in ids for z in np.flatnonzero(self.volumes[case_id][1].any((1, 2)))]
+            keys = [(case_id, int(z)) for case_id in ids for z in self.volumes[case_id][1].slices_with_foreground()]
             batches.append(SliceBatches(keys, self.slices_per_batch, self.seed + offset))
             all_keys += keys
         if self.caches_embeddings:
             store = self.network.use_embedding_store(Path(self.preprocessed_dataset_folder_base) / EMBEDDINGS_FOLDER)
+            self.embedding_cache.max_bytes = embedding_cache_bytes(self.embedding_cache_mib)  # the rest is on disk
             starts = range(0, len(all_keys), EMBED_CHUNK)
             for start in tqdm(starts, desc="encoding slices", unit="batch", disable=len(starts) < 8):
                 self.embeddings(all_keys[start:start + EMBED_CHUNK])  # every slice once, before the first step
@@ -179,7 +271,7 @@ class nnUNetTrainerSAMFT(nnUNetTrainerCalib):
     def on_epoch_end(self):
         cache = self.embedding_cache
         self.print_to_log_file(f"embedding cache after epoch {self.current_epoch}: {cache.hits} hits, "
-                               f"{cache.misses} misses")
+                               f"{cache.misses} misses, {cache.describe()}")
         super().on_epoch_end()
 
     def slice_rng(self, case_id: str, z: int, per_epoch: bool = False) -> np.random.Generator:
