@@ -82,6 +82,16 @@ def _estimator_accuracy(trainer, terms_of, batches: list) -> dict:
             "fip_share_of_gradient_norm_mean": round(sum(share) / len(share), 4)}
 
 
+def _compare_estimators(trainer, batches: list, terms_of, args, name: str) -> dict:
+    """Step seconds of the exact and amortised estimators on ``batches[0]``, and their gradients' agreement."""
+    trainer.fip_estimator = "exact"
+    result = {f"{name}_exact_step_seconds": _mean_step_seconds(trainer, batches[0], args.steps, args.device)}
+    trainer.fip_estimator = "amortised"
+    result.update(_amortised_step_seconds(trainer, batches[0], args.steps, args.device, name))
+    result.update(_estimator_accuracy(trainer, terms_of, batches))
+    return {**result, "amortised_every": trainer.fip_every}
+
+
 def _sam_family(roots, args, config) -> dict:
     from calibnet.launch.training_run import prepare_trainer
     from calibnet.networks.sam_backbone import sam_image_channel
@@ -99,13 +109,9 @@ def _sam_family(roots, args, config) -> dict:
         if method == "samft":
             result["samft_step_seconds"] = _mean_step_seconds(trainer, batch, args.steps, args.device)
             continue
-        trainer.fip_estimator = "exact"
-        result["calsam_exact_step_seconds"] = _mean_step_seconds(trainer, batch, args.steps, args.device)
-        trainer.fip_estimator = "amortised"
-        result.update(_amortised_step_seconds(trainer, batch, args.steps, args.device, "calsam"))
         batches = [batch] + [next(train_batches) for _ in range(args.batches)]
-        result.update(_estimator_accuracy(trainer, lambda b, t=trainer: t.loss_terms(b["keys"]), batches))
-        result["amortised_every"] = trainer.fip_every
+        result.update(_compare_estimators(trainer, batches, lambda b, t=trainer: t.loss_terms(b["keys"]), args,
+                                          "calsam"))
     result = {k: round(v, 4) if isinstance(v, float) and k.endswith("seconds") else v for k, v in result.items()}
     return {"sam": config.describe(), "slices_per_batch": len(batch["keys"]), **result,
             "calsam_exact_over_samft": round(result["calsam_exact_step_seconds"] / result["samft_step_seconds"], 3),
@@ -132,16 +138,11 @@ def _unet_family(roots, args) -> dict:
         if method == "nnunet":
             result["nnunet_step_seconds"] = _mean_step_seconds(trainer, batch, args.steps, args.device)
             continue
-        trainer.fip_estimator = "exact"
-        result["calunet_exact_step_seconds"] = _mean_step_seconds(trainer, batch, args.steps, args.device)
-        trainer.fip_estimator = "amortised"
-        result.update(_amortised_step_seconds(trainer, batch, args.steps, args.device, "calunet"))
 
         def terms_of(b, t=trainer):
             return t.loss_terms(b["data"].to(t.device), [y.to(t.device) for y in b["target"]])
 
-        result.update(_estimator_accuracy(trainer, terms_of, batches))
-        result["amortised_every"] = trainer.fip_every
+        result.update(_compare_estimators(trainer, batches, terms_of, args, "calunet"))
         data = batch["data"]
         patch, batch_size = list(trainer.configuration_manager.patch_size), data.shape[0]
     result = {k: round(v, 4) if isinstance(v, float) and k.endswith("seconds") else v for k, v in result.items()}

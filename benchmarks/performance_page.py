@@ -152,8 +152,8 @@ def _synthetic_and_planning(result: dict) -> list:
 def _train_step(result: dict) -> list:
     return _figures(result, [
         ("nnunet step", "nnunet.median_step_seconds", "s"),
-        ("calunet step", "calunet.median_step_seconds", "s"),
-        ("calunet / nnunet", "calunet_over_nnunet", "×")])
+        ("calunet step (exact FIP)", "calunet.median_step_seconds", "s"),
+        ("calunet (exact FIP) / nnunet", "calunet_over_nnunet", "×")])
 
 
 class Benchmark(NamedTuple):
@@ -182,7 +182,7 @@ BENCHMARKS = {
                                     ("--slices", "2", "--repeats", "1"), True, _safeclick_overhead),
     "evaluation_speed": Benchmark("evaluation_speed.py", ("--cases", "4", "--repeats", "3"),
                                   ("--cases", "1", "--repeats", "1"), False, _evaluation_speed),
-    "memory": Benchmark("memory.py", ("--cases-per-center", "1,2,4", "--shape", "64", "--caps", "512,16"),
+    "memory": Benchmark("memory.py", ("--cases-per-center", "1,2,3", "--shape", "64", "--caps", "512,16"),
                         ("--cases-per-center", "1,2", "--shape", "32", "--caps", "512", "--sam-model", "tiny"),
                         False, _memory),
     "synthetic_and_planning": Benchmark("synthetic_and_planning.py", ("--shape", "64", "--cases-per-center", "8"),

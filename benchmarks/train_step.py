@@ -1,4 +1,5 @@
-"""Time one training step of nnunet vs calunet on the same batch (the FIP + CMP overhead); prints JSON.
+"""Time one training step of nnunet vs calunet with exact FIP on the same batch (the FIP + CMP overhead); prints
+JSON. benchmarks/fip_estimator.py compares the FIP estimators, calunet's default (amortised) included.
 
     python benchmarks/train_step.py [--shape 64] [--steps 10] [--device cpu]
 
@@ -46,6 +47,7 @@ def main() -> None:
             trainer, *_ = prepare_trainer(RunSpec(501, "3d_fullres", method, 0), roots.preprocessed, roots.results,
                                           args.device)
             trainer.initialize()
+            trainer.fip_estimator = "exact"  # every step's FIP (calunet's default amortises: fip_estimator.py)
             trainer.step_in_epoch = 0
             batch = batch or _batch(trainer)
             times = step_times(lambda t=trainer, b=batch: t.train_step(b), args.steps, args.device)

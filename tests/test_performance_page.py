@@ -45,7 +45,7 @@ def test_the_page_has_a_row_per_benchmark_with_its_figures(page_module):
     table = page.split("## Every benchmark")[1].split("## GPU")[0]
     assert len([line for line in table.splitlines() if line.startswith("| ")]) - 1 == len(page_module.BENCHMARKS)
     train = _row(table, "train_step")
-    assert "nnunet step: 0.5 s" in train and "calunet / nnunet: 1.2 ×" in train
+    assert "nnunet step: 0.5 s" in train and "calunet (exact FIP) / nnunet: 1.2 ×" in train
     assert "Test CPU 3000, 2 of 4 cores, 15.6 GiB RAM" in train and "2025-01-02" in train
     fip = _row(table, "fip_estimator")
     assert "calsam amortised / samft: 1.07 ×" in fip and "calsam exact / samft: —" in fip
