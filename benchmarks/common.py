@@ -46,3 +46,21 @@ def temporary_benchmark_dataset(shape: int, cases_per_center: int, configuration
         result = plan_and_preprocess(501, roots.raw, roots.preprocessed, configurations=configurations,
                                      num_processes=num_processes, log=lambda _: None)
         yield roots, result
+
+
+def sam_trainer(roots, method: str, config, device: str):
+    """An initialised SAM trainer of ``method`` on the benchmark dataset (3d_fullres, fold 0) with the backbone
+    ``config``, and its endless training batches (every slice encoded, as calib_train does before step one)."""
+    from dataclasses import replace
+
+    from calibnet.launch.training_run import prepare_trainer
+    from calibnet.networks.sam_backbone import sam_image_channel
+    from calibnet.runs import RunSpec
+
+    trainer, *_ = prepare_trainer(RunSpec(501, "3d_fullres", method, 0), roots.preprocessed, roots.results, device)
+    trainer.sam_config = replace(config, image_channel=sam_image_channel(
+        config, trainer.dataset_json["channel_names"], trainer.unit_intensities(config)))
+    trainer.initialize()
+    trainer.step_in_epoch = 0
+    train_batches, _ = trainer.get_dataloaders()
+    return trainer, train_batches

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-from dataclasses import replace
 
 import torch
 
@@ -93,18 +92,11 @@ def _compare_estimators(trainer, batches: list, terms_of, args, name: str) -> di
 
 
 def _sam_family(roots, args, config) -> dict:
-    from calibnet.launch.training_run import prepare_trainer
-    from calibnet.networks.sam_backbone import sam_image_channel
-    from calibnet.runs import RunSpec
+    from common import sam_trainer
 
     result, batch = {}, None
     for method in ("samft", "calsam"):
-        trainer, *_ = prepare_trainer(RunSpec(501, "3d_fullres", method, 0), roots.preprocessed, roots.results,
-                                      args.device)
-        trainer.sam_config = replace(config, image_channel=sam_image_channel(
-            config, trainer.dataset_json["channel_names"], trainer.unit_intensities(config)))
-        trainer.initialize()
-        train_batches, _ = trainer.get_dataloaders()
+        trainer, train_batches = sam_trainer(roots, method, config, args.device)
         batch = batch or next(train_batches)
         if method == "samft":
             result["samft_step_seconds"] = _mean_step_seconds(trainer, batch, args.steps, args.device)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
 
 import torch
 
@@ -112,23 +111,15 @@ def main() -> None:
     parser.add_argument("--sam-checkpoint", default=None)
     args = parser.parse_args()
 
-    from calibnet.networks.sam_backbone import resolve_sam_config, sam_image_channel
-    from calibnet.launch.training_run import prepare_trainer
-    from calibnet.runs import RunSpec
-    from common import temporary_benchmark_dataset
+    from calibnet.networks.sam_backbone import resolve_sam_config
+    from common import sam_trainer, temporary_benchmark_dataset
 
     config, _ = resolve_sam_config(args.sam_model, args.sam_checkpoint)
     result = {}
     with temporary_benchmark_dataset(args.shape, cases_per_center=2) as (roots, _):
         batch = None
         for method in ("samft", "calsam"):
-            trainer, *_ = prepare_trainer(RunSpec(501, "3d_fullres", method, 0), roots.preprocessed, roots.results,
-                                          args.device)
-            trainer.sam_config = replace(config, image_channel=sam_image_channel(
-                config, trainer.dataset_json["channel_names"], trainer.unit_intensities(config)))
-            trainer.initialize()
-            trainer.step_in_epoch = 0
-            train_batches, _ = trainer.get_dataloaders()
+            trainer, train_batches = sam_trainer(roots, method, config, args.device)
             batch = batch or next(train_batches)
             result[f"{method}_cached_step_seconds"] = round(_median_step(trainer, batch, args.steps, args.device), 4)
             result[f"{method}_loop_step_seconds"] = round(
